@@ -1,0 +1,136 @@
+"""Option groups shared by the scripts, as dataclasses parsed by `transformers.HfArgumentParser`.
+
+Every field's help string shows in `--help`; `__post_init__` rejects bad values with a sentence the
+user can act on. Each script adds one dataclass of its own method's options.
+"""
+
+import sys
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from transformers import HfArgumentParser
+
+from common.errors import UserError
+
+
+@dataclass
+class ModelArguments:
+    teacher: Optional[str] = field(default=None, metadata={
+        "help": "Teacher: a local model directory or a Hugging Face Hub id."})
+    student: Optional[str] = field(default=None, metadata={
+        "help": "Student to train: a local model directory or a Hugging Face Hub id."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "Weight dtype for loading both models ('auto' = as stored in the checkpoint). "
+                "For GPU training prefer float32 weights with --mixed-precision bf16."})
+    student_dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = field(
+        default=None, metadata={"help": "Override --dtype for the student only (the trained "
+                                        "weights and optimizer state use it)."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow models/tokenizers that ship their own Python code. Off by default: "
+                "only enable it for repositories you trust."})
+
+    def __post_init__(self):
+        if self.student_dtype is None:
+            self.student_dtype = self.dtype
+
+
+@dataclass
+class DataArguments:
+    dataset: Optional[str] = field(default=None, metadata={
+        "help": "Training data: a local .jsonl/.json/.parquet/.csv file or a Hugging Face Hub "
+                "dataset id. Rows need a messages column or prompt/response columns."})
+    dataset_split: str = field(default="train", metadata={
+        "help": "Split to use for a Hub dataset (ignored for a local file, which is one split)."})
+    dataset_config: Optional[str] = field(default=None, metadata={
+        "help": "Configuration (subset) name of a Hub dataset, if it has several."})
+    messages_field: str = field(default="messages", metadata={
+        "help": "Column holding the conversation as a list of {role, content} messages."})
+    prompt_field: str = field(default="prompt", metadata={
+        "help": "Column holding the user prompt (used when there is no messages column). A list "
+                "of messages is accepted too."})
+    response_field: str = field(default="response", metadata={
+        "help": "Column holding the assistant reply (used with --prompt-field)."})
+    max_samples: int = field(default=-1, metadata={
+        "help": "Use only the first N rows of the dataset (-1 = all)."})
+    max_length: int = field(default=1024, metadata={
+        "help": "Maximum tokens per conversation; longer ones are cut at the end and rows left "
+                "with no assistant token are skipped (counted in a warning)."})
+
+    def __post_init__(self):
+        if self.max_samples == 0 or self.max_samples < -1:
+            raise UserError(f"--max-samples must be a positive number of rows or -1 for all, "
+                            f"got {self.max_samples}")
+        if self.max_length < 2:
+            raise UserError(f"--max-length must be at least 2 tokens, got {self.max_length}")
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: Optional[str] = field(default=None, metadata={
+        "help": "Where the final student, run_config.json, metrics.jsonl and checkpoints/ go."})
+    max_steps: int = field(default=-1, metadata={
+        "help": "Optimizer steps to run (-1 = --num-epochs full passes over the data)."})
+    num_epochs: float = field(default=1.0, metadata={
+        "help": "Passes over the data when --max-steps is -1 (fractions allowed)."})
+    batch_size: int = field(default=8, metadata={
+        "help": "Conversations per micro-batch on each process."})
+    grad_accum: int = field(default=1, metadata={
+        "help": "Micro-batches per optimizer step. Effective batch = batch_size x grad_accum x "
+                "processes; the loss is averaged over all supervised tokens of that batch."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.03, metadata={
+        "help": "Fraction of the optimizer steps spent warming the learning rate up from 0."})
+    lr_scheduler: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={
+        "help": "Learning-rate decay after warmup."})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "Clip the global gradient norm to this value (0 = no clipping)."})
+    seed: int = field(default=42, metadata={"help": "Seed for data order and initialisation."})
+    save_steps: int = field(default=500, metadata={
+        "help": "Write a resumable checkpoint every N optimizer steps (0 = only at the end)."})
+    save_total_limit: int = field(default=2, metadata={
+        "help": "Keep only the newest N checkpoints (0 = keep all)."})
+    log_steps: int = field(default=10, metadata={
+        "help": "Print a log line and append a metrics.jsonl row every N optimizer steps."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue from the newest checkpoint in --output-dir."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Start afresh even if --output-dir holds a run (its checkpoints, metrics and "
+                "model are deleted once all inputs are checked)."})
+    max_bad_steps: int = field(default=10, metadata={
+        "help": "Stop after this many optimizer steps in a row with a NaN/inf loss or gradient "
+                "(each such step is skipped, not applied)."})
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(default=None, metadata={
+        "help": "Autocast precision (default: whatever `accelerate config` / launch says, else "
+                "'no'). bf16 is the usual choice on recent GPUs."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute student activations in backward to save memory."})
+
+    def __post_init__(self):
+        checks = [
+            (self.output_dir is not None, "--output-dir is required"),
+            (self.max_steps > 0 or self.max_steps == -1,
+             f"--max-steps must be positive or -1 (epochs), got {self.max_steps}"),
+            (self.num_epochs > 0, f"--num-epochs must be > 0, got {self.num_epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
+            (0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}"),
+            (self.save_steps >= 0, f"--save-steps must be >= 0, got {self.save_steps}"),
+            (self.save_total_limit >= 0, f"--save-total-limit must be >= 0, got {self.save_total_limit}"),
+            (self.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {self.max_bad_steps}"),
+            (self.log_steps >= 1, f"--log-steps must be >= 1, got {self.log_steps}"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other: "
+                                                   "pick one"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def parse_args(dataclass_types, argv=None, description=None):
+    """Parse the command line into one instance per dataclass (bad values raise UserError)."""
+    parser = HfArgumentParser(dataclass_types, description=description)
+    return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv,
+                                              look_for_args_file=False)

@@ -1,0 +1,216 @@
+"""Chat-template rendering and assistant-token masking: the one place that decides what is supervised.
+
+The conversation is rendered with the tokenizer's own chat template to one string, and that string is
+tokenized once (exactly what `apply_chat_template(tokenize=True)` does). Each message's content is
+then located in the rendered text, walking forward through the conversation, and the tokens that
+overlap an assistant reply, plus the end-of-turn token right after it, are supervised; every other
+token gets label -100.
+
+This needs no `{% generation %}` markers, so it works with the templates real models ship:
+templates that inject a default system prompt or today's date (the injected text is simply not an
+assistant reply), that `trim` content (the stripped content is searched for), and multi-turn
+conversations (every assistant turn is supervised). A reply the template rewrites beyond trimming
+(e.g. one that drops reasoning from earlier turns) is found as long as its visible text is rendered.
+
+The end-of-turn text is learned once per template from a probe conversation: whatever the template
+writes after an assistant reply, up to and including its first special token (`<|eot_id|>`,
+`<|im_end|>`, `</s>`, ...).
+"""
+
+from collections import Counter
+
+from common.errors import UserError
+
+# Used for tokenizers that ship no chat template (base models). Documented in the README.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+IGNORE_INDEX = -100
+_PROBE_REPLY = "Probe reply 7d1e."
+
+
+class SkipRow(Exception):
+    """This conversation cannot be used; the message is the reason, counted in a warning."""
+
+
+def ensure_chat_template(tokenizer, fallback_template=None):
+    """Give a template-less tokenizer `fallback_template` (or the documented default)."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = fallback_template or DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def use_teacher_template(student_tokenizer, teacher_tokenizer):
+    """Same-vocabulary methods render with the teacher's template (its logits only make sense in
+    the format it was trained on); the exported student keeps that template."""
+    if getattr(teacher_tokenizer, "chat_template", None):
+        student_tokenizer.chat_template = teacher_tokenizer.chat_template
+    return ensure_chat_template(student_tokenizer)
+
+
+def render(tokenizer, messages, add_generation_prompt=False):
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja raises its own TemplateError for e.g. role-order rules
+        raise SkipRow(f"chat template refused the conversation ({type(exc).__name__})") from None
+
+
+def _special_token_strings(tokenizer):
+    specials = set(tokenizer.all_special_tokens)
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            specials.add(str(token))
+    return {s for s in specials if s}
+
+
+def end_of_turn_text(tokenizer):
+    """What the template writes right after an assistant reply, through its first special token.
+
+    Empty if the template closes replies with no special token (the model then never learns to
+    stop; the README warns about such templates).
+    """
+    messages = [{"role": "user", "content": "Probe question?"},
+                {"role": "assistant", "content": _PROBE_REPLY}]
+    try:
+        text = render(tokenizer, messages)
+    except SkipRow as exc:
+        raise UserError(f"the chat template cannot render a user/assistant exchange: {exc}") from None
+    start = text.rfind(_PROBE_REPLY)
+    if start < 0:
+        raise UserError("the chat template does not write the assistant's reply into the text; "
+                        "use a tokenizer with a standard chat template")
+    suffix = text[start + len(_PROBE_REPLY):]
+    first_special = min(((suffix.find(s), s) for s in _special_token_strings(tokenizer)
+                         if s in suffix), default=None)
+    if first_special is None:
+        return ""
+    position, token = first_special
+    return suffix[:position + len(token)]
+
+
+class ChatEncoder:
+    """Turns conversations into `input_ids` and `labels` (-100 on tokens the assistant did not write).
+
+    `supervise="all"` trains on every assistant turn, `"last"` only on the final one.
+    """
+
+    def __init__(self, tokenizer, max_length, supervise="all"):
+        if not getattr(tokenizer, "is_fast", False):
+            raise UserError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer; "
+                            f"assistant masking needs character offsets (install `tokenizers` "
+                            f"and load the model's tokenizer.json)")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.supervise = supervise
+        self.end_of_turn = end_of_turn_text(tokenizer)
+        end_ids = tokenizer(self.end_of_turn, add_special_tokens=False)["input_ids"]
+        # The id generation should stop at (e.g. <|eot_id|>, which is not Llama 3's EOS).
+        self.end_of_turn_token_id = end_ids[-1] if end_ids else tokenizer.eos_token_id
+
+    def assistant_spans(self, text, messages):
+        """Character spans [start, end) of every assistant reply (+ end of turn) in `text`."""
+        spans, cursor = [], 0
+        for message in messages:
+            content = message["content"]
+            candidates = [content, content.strip()] if content.strip() != content else [content]
+            found = -1
+            for candidate in candidates:
+                if not candidate:
+                    continue
+                found = text.find(candidate, cursor)
+                if found >= 0:
+                    break
+            if found < 0:
+                if message["role"] == "assistant":
+                    raise SkipRow("assistant reply not found in the rendered template")
+                continue  # templates may drop or rewrite system/tool messages
+            end = found + len(candidate)
+            if message["role"] == "assistant":
+                if self.end_of_turn and text.startswith(self.end_of_turn, end):
+                    end += len(self.end_of_turn)
+                spans.append((found, end))
+            cursor = end
+        if self.supervise == "last":
+            spans = spans[-1:]
+        return spans
+
+    def encode(self, messages):
+        """{'input_ids', 'labels'} for one conversation; raises SkipRow when it cannot be used."""
+        text = render(self.tokenizer, messages)
+        spans = self.assistant_spans(text, messages)
+        if not spans:
+            raise SkipRow("no assistant reply")
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = encoding["input_ids"]
+        labels = [IGNORE_INDEX] * len(input_ids)
+        span_index = 0
+        for position, (start, end) in enumerate(encoding["offset_mapping"]):
+            while span_index < len(spans) and spans[span_index][1] <= start:
+                span_index += 1
+            if span_index == len(spans):
+                break
+            span_start, span_end = spans[span_index]
+            # A token that overlaps a reply is supervised (BPE may merge a leading space into it).
+            if end > span_start and start < span_end and end > start:
+                labels[position] = input_ids[position]
+        input_ids, labels = input_ids[:self.max_length], labels[:self.max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SkipRow("too long for --max-length")
+        return {"input_ids": input_ids, "labels": labels}
+
+    def encode_all(self, conversations, progress=True):
+        """Encode a list of conversations; returns (examples, Counter of skip reasons)."""
+        from tqdm.auto import tqdm
+
+        examples, skipped = [], Counter()
+        for messages in tqdm(conversations, desc="tokenizing", disable=not progress,
+                             mininterval=2.0):
+            try:
+                examples.append(self.encode(messages))
+            except SkipRow as exc:
+                skipped[str(exc)] += 1
+        return examples, skipped
+
+
+def collate(examples, pad_token_id):
+    """Right-pad a list of encoded examples into `input_ids`, `attention_mask`, `labels` tensors."""
+    import torch
+
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def encode_dataset(data_args, encoder, log=print):
+    """Load `data_args.dataset`, encode every usable conversation, and report what was skipped.
+
+    A few bad rows are skipped with a counted warning; no usable row at all is a UserError.
+    """
+    from common.data import describe_skips, load_conversations
+
+    conversations, skipped = load_conversations(data_args, require_reply=True)
+    examples, encode_skipped = encoder.encode_all(conversations)
+    skipped.update(encode_skipped)
+    total = len(conversations) + sum(skipped.values()) - sum(encode_skipped.values())
+    if skipped:
+        log(f"warning: {describe_skips(skipped, total)}")
+    if not examples:
+        hint = (f"raise --max-length (now {data_args.max_length})"
+                if "too long for --max-length" in skipped else
+                "check that rows hold non-empty assistant replies")
+        raise UserError(f"no usable training example in {data_args.dataset} "
+                        f"({describe_skips(skipped, total) or 'empty'}); {hint}")
+    return examples

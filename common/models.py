@@ -1,0 +1,114 @@
+"""Loading teacher, student and tokenizers; freezing the teacher; vocabulary compatibility checks."""
+
+from pathlib import Path
+
+from common.errors import UserError
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+# Texts two tokenizers must split identically to count as "the same tokenizer".
+_PROBE_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "  Leading spaces,\ttabs\nand newlines\n\n",
+    "Numbers 1234567 3.14159 -42 and symbols #@$%^&*()[]{}",
+    "def f(x):\n    return x ** 2  # code",
+    "Unicode: héllo wörld, 東京, Привет, 🙂👍",
+]
+
+
+def _check_exists(name, what):
+    """A name that looks like a path must exist; anything else is treated as a Hub id."""
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_like_path and not Path(name).expanduser().exists():
+        raise UserError(f"{what} path {name} does not exist; pass a model directory or a Hub id")
+
+
+def _load_error(name, what, exc):
+    first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if Path(name).expanduser().is_dir():
+        return UserError(f"{what} directory {name} could not be loaded ({first_line}); it should "
+                         f"hold a Hugging Face model saved with save_pretrained")
+    return UserError(f"{what} '{name}' is not a local directory and could not be loaded from the "
+                     f"Hugging Face Hub ({first_line}); check the name, your network and HF_TOKEN, "
+                     f"or pass a local directory")
+
+
+def load_tokenizer(name, trust_remote_code=False, what="model"):
+    from transformers import AutoTokenizer
+
+    _check_exists(name, what)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise _load_error(name, f"{what} tokenizer", exc) from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of every loss, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise UserError(f"{what} tokenizer {name} has neither a pad nor an eos token; set one in "
+                        f"its tokenizer_config.json")
+    return tokenizer
+
+
+def resolve_dtype(dtype):
+    import torch
+
+    return "auto" if dtype == "auto" else getattr(torch, DTYPES[dtype])
+
+
+def load_model(name, dtype="auto", trust_remote_code=False, what="model"):
+    """A causal LM from a directory or Hub id; safetensors preferred, never pickle by default."""
+    from transformers import AutoModelForCausalLM
+
+    _check_exists(name, what)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+            use_safetensors=None)
+    except Exception as exc:
+        raise _load_error(name, what, exc) from None
+    return model
+
+
+def freeze(model):
+    """Teacher: eval mode (no dropout) and no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def real_vocab_size(tokenizer):
+    """Number of token ids the tokenizer can produce (embeddings may have padded rows beyond it)."""
+    return len(tokenizer)
+
+
+def check_vocab_fits(model, tokenizer, what):
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < real_vocab_size(tokenizer):
+        raise UserError(f"{what} has {rows} output rows but its tokenizer has "
+                        f"{real_vocab_size(tokenizer)} tokens; resize the model's embeddings or "
+                        f"use the tokenizer it was trained with")
+
+
+def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name, student_name):
+    """Refuse pairs that do not map text to the same ids (same-vocabulary methods need that)."""
+    hint = "use cross_tokenizer.py to distill across different vocabularies"
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab != student_vocab:
+        differing = len(set(teacher_vocab.items()) ^ set(student_vocab.items()))
+        raise UserError(f"teacher {teacher_name} and student {student_name} have different "
+                        f"vocabularies ({len(teacher_vocab)} vs {len(student_vocab)} tokens, "
+                        f"{differing} entries differ); {hint}")
+    for text in _PROBE_TEXTS:
+        if teacher_tokenizer(text, add_special_tokens=False)["input_ids"] != \
+                student_tokenizer(text, add_special_tokens=False)["input_ids"]:
+            raise UserError(f"teacher {teacher_name} and student {student_name} share a "
+                            f"vocabulary but split text differently ({text[:30]!r}); {hint}")
+    if teacher_tokenizer.eos_token_id != student_tokenizer.eos_token_id:
+        raise UserError(f"teacher and student tokenizers use different end-of-sequence tokens "
+                        f"({teacher_tokenizer.eos_token!r} vs {student_tokenizer.eos_token!r}); "
+                        f"{hint}")
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())

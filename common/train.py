@@ -1,0 +1,256 @@
+"""The one training loop shared by every method.
+
+A method supplies `loss_fn(model, batch) -> (loss_sum, stats)`: the SUM of its per-token loss over
+the batch's supervised positions, plus a dict of other per-token sums to log (e.g. {"kd": ..,
+"ce": ..}). Supervised positions are those whose `labels` are not -100; a method whose labels only
+exist after some work (on-policy sampling) passes `prepare_fn(batch) -> batch`, run before counting.
+
+The loop divides by the number of supervised tokens in the whole optimizer step (all micro-batches,
+all processes), so the gradient is the per-token mean over the effective batch however it is split:
+1 x 8 and 2 x 4 micro-batching give the same update.
+"""
+
+import json
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from common.chat import IGNORE_INDEX, collate
+from common.checkpoint import (METRICS_FILE, latest_checkpoint, load_trainer_state,
+                               save_checkpoint, truncate_metrics, write_json_atomic)
+from common.errors import UserError
+
+
+def make_accelerator(args):
+    """Accelerator whose accumulation is driven by our explicit windows of `grad_accum` batches."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    plugin = GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False)
+    return Accelerator(gradient_accumulation_plugin=plugin, mixed_precision=args.mixed_precision)
+
+
+class BatchOrder:
+    """Which example indices each process reads for micro-batch number `position` of the run.
+
+    Every epoch is a fresh permutation seeded by (seed, epoch), identical on all processes; a
+    global micro-batch of batch_size x num_processes rows is cut from it and each process takes its
+    slice. The last, short batch of an epoch wraps around to the epoch's start, so every process
+    always has a full batch. Position alone determines the batch, which makes resume exact.
+    """
+
+    def __init__(self, num_examples, batch_size, num_processes=1, process_index=0, seed=0):
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.global_batch_size = batch_size * num_processes
+        self.process_index = process_index
+        self.seed = seed
+        self.batches_per_epoch = math.ceil(num_examples / self.global_batch_size)
+        self._epoch, self._permutation = None, None
+
+    def permutation(self, epoch):
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._permutation = torch.randperm(self.num_examples, generator=generator).tolist()
+            self._epoch = epoch
+        return self._permutation
+
+    def indices(self, position):
+        epoch, index = divmod(position, self.batches_per_epoch)
+        permutation = self.permutation(epoch)
+        start = index * self.global_batch_size + self.process_index * self.batch_size
+        return [permutation[(start + k) % self.num_examples] for k in range(self.batch_size)]
+
+
+def count_supervised(batch):
+    """Positions whose next token is supervised (what the losses average over)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def backward_window(accelerator, model, window, loss_fn):
+    """Forward + backward over one optimizer step's micro-batches; returns summed stats.
+
+    The gradient left in the parameters is d(Σ token losses)/dθ / (supervised tokens in the whole
+    window, across processes). `window` must hold accelerator.gradient_accumulation_steps batches.
+    """
+    accumulation_steps = accelerator.gradient_accumulation_steps
+    if len(window) != accumulation_steps:
+        raise ValueError(f"window of {len(window)} batches, accelerator expects {accumulation_steps}")
+    local_tokens = sum(count_supervised(batch) for batch in window)
+    global_tokens = accelerator.reduce(local_tokens.to(accelerator.device), "sum")
+    # accelerator.backward divides by the accumulation steps and DDP averages gradients over
+    # processes; multiply both back so the result is the per-token mean over the global window.
+    scale = accumulation_steps * accelerator.num_processes / global_tokens.clamp(min=1).float()
+    sums = {}
+    for batch in window:
+        with accelerator.accumulate(model):
+            loss_sum, stats = loss_fn(model, batch)
+            accelerator.backward(loss_sum * scale)
+        for name, value in {"loss": loss_sum, **stats}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+    return sums, global_tokens
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and exits."""
+
+    def __init__(self):
+        self.signal_name = None
+
+    @contextmanager
+    def installed(self):
+        previous = {}
+
+        def handler(signum, _frame):
+            self.signal_name = signal.Signals(signum).name
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread
+                pass
+        try:
+            yield self
+        finally:
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+
+
+def _make_optimizer_and_schedule(model, args, total_steps):
+    from transformers import get_scheduler
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler,
+        optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+        num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def total_optimizer_steps(args, num_examples, num_processes):
+    if args.max_steps > 0:
+        return args.max_steps
+    batches_per_epoch = math.ceil(num_examples / (args.batch_size * num_processes))
+    return max(1, math.ceil(args.num_epochs * batches_per_epoch / args.grad_accum))
+
+
+def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config, prepare_fn=None):
+    """Train `model` on encoded `examples`; returns the model (still wrapped) and the final state.
+
+    Checkpoints go to OUTPUT_DIR/checkpoints every `args.save_steps`; with `args.resume` the newest
+    one is loaded first and the run continues exactly where it stopped.
+    """
+    output_dir = Path(args.output_dir)
+    total_steps = total_optimizer_steps(args, len(examples), accelerator.num_processes)
+    optimizer, scheduler = _make_optimizer_and_schedule(model, args, total_steps)
+    # The scheduler is not passed to prepare(): accelerate would step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    order = BatchOrder(len(examples), args.batch_size, accelerator.num_processes,
+                       accelerator.process_index, args.seed)
+
+    step, bad_steps_in_row = 0, 0
+    checkpoint = latest_checkpoint(output_dir) if args.resume else None
+    if checkpoint is not None:
+        state = load_trainer_state(checkpoint)
+        accelerator.load_state(str(checkpoint))
+        step = state["step"]
+        if accelerator.is_main_process:
+            truncate_metrics(output_dir, step)
+            accelerator.print(f"resumed from {checkpoint} at step {step}/{total_steps}")
+    elif args.resume:
+        accelerator.print(f"--resume: no checkpoint in {output_dir}, starting from step 0")
+
+    def trainer_state():
+        position = step * args.grad_accum
+        return {"step": step, "total_steps": total_steps,
+                "epoch": position / order.batches_per_epoch, "micro_batches_seen": position,
+                "data_position": {"epoch": position // order.batches_per_epoch,
+                                  "batch_in_epoch": position % order.batches_per_epoch},
+                "num_processes": accelerator.num_processes, "args": run_config}
+
+    metrics_path = output_dir / METRICS_FILE
+    progress = tqdm(total=total_steps, initial=step, desc="training", dynamic_ncols=True,
+                    disable=not accelerator.is_local_main_process)
+    model.train()
+    stop = _StopFlag()
+    last_time, tokens_since_log = time.perf_counter(), 0
+    with stop.installed():
+        while step < total_steps:
+            window = []
+            for k in range(args.grad_accum):
+                batch = collate([examples[i] for i in order.indices(step * args.grad_accum + k)],
+                                pad_token_id)
+                batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
+                window.append(prepare_fn(batch) if prepare_fn else batch)
+            sums, global_tokens = backward_window(accelerator, model, window, loss_fn)
+            local_input_tokens = sum(int(b["attention_mask"].sum()) for b in window)
+
+            max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            # Everything logged is a mean per supervised token over all processes.
+            names = sorted(sums)
+            totals = accelerator.reduce(torch.stack([sums[n] for n in names]), "sum")
+            means = {n: (totals[i] / global_tokens.clamp(min=1)).item() for i, n in enumerate(names)}
+            finite = math.isfinite(means["loss"]) and math.isfinite(float(grad_norm))
+            if finite:
+                optimizer.step()
+                bad_steps_in_row = 0
+            else:
+                bad_steps_in_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            progress.update(1)
+            tokens_since_log += local_input_tokens
+
+            if not finite:
+                accelerator.print(f"step {step:05d} | non-finite loss or gradient "
+                                  f"(loss {means['loss']}, grad norm {float(grad_norm)}): "
+                                  f"update skipped ({bad_steps_in_row} in a row)")
+                if bad_steps_in_row >= args.max_bad_steps:
+                    raise UserError(
+                        f"{bad_steps_in_row} optimizer steps in a row had a NaN/inf loss or "
+                        f"gradient (last at step {step}); lower --learning-rate, use float32 "
+                        f"(--dtype float32 / --mixed-precision bf16), check the data, then rerun "
+                        f"with --resume from the last checkpoint")
+            if step % args.log_steps == 0 or step == total_steps:
+                elapsed = time.perf_counter() - last_time
+                row = {"step": step, "epoch": round(step * args.grad_accum / order.batches_per_epoch, 4),
+                       **{n: round(v, 6) for n, v in means.items()},
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
+                       "supervised_tokens": int(global_tokens),
+                       "tokens_per_second": round(tokens_since_log * accelerator.num_processes
+                                                  / max(elapsed, 1e-9), 1)}
+                if accelerator.is_main_process:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    extras = " | ".join(f"{n} {v:.4f}" for n, v in means.items() if n != "loss")
+                    progress.write(f"step {step:05d}/{total_steps} | loss {means['loss']:.4f}"
+                                   + (f" | {extras}" if extras else "")
+                                   + f" | lr {row['lr']:.2e} | grad {row['grad_norm']:.3f}"
+                                   + f" | tok/s {row['tokens_per_second']:.0f}")
+                progress.set_postfix(loss=f"{means['loss']:.4f}")
+                last_time, tokens_since_log = time.perf_counter(), 0
+
+            interrupted = stop.signal_name is not None
+            if (args.save_steps and step % args.save_steps == 0 and step < total_steps) \
+                    or (interrupted and step < total_steps):
+                save_checkpoint(accelerator, output_dir, step, trainer_state(),
+                                args.save_total_limit)
+            if interrupted and step < total_steps:
+                progress.close()
+                raise UserError(f"stopped by {stop.signal_name} at step {step}; checkpoint saved, "
+                                f"rerun the same command with --resume to continue")
+    progress.close()
+    return model, trainer_state()

@@ -1,0 +1,152 @@
+"""Token-level (logit) knowledge distillation: the student matches the teacher's next-token
+distribution at every assistant position, over the full vocabulary (Hinton et al. 2015).
+
+    --kl forward   KL(p_teacher ‖ p_student), mode-covering: the student spreads mass over
+                   everything the teacher finds plausible (default)
+    --kl reverse   KL(p_student ‖ p_teacher), mode-seeking (MiniLLM): the student concentrates on
+                   the teacher's main modes
+    --kl jsd       generalized Jensen-Shannon with --beta (GKD)
+
+Loss per supervised token = (1 - alpha) * T² * divergence(T) + alpha * cross-entropy on the data.
+Teacher and student must share a tokenizer (use cross_tokenizer.py otherwise); a teacher whose
+embedding matrix is padded beyond the tokenizer is fine: only real token ids are compared.
+
+Examples:
+    python token_level.py --teacher Qwen/Qwen2.5-1.5B-Instruct --student Qwen/Qwen2.5-0.5B \
+        --dataset train.jsonl --output-dir runs/kd --kl forward --temperature 2.0 \
+        --batch-size 4 --grad-accum 8 --max-length 1024 --num-epochs 1
+
+    accelerate launch --num_processes 4 token_level.py --teacher ... --student ... \
+        --dataset train.jsonl --output-dir runs/kd --mixed-precision bf16
+
+    # offline, on tiny local models (see examples/tiny_setup.py):
+    python token_level.py --teacher runs/tiny/teacher --student runs/tiny/student \
+        --dataset runs/tiny/train.jsonl --output-dir runs/tiny/kd --max-steps 12 --kl reverse
+"""
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from common.chat import ChatEncoder, encode_dataset, use_teacher_template
+from common.checkpoint import check_output_dir, clear_output_dir, export_student
+from common.errors import UserError, run_cli
+from common.losses import cross_entropy, distillation_loss, shift_for_next_token
+from common.models import (check_same_tokenizer, check_vocab_fits, freeze, load_model,
+                           load_tokenizer, real_vocab_size)
+
+
+@dataclass
+class TokenLevelArguments:
+    kl: Literal["forward", "reverse", "jsd"] = field(default="forward", metadata={
+        "help": "Divergence: forward = KL(teacher‖student), mode-covering; reverse = "
+                "KL(student‖teacher), mode-seeking; jsd = generalized JSD weighted by --beta."})
+    beta: float = field(default=0.5, metadata={
+        "help": "JSD mixture weight in (0, 1), with --kl jsd only: m = beta*p_teacher + "
+                "(1-beta)*p_student; 0.5 is the symmetric JSD."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Softmax temperature T applied to both models; the divergence is scaled by T²."})
+    alpha: float = field(default=0.0, metadata={
+        "help": "Weight of ordinary cross-entropy on the dataset's assistant tokens, in [0, 1]: "
+                "loss = (1-alpha)*KD + alpha*CE (0 = pure distillation)."})
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.kl == "jsd" and not 0.0 < self.beta < 1.0:
+            raise UserError(f"--beta must be strictly between 0 and 1 for --kl jsd, got "
+                            f"{self.beta}; use --kl forward or --kl reverse for the end points")
+
+
+def make_loss_fn(accelerator, teacher, vocab_size, kd_args):
+    """Per-batch loss: sums over supervised positions, as the shared loop expects."""
+
+    def loss_fn(student, batch):
+        student_logits = student(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"]).logits
+        with torch.no_grad(), accelerator.autocast():
+            teacher_logits = teacher(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).logits
+        # Only the tokenizer's real ids: padded embedding rows are not part of the distribution.
+        student_selected, targets = shift_for_next_token(student_logits, batch["labels"])
+        teacher_selected, _ = shift_for_next_token(teacher_logits, batch["labels"])
+        del teacher_logits
+        student_selected = student_selected[:, :vocab_size]
+        teacher_selected = teacher_selected[:, :vocab_size]
+        kd = distillation_loss(student_selected, teacher_selected, kd_args.kl,
+                               kd_args.temperature, kd_args.beta)
+        ce = cross_entropy(student_selected, targets)
+        loss = (1.0 - kd_args.alpha) * kd.sum() + kd_args.alpha * ce.sum()
+        return loss, {"kd": kd.sum(), "ce": ce.sum()}
+
+    return loss_fn
+
+
+def main(argv=None):
+    from accelerate.utils import set_seed
+
+    from common.train import make_accelerator, train
+
+    model_args, data_args, train_args, kd_args = parse_args(
+        (ModelArguments, DataArguments, TrainingArguments, TokenLevelArguments), argv,
+        description=__doc__.split("\n\n")[0])
+    for flag, value in [("--teacher", model_args.teacher), ("--student", model_args.student),
+                        ("--dataset", data_args.dataset)]:
+        if not value:
+            raise UserError(f"{flag} is required (see --help)")
+    check_output_dir(train_args.output_dir, train_args.resume, train_args.overwrite)
+
+    teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code, "teacher")
+    tokenizer = load_tokenizer(model_args.student, model_args.trust_remote_code, "student")
+    check_same_tokenizer(teacher_tokenizer, tokenizer, model_args.teacher, model_args.student)
+    use_teacher_template(tokenizer, teacher_tokenizer)
+
+    accelerator = make_accelerator(train_args)
+    set_seed(train_args.seed)
+    encoder = ChatEncoder(tokenizer, data_args.max_length)
+    with accelerator.main_process_first():
+        examples = encode_dataset(data_args, encoder, log=accelerator.print)
+    accelerator.print(f"{len(examples)} training conversations, "
+                      f"{sum(sum(1 for l in e['labels'] if l != -100) for e in examples)} "
+                      f"supervised tokens")
+
+    teacher = freeze(load_model(model_args.teacher, model_args.dtype,
+                                model_args.trust_remote_code, "teacher"))
+    student = load_model(model_args.student, model_args.student_dtype,
+                         model_args.trust_remote_code, "student")
+    vocab_size = real_vocab_size(tokenizer)
+    check_vocab_fits(teacher, tokenizer, "teacher")
+    check_vocab_fits(student, tokenizer, "student")
+    if train_args.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    teacher.to(accelerator.device)
+
+    output_dir = Path(train_args.output_dir)
+    if accelerator.is_main_process:
+        if train_args.overwrite:
+            clear_output_dir(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    run_config = {"method": "token_level", "command": " ".join(sys.argv),
+                  **{group: dataclasses.asdict(args) for group, args in [
+                      ("model", model_args), ("data", data_args), ("training", train_args),
+                      ("token_level", kd_args)]}}
+    loss_fn = make_loss_fn(accelerator, teacher, vocab_size, kd_args)
+    student, state = train(accelerator, student, examples, train_args, loss_fn,
+                           tokenizer.pad_token_id, run_config)
+    export_student(accelerator, student, tokenizer, output_dir,
+                   {**run_config, "finished": True, "final_step": state["step"]},
+                   end_of_turn_id=encoder.end_of_turn_token_id)
+    accelerator.print(f"student saved to {output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    run_cli(main)
