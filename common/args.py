@@ -132,5 +132,10 @@ class TrainingArguments:
 def parse_args(dataclass_types, argv=None, description=None):
     """Parse the command line into one instance per dataclass (bad values raise UserError)."""
     parser = HfArgumentParser(dataclass_types, description=description)
+
+    def one_line_error(message):  # argparse would print the whole usage block first
+        raise UserError(f"{message} (see --help)")
+
+    parser.error = one_line_error
     return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv,
                                               look_for_args_file=False)

@@ -1,0 +1,147 @@
+"""Assistant-token masking on real-world template shapes, none with {% generation %} markers."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from common.errors import UserError
+
+from common.chat import (DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, ChatEncoder, SkipRow, collate,
+                         ensure_chat_template)
+
+CHATML_WITH_DEFAULT_SYSTEM = (  # Qwen2.5's shape: injects a system prompt when none is given
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    return AutoTokenizer.from_pretrained(tiny / "student")
+
+
+@pytest.fixture()
+def chatml_tokenizer(tiny):
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML_WITH_DEFAULT_SYSTEM
+    return tokenizer
+
+
+def supervised_text(tokenizer, example):
+    """Decode each run of supervised tokens separately."""
+    runs, current = [], []
+    for token_id, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == token_id  # labels are the input ids themselves (shifted in the loss)
+            current.append(token_id)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+CONVERSATION = [
+    {"role": "user", "content": "  What is 2 + 2?  "},
+    {"role": "assistant", "content": " 2 + 2 = 4. "},
+    {"role": "user", "content": "And 3 + 3?"},
+    {"role": "assistant", "content": "3 + 3 = 6."},
+]
+
+
+def test_template_with_injected_dated_system_prompt_and_trim(tokenizer):
+    encoder = ChatEncoder(tokenizer, max_length=512)
+    rendered = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert "Today is" in rendered and "2 + 2 = 4.<|end_of_turn|>" in rendered  # trimmed, dated
+    example = encoder.encode(CONVERSATION)
+    # every assistant turn, trimmed content plus its end-of-turn token; nothing else
+    assert supervised_text(tokenizer, example) == ["2 + 2 = 4.<|end_of_turn|>",
+                                                   "3 + 3 = 6.<|end_of_turn|>"]
+    # what apply_chat_template(tokenize=True) would produce
+    assert example["input_ids"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def test_only_last_turn(tokenizer):
+    example = ChatEncoder(tokenizer, 512, supervise="last").encode(CONVERSATION)
+    assert supervised_text(tokenizer, example) == ["3 + 3 = 6.<|end_of_turn|>"]
+
+
+def test_chatml_template_injecting_system_prompt(chatml_tokenizer):
+    encoder = ChatEncoder(chatml_tokenizer, 512)
+    assert encoder.end_of_turn == "<|im_end|>"  # the newline after it is template, not reply
+    example = encoder.encode(CONVERSATION)
+    assert supervised_text(chatml_tokenizer, example) == [" 2 + 2 = 4. <|im_end|>",
+                                                          "3 + 3 = 6.<|im_end|>"]
+    assert encoder.end_of_turn_token_id == chatml_tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_reply_equal_to_earlier_text_is_found_at_its_own_place(tokenizer):
+    """The search walks forward, so a reply that also appears in the prompt is not mislocated."""
+    conversation = [{"role": "user", "content": "Say apple"},
+                    {"role": "assistant", "content": "apple"},
+                    {"role": "user", "content": "apple"},
+                    {"role": "assistant", "content": "apple"}]
+    example = ChatEncoder(tokenizer, 512).encode(conversation)
+    assert supervised_text(tokenizer, example) == ["apple<|end_of_turn|>"] * 2
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    # the supervised runs are the assistant ones: right after an assistant header
+    tokens = tokenizer.convert_ids_to_tokens(example["input_ids"])
+    first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+    assert "".join(tokens[first - 4:first]).replace("Ċ", "\n").endswith("istant<|/header|>\n")
+    assert rendered.count("apple") == 4
+
+
+def test_default_template_for_tokenizers_without_one(tiny):
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
+    tokenizer.chat_template = None
+    ensure_chat_template(tokenizer)
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    example = ChatEncoder(tokenizer, 512).encode(CONVERSATION)
+    assert supervised_text(tokenizer, example) == [" 2 + 2 = 4. <|end_of_turn|>",
+                                                   "3 + 3 = 6.<|end_of_turn|>"]
+
+
+def test_truncation_keeps_the_start_and_skips_rows_with_nothing_left(tokenizer):
+    full = ChatEncoder(tokenizer, 512).encode(CONVERSATION)
+    first_supervised = next(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
+    cut = ChatEncoder(tokenizer, first_supervised + 2).encode(CONVERSATION)
+    assert cut["input_ids"] == full["input_ids"][:first_supervised + 2]
+    assert sum(label != IGNORE_INDEX for label in cut["labels"]) == 2
+    with pytest.raises(SkipRow, match="too long"):
+        ChatEncoder(tokenizer, first_supervised).encode(CONVERSATION)
+
+
+def test_template_that_rewrites_a_reply_skips_that_row(tiny):
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: "
+                               "{{ m['content'] | replace('apple', 'pear') }}{{ eos_token }}"
+                               "{% endfor %}")
+    encoder = ChatEncoder(tokenizer, 512)
+    assert supervised_text(tokenizer, encoder.encode(CONVERSATION))[0].endswith("<|end_of_turn|>")
+    with pytest.raises(SkipRow, match="not found"):
+        encoder.encode([{"role": "user", "content": "fruit?"},
+                        {"role": "assistant", "content": "an apple"}])
+
+
+def test_template_that_never_writes_replies_is_an_error(tiny):
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
+    with pytest.raises(UserError, match="chat template"):
+        ChatEncoder(tokenizer, 512)
+
+
+def test_encode_all_counts_skips(tokenizer):
+    examples, skipped = ChatEncoder(tokenizer, 512).encode_all(
+        [CONVERSATION, [{"role": "user", "content": "no reply"}]], progress=False)
+    assert len(examples) == 1 and skipped == {"no assistant reply": 1}
+
+
+def test_collate_right_pads_and_masks():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                     {"input_ids": [8], "labels": [8]}], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

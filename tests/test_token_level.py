@@ -1,0 +1,193 @@
+"""token_level.py as a user runs it: end to end per --kl, resume, and every bad input."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.errors import run_cli
+from conftest import REPO, run_script
+
+
+def base_args(tiny, output_dir, *extra):
+    return ["--teacher", tiny / "teacher", "--student", tiny / "student",
+            "--dataset", tiny / "train.jsonl", "--output-dir", output_dir, "--batch-size", "4",
+            "--log-steps", "4", *extra]
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse", "jsd"])
+def test_end_to_end_per_divergence(tiny, tmp_path, kl):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    result = run_script("token_level.py", *base_args(tiny, out, "--kl", kl, "--max-steps", "12",
+                                                     "--learning-rate", "1e-3", "--alpha", "0.1"))
+    assert "student saved to" in result.stdout
+    student = AutoModelForCausalLM.from_pretrained(out)  # a plain save_pretrained directory
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert student.config.vocab_size == len(tokenizer)
+    assert tokenizer.chat_template  # the template it was trained with travels along
+    # the teacher is padded beyond the tokenizer; training still compares real ids only
+    teacher_config = json.loads((tiny / "teacher" / "config.json").read_text())
+    assert teacher_config["vocab_size"] > len(tokenizer)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [4, 8, 12]
+    assert all(row["kd"] >= 0 and row["loss"] == row["loss"] for row in rows)  # no NaN
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["token_level"]["kl"] == kl and run_config["finished"] is True
+    # the student moved away from its initialisation
+    before = load_file(tiny / "student" / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_distillation_moves_the_student_towards_the_teacher(tiny, tmp_path):
+    """Forward-KL at a high learning rate must lower the KD loss on the training data."""
+    out = tmp_path / "out"
+    run_script("token_level.py", *base_args(tiny, out, "--max-steps", "40", "--learning-rate",
+                                            "3e-3", "--warmup-ratio", "0", "--log-steps", "1",
+                                            "--lr-scheduler", "constant"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(r["kd"] for r in rows[:5]) / 5, sum(r["kd"] for r in rows[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+
+
+def final_weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def test_killed_run_resumes_to_the_same_result(tiny, tmp_path):
+    args = ["--max-steps", "300", "--save-steps", "10", "--learning-rate", "1e-3",
+            "--batch-size", "2", "--grad-accum", "2", "--log-steps", "10"]
+    uninterrupted = tmp_path / "uninterrupted"
+    run_script("token_level.py", *base_args(tiny, uninterrupted, *args))
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "token_level.py",
+                                *map(str, base_args(tiny, killed, *args))], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_000030").exists():
+        assert process.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "run_config.json").exists()
+
+    # without --resume the unfinished run is protected
+    result = run_script("token_level.py", *base_args(tiny, killed, *args), check=False)
+    assert result.returncode == 2 and "--resume" in result.stderr
+    result = run_script("token_level.py", *base_args(tiny, killed, *args, "--resume"))
+    assert "resumed from" in result.stdout
+    expected, resumed = final_weights(uninterrupted), final_weights(killed)
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+    steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(10, 301, 10))  # no duplicated rows from the killed run
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tiny, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "token_level.py",
+                                *map(str, base_args(tiny, out, "--max-steps", "100000",
+                                                    "--save-steps", "0"))],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists():
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert "SIGTERM" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert latest_checkpoint_step(out) >= 4
+
+
+def latest_checkpoint_step(out):
+    from common.checkpoint import list_checkpoints
+
+    return list_checkpoints(out)[-1][0]
+
+
+# --- bad input: one line on stderr, exit status 2, nothing written --------------------------------
+
+def run_main(argv):
+    import token_level
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(token_level.main, [str(a) for a in argv])
+    return exit_info.value.code
+
+
+def bad_dataset(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    return path
+
+
+BAD_INPUTS = {
+    "missing dataset": (lambda t, p: ["--dataset", p / "nope.jsonl"], "does not exist"),
+    "unreadable dataset": (lambda t, p: ["--dataset", bad_dataset(p, "d.bin", "x")],
+                           "unsupported file type"),
+    "no needed columns": (lambda t, p: ["--dataset", bad_dataset(p, "d.jsonl", '{"text": "a"}\n')],
+                          "--messages-field"),
+    "empty dataset": (lambda t, p: ["--dataset", bad_dataset(p, "d.jsonl", "")], "empty"),
+    "malformed json": (lambda t, p: ["--dataset", bad_dataset(p, "d.jsonl", '{"messages": [\n')],
+                       "line 1 is not valid JSON"),
+    "nothing fits max length": (lambda t, p: ["--max-length", "8"], "--max-length"),
+    "unknown kl": (lambda t, p: ["--kl", "sideways"], "invalid choice"),
+    "zero temperature": (lambda t, p: ["--temperature", "0"], "--temperature must be > 0"),
+    "missing teacher path": (lambda t, p: ["--teacher", p / "no_teacher"], "does not exist"),
+    "missing student path": (lambda t, p: ["--student", "./no/such/student"], "does not exist"),
+    "mismatched tokenizers": (lambda t, p: ["--student", t / "student_sp"], "cross_tokenizer.py"),
+    "bad alpha": (lambda t, p: ["--alpha", "1.5"], "--alpha"),
+    "jsd endpoint beta": (lambda t, p: ["--kl", "jsd", "--beta", "1"], "--beta"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_one_line_error(tiny, tmp_path, capsys, case):
+    make_override, expected = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    argv = base_args(tiny, out, "--max-steps", "2") + make_override(tiny, tmp_path)
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and expected in err[-1], err
+    assert not any(line.startswith("Traceback") for line in err)
+    assert not out.exists(), "a refused run must write nothing"
+
+
+def test_finished_run_is_not_clobbered(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run_config.json").write_text('{"finished": true}')
+    (out / "model.safetensors").write_text("precious")
+    assert run_main(base_args(tiny, out, "--max-steps", "2")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_text() == "precious"
+
+
+def test_subprocess_error_has_no_traceback(tiny, tmp_path):
+    result = run_script("token_level.py", *base_args(tiny, tmp_path / "o", "--student",
+                                                     tiny / "student_sp"), check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: teacher")
+
+
+def test_help_documents_every_flag():
+    result = run_script("token_level.py", "--help")
+    for flag in ["--teacher", "--student", "--dataset", "--output-dir", "--max-steps",
+                 "--num-epochs", "--batch-size", "--grad-accum", "--learning-rate",
+                 "--warmup-ratio", "--max-length", "--seed", "--save-steps", "--log-steps",
+                 "--resume", "--overwrite", "--dtype", "--kl", "--beta", "--temperature",
+                 "--alpha", "--messages-field", "--prompt-field", "--response-field",
+                 "--dataset-split", "--max-samples"]:
+        assert flag in result.stdout, flag
