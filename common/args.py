@@ -87,7 +87,8 @@ class TrainingArguments:
         "help": "Clip the global gradient norm to this value (0 = no clipping)."})
     seed: int = field(default=42, metadata={"help": "Seed for data order and initialisation."})
     save_steps: int = field(default=500, metadata={
-        "help": "Write a resumable checkpoint every N optimizer steps (0 = only at the end)."})
+        "help": "Write a resumable checkpoint every N optimizer steps (0 = none; the final "
+                "student is always saved)."})
     save_total_limit: int = field(default=2, metadata={
         "help": "Keep only the newest N checkpoints (0 = keep all)."})
     log_steps: int = field(default=10, metadata={

@@ -12,6 +12,7 @@ all processes), so the gradient is the per-token mean over the effective batch h
 
 import json
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -32,7 +33,11 @@ def make_accelerator(args):
     from accelerate.utils import GradientAccumulationPlugin
 
     plugin = GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False)
-    return Accelerator(gradient_accumulation_plugin=plugin, mixed_precision=args.mixed_precision)
+    # accelerate only sets up multi-process CPU training (gloo) when told it is on the CPU.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu_only = world_size > 1 and not torch.cuda.is_available()
+    return Accelerator(gradient_accumulation_plugin=plugin, mixed_precision=args.mixed_precision,
+                       cpu=cpu_only)
 
 
 class BatchOrder:

@@ -191,3 +191,21 @@ def test_help_documents_every_flag():
                  "--alpha", "--messages-field", "--prompt-field", "--response-field",
                  "--dataset-split", "--max-samples"]:
         assert flag in result.stdout, flag
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny, tmp_path):
+    """2 processes x batch 2 (gloo, CPU) must follow 1 process x batch 4: same data, same updates."""
+    common = ["--max-steps", "6", "--learning-rate", "1e-3", "--log-steps", "2"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run_script("token_level.py", *base_args(tiny, single, *common, "--batch-size", "4"))
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "token_level.py",
+               *base_args(tiny, multi, *common, "--batch-size", "2"))
+    rows = {name: [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines()]
+            for name, path in [("single", single), ("multi", multi)]}
+    assert len(rows["multi"]) == 3  # only the main process writes metrics
+    for a, b in zip(rows["single"], rows["multi"]):
+        assert a["supervised_tokens"] == b["supervised_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    expected, got = final_weights(single), final_weights(multi)
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
