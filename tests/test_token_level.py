@@ -146,6 +146,8 @@ BAD_INPUTS = {
     "zero temperature": (lambda t, p: ["--temperature", "0"], "--temperature must be > 0"),
     "missing teacher path": (lambda t, p: ["--teacher", p / "no_teacher"], "does not exist"),
     "missing student path": (lambda t, p: ["--student", "./no/such/student"], "does not exist"),
+    "unreachable hub model": (lambda t, p: ["--teacher", "nobody-here/no-such-model"],
+                              "Hugging Face Hub"),
     "mismatched tokenizers": (lambda t, p: ["--student", t / "student_sp"], "cross_tokenizer.py"),
     "bad alpha": (lambda t, p: ["--alpha", "1.5"], "--alpha"),
     "jsd endpoint beta": (lambda t, p: ["--kl", "jsd", "--beta", "1"], "--beta"),
