@@ -68,15 +68,16 @@ def check_output_dir(output_dir, resume, overwrite):
                         f"--overwrite to replace it")
 
 
-def clear_output_dir(output_dir):
-    """For --overwrite: remove what an earlier run wrote (only the files this suite writes)."""
+def clear_output_dir(output_dir, keep=()):
+    """For --overwrite: remove what an earlier run wrote (only the kinds of files this suite
+    writes), except the file names in `keep` (e.g. an expensive teacher-completions cache)."""
     path = Path(output_dir)
     if not path.is_dir():
         return
     shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
     for child in path.iterdir():
-        if child.is_file() and (child.suffix in (".json", ".safetensors", ".jinja", ".jsonl",
-                                                 ".model", ".txt")):
+        if child.is_file() and child.name not in keep and child.suffix in (
+                ".json", ".safetensors", ".jinja", ".jsonl", ".model", ".txt"):
             child.unlink()
 
 

@@ -1,0 +1,197 @@
+"""sequence_level.py: local teacher, a flaky OpenAI-compatible server, kill-and-rerun, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import REPO, run_script
+
+API_KEY = "sk-test-secret-0123456789"
+
+
+def cache_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class FakeTeacherServer:
+    """An OpenAI-compatible chat-completions endpoint on 127.0.0.1 that fails some requests."""
+
+    def __init__(self, fail_every=3, delay=0.0):
+        self.fail_every, self.delay = fail_every, delay
+        self.requests, self.answered = 0, Counter()
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, body, headers=()):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.headers.get("Authorization") != f"Bearer {API_KEY}":
+                    return self.reply(401, {"error": {"message": "bad key"}})
+                if not self.path.endswith("/chat/completions") or body["model"] != "teacher-x":
+                    return self.reply(404, {"error": {"message": "no such model"}})
+                with server.lock:
+                    server.requests += 1
+                    number = server.requests
+                if server.fail_every and number % server.fail_every == 0:
+                    status = 429 if number % 2 else 500
+                    return self.reply(status, {"error": {"message": "try again"}},
+                                      [("retry-after-ms", "10")])
+                time.sleep(server.delay)
+                question = body["messages"][-1]["content"]
+                with server.lock:
+                    server.answered[question] += 1
+                self.reply(200, {
+                    "id": f"c{number}", "object": "chat.completion", "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": f"A: {question}"}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def api_args(tiny, server, out, *extra):
+    return ["sequence_level.py", "--teacher-api-base", server.url, "--teacher-api-model",
+            "teacher-x", "--student", tiny / "student", "--dataset", tiny / "train.jsonl",
+            "--output-dir", out, "--api-key-env", "TEST_TEACHER_KEY", "--max-steps", "2",
+            "--batch-size", "4", *extra]
+
+
+def run_with_key(*args, check=True):
+    os.environ["TEST_TEACHER_KEY"] = API_KEY
+    try:
+        return run_script(*args, check=check)
+    finally:
+        del os.environ["TEST_TEACHER_KEY"]
+
+
+def test_local_teacher(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    run_script("sequence_level.py", "--teacher", tiny / "teacher", "--student", tiny / "student",
+               "--dataset", tiny / "train.jsonl", "--max-samples", "24", "--max-new-tokens", "12",
+               "--max-steps", "4", "--output-dir", out)
+    rows = cache_rows(out / "teacher_completions.jsonl")
+    assert len(rows) == 24 and len({row["id"] for row in rows}) == 24
+    assert all(row["messages"][-1]["role"] == "assistant" for row in rows)
+    assert all(row["generation"]["max_new_tokens"] == 12 for row in rows)
+    AutoModelForCausalLM.from_pretrained(out)
+    # a rerun asks the teacher for nothing and the cache is unchanged
+    result = run_script("sequence_level.py", "--teacher", tiny / "teacher", "--student",
+                        tiny / "student", "--dataset", tiny / "train.jsonl", "--max-samples", "24",
+                        "--max-new-tokens", "12", "--max-steps", "4", "--output-dir", out,
+                        "--overwrite")
+    assert "24 already in" in result.stdout and "0 to generate" in result.stdout
+    assert cache_rows(out / "teacher_completions.jsonl") == rows  # --overwrite keeps the cache
+
+
+def test_api_teacher_with_failing_requests(tiny, tmp_path):
+    out = tmp_path / "out"
+    with FakeTeacherServer(fail_every=3) as server:
+        run_with_key(*api_args(tiny, server, out, "--api-concurrency", "4"))
+    rows = cache_rows(out / "teacher_completions.jsonl")
+    prompts = [json.loads(l)["messages"][0]["content"]
+               for l in (tiny / "train.jsonl").read_text().splitlines()]
+    unique_prompts = set(prompts)
+    assert sorted(row["messages"][0]["content"] for row in rows) == sorted(unique_prompts)
+    assert all(row["messages"][-1]["content"] == "A: " + row["messages"][0]["content"]
+               for row in rows)
+    assert server.requests > len(unique_prompts)  # some failed and were retried
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_killed_generation_resumes_without_asking_twice(tiny, tmp_path):
+    out = tmp_path / "out"
+    cache = out / "teacher_completions.jsonl"
+    with FakeTeacherServer(fail_every=0, delay=0.15) as server:
+        os.environ["TEST_TEACHER_KEY"] = API_KEY
+        try:
+            process = subprocess.Popen(
+                [sys.executable, *map(str, api_args(tiny, server, out, "--api-concurrency", "1"))],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finally:
+            del os.environ["TEST_TEACHER_KEY"]
+        deadline = time.time() + 120
+        while not cache.exists() or len(cache.read_text().splitlines()) < 5:
+            assert process.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        finished_before = {row["messages"][0]["content"] for row in cache_rows(cache)}
+        answered_before = Counter(server.answered)
+        run_with_key(*api_args(tiny, server, out, "--api-concurrency", "1"))
+    rows = cache_rows(cache)
+    assert len(rows) == len({row["id"] for row in rows})  # exactly one row per prompt
+    prompts = {json.loads(l)["messages"][0]["content"]
+               for l in (tiny / "train.jsonl").read_text().splitlines()}
+    assert {row["messages"][0]["content"] for row in rows} == prompts
+    for question in finished_before:  # not asked again after the restart
+        assert server.answered[question] == answered_before[question]
+
+
+def test_bad_key_is_a_one_line_error_and_keeps_the_cache(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    cache = out / "teacher_completions.jsonl"
+    cache.write_text('{"id": "kept", "messages": [], "finish_reason": "stop"}\n')
+    with FakeTeacherServer() as server:
+        os.environ["TEST_TEACHER_KEY"] = "wrong"
+        try:
+            result = run_script(*api_args(tiny, server, out), check=False)
+        finally:
+            del os.environ["TEST_TEACHER_KEY"]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "rejected the key" in result.stderr.strip().splitlines()[-1]
+    assert "TEST_TEACHER_KEY" in result.stderr and "wrong" not in result.stderr
+    assert cache.read_text() == '{"id": "kept", "messages": [], "finish_reason": "stop"}\n'
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--teacher-api-model", "other"], "404"),
+    (["--teacher-api-base", "http://127.0.0.1:9/v1", "--api-max-retries", "0"], "cannot reach"),
+])
+def test_api_errors(tiny, tmp_path, extra, expected):
+    with FakeTeacherServer() as server:
+        result = run_with_key(*api_args(tiny, server, tmp_path / "out", *extra), check=False)
+    assert result.returncode == 2 and expected in result.stderr.strip().splitlines()[-1]
+
+
+def test_no_teacher_at_all(tiny, tmp_path):
+    result = run_script("sequence_level.py", "--student", tiny / "student", "--dataset",
+                        tiny / "train.jsonl", "--output-dir", tmp_path / "out", check=False)
+    assert result.returncode == 2
+    assert "no teacher given" in result.stderr and not (tmp_path / "out").exists()
