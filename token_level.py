@@ -30,13 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from common.chat import ChatEncoder, encode_dataset, use_teacher_template
 from common.checkpoint import check_output_dir, clear_output_dir, export_student
 from common.errors import UserError, run_cli
-from common.losses import cross_entropy, distillation_loss, shift_for_next_token
+from common.distill import make_kd_loss_fn
 from common.models import (check_same_tokenizer, check_vocab_fits, freeze, load_model,
                            load_tokenizer, real_vocab_size)
 
@@ -63,30 +61,6 @@ class TokenLevelArguments:
         if self.kl == "jsd" and not 0.0 < self.beta < 1.0:
             raise UserError(f"--beta must be strictly between 0 and 1 for --kl jsd, got "
                             f"{self.beta}; use --kl forward or --kl reverse for the end points")
-
-
-def make_loss_fn(accelerator, teacher, vocab_size, kd_args):
-    """Per-batch loss: sums over supervised positions, as the shared loop expects."""
-
-    def loss_fn(student, batch):
-        student_logits = student(input_ids=batch["input_ids"],
-                                 attention_mask=batch["attention_mask"]).logits
-        with torch.no_grad(), accelerator.autocast():
-            teacher_logits = teacher(input_ids=batch["input_ids"],
-                                     attention_mask=batch["attention_mask"]).logits
-        # Only the tokenizer's real ids: padded embedding rows are not part of the distribution.
-        student_selected, targets = shift_for_next_token(student_logits, batch["labels"])
-        teacher_selected, _ = shift_for_next_token(teacher_logits, batch["labels"])
-        del teacher_logits
-        student_selected = student_selected[:, :vocab_size]
-        teacher_selected = teacher_selected[:, :vocab_size]
-        kd = distillation_loss(student_selected, teacher_selected, kd_args.kl,
-                               kd_args.temperature, kd_args.beta)
-        ce = cross_entropy(student_selected, targets)
-        loss = (1.0 - kd_args.alpha) * kd.sum() + kd_args.alpha * ce.sum()
-        return loss, {"kd": kd.sum(), "ce": ce.sum()}
-
-    return loss_fn
 
 
 def main(argv=None):
@@ -138,7 +112,8 @@ def main(argv=None):
                   **{group: dataclasses.asdict(args) for group, args in [
                       ("model", model_args), ("data", data_args), ("training", train_args),
                       ("token_level", kd_args)]}}
-    loss_fn = make_loss_fn(accelerator, teacher, vocab_size, kd_args)
+    loss_fn = make_kd_loss_fn(accelerator, teacher, vocab_size, kd_args.kl, kd_args.temperature,
+                              kd_args.beta, kd_args.alpha)
     student, state = train(accelerator, student, examples, train_args, loss_fn,
                            tokenizer.pad_token_id, run_config)
     export_student(accelerator, student, tokenizer, output_dir,

@@ -166,6 +166,26 @@ def load_conversations(data_args, require_reply=True):
     `require_reply` drops rows without a non-empty assistant turn (training and scoring need one;
     generating a reply does not).
     """
+    pairs, skipped = load_conversation_rows(data_args, require_reply)
+    return [messages for messages, _ in pairs], skipped
+
+
+def describe_skips(skipped, total):
+    """'skipped 3 of 100 rows: 2 empty reply, 1 too long' (or '' when nothing was skipped)."""
+    count = sum(skipped.values())
+    if not count:
+        return ""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+    return f"skipped {count} of {total} rows: {reasons}"
+
+
+def load_conversation_rows(data_args, require_reply=True):
+    """([(messages, raw row), ...], skip Counter) for the dataset named by `data_args`; the raw
+    row lets a caller read other columns (eval.py reads an `answers` list).
+
+    A missing or empty dataset, or one without the needed columns, is a UserError; rows that cannot
+    be used are skipped and counted. `require_reply` drops rows without a non-empty assistant turn.
+    """
     rows = load_raw_rows(data_args.dataset, data_args.dataset_split, data_args.dataset_config)
     if not rows:
         raise UserError(f"dataset {data_args.dataset} is empty")
@@ -183,7 +203,7 @@ def load_conversations(data_args, require_reply=True):
             f"--response-field")
     if data_args.max_samples > 0:
         rows = rows[:data_args.max_samples]
-    conversations, skipped = [], Counter()
+    pairs, skipped = [], Counter()
     for row in rows:
         messages, reason = row_to_messages(row, data_args.messages_field, data_args.prompt_field,
                                            data_args.response_field)
@@ -192,14 +212,5 @@ def load_conversations(data_args, require_reply=True):
         elif require_reply and not has_assistant_reply(messages):
             skipped["no non-empty assistant reply"] += 1
         else:
-            conversations.append(messages)
-    return conversations, skipped
-
-
-def describe_skips(skipped, total):
-    """'skipped 3 of 100 rows: 2 empty reply, 1 too long' (or '' when nothing was skipped)."""
-    count = sum(skipped.values())
-    if not count:
-        return ""
-    reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
-    return f"skipped {count} of {total} rows: {reasons}"
+            pairs.append((messages, row))
+    return pairs, skipped
