@@ -3,7 +3,8 @@
 A method supplies `loss_fn(model, batch) -> (loss_sum, stats)`: the SUM of its per-token loss over
 the batch's supervised positions, plus a dict of other per-token sums to log (e.g. {"kd": ..,
 "ce": ..}). Supervised positions are those whose `labels` are not -100; a method whose labels only
-exist after some work (on-policy sampling) passes `prepare_fn(batch) -> batch`, run before counting.
+exist after some work (on-policy sampling) passes `prepare_fn(model, batch, step) -> batch`, run
+before counting.
 
 The loop divides by the number of supervised tokens in the whole optimizer step (all micro-batches,
 all processes), so the gradient is the per-token mean over the effective batch however it is split:
@@ -149,8 +150,16 @@ def total_optimizer_steps(args, num_examples, num_processes):
     return max(1, math.ceil(args.num_epochs * batches_per_epoch / args.grad_accum))
 
 
-def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config, prepare_fn=None):
+def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config, prepare_fn=None,
+          collate_fn=None, step_metrics=None):
     """Train `model` on encoded `examples`; returns the model (still wrapped) and the final state.
+
+    `collate_fn(examples, pad_token_id) -> dict of tensors` builds a micro-batch (default:
+    common.chat.collate); a method whose examples carry more fields than input_ids/labels passes
+    its own. `prepare_fn(model, batch, step) -> batch` runs on each micro-batch before the
+    supervised tokens are counted (`step` = 0-based index of the optimizer step); on-policy
+    sampling happens there. `step_metrics(step) -> dict` adds method-specific fields to that
+    step's metrics row.
 
     Checkpoints go to OUTPUT_DIR/checkpoints every `args.save_steps`; with `args.resume` the newest
     one is loaded first and the run continues exactly where it stopped.
@@ -194,10 +203,10 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
         while step < total_steps:
             window = []
             for k in range(args.grad_accum):
-                batch = collate([examples[i] for i in order.indices(step * args.grad_accum + k)],
-                                pad_token_id)
+                batch = (collate_fn or collate)(
+                    [examples[i] for i in order.indices(step * args.grad_accum + k)], pad_token_id)
                 batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
-                window.append(prepare_fn(batch) if prepare_fn else batch)
+                window.append(prepare_fn(model, batch, step) if prepare_fn else batch)
             sums, global_tokens = backward_window(accelerator, model, window, loss_fn)
             local_input_tokens = sum(int(b["attention_mask"].sum()) for b in window)
 
@@ -234,6 +243,7 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                 row = {"step": step, "epoch": round(step * args.grad_accum / order.batches_per_epoch, 4),
                        **{n: round(v, 6) for n, v in means.items()},
                        "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
+                       **(step_metrics(step - 1) if step_metrics else {}),
                        "supervised_tokens": int(global_tokens),
                        "tokens_per_second": round(tokens_since_log * accelerator.num_processes
                                                   / max(elapsed, 1e-9), 1)}

@@ -1,0 +1,210 @@
+"""On-policy distillation (GKD, Agarwal et al. 2024): the student samples continuations of the
+prompts, the teacher scores every position of those samples, and the student matches the teacher
+on its own prefixes, so it learns to recover from the kind of text it actually produces. On-policy
+steps are mixed with ordinary off-policy steps (token-level KD on the dataset's replies, or on a
+sequence-level teacher cache with --completions) for stability: early samples are gibberish.
+
+Each optimizer step is on-policy with probability --lmbda, drawn from (seed, step) alone, so every
+micro-batch and every process takes the same draw and a resumed run draws the same. Loss: reverse
+KL at T=1 by default (MiniLLM / GKD), normalized by the number of sampled tokens counted after
+sampling, over the whole accumulation window.
+
+Examples:
+    python on_policy.py --teacher Qwen/Qwen2.5-1.5B-Instruct --student Qwen/Qwen2.5-0.5B-Instruct \
+        --dataset train.jsonl --output-dir runs/gkd --lmbda 0.5 --max-new-tokens 256 \
+        --batch-size 8 --grad-accum 4 --max-steps 1000
+
+    accelerate launch --num_processes 4 on_policy.py --teacher ... --student ... \
+        --dataset train.jsonl --output-dir runs/gkd --mixed-precision bf16
+
+    # offline, tiny local models (examples/tiny_setup.py)
+    python on_policy.py --teacher runs/tiny/teacher --student runs/tiny/student \
+        --dataset runs/tiny/train.jsonl --lmbda 1.0 --max-new-tokens 12 --max-steps 8 \
+        --output-dir runs/tiny/gkd
+"""
+
+import dataclasses
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from common.chat import IGNORE_INDEX, ChatEncoder, collate, encode_dataset, use_teacher_template
+from common.checkpoint import check_output_dir, clear_output_dir, export_student
+from common.distill import make_kd_loss_fn
+from common.errors import UserError, run_cli
+from common.models import (check_same_tokenizer, check_vocab_fits, freeze, load_model,
+                           load_tokenizer, real_vocab_size)
+
+
+@dataclass
+class OnPolicyArguments:
+    lmbda: float = field(default=0.5, metadata={
+        "help": "Probability that an optimizer step is on-policy (student samples); the rest are "
+                "off-policy steps on the dataset replies. 1 = always on-policy."})
+    kl: Literal["forward", "reverse", "jsd"] = field(default="reverse", metadata={
+        "help": "Divergence: reverse = KL(student‖teacher) (default, GKD/MiniLLM), forward = "
+                "KL(teacher‖student), jsd = generalized JSD with --beta."})
+    beta: float = field(default=0.5, metadata={
+        "help": "JSD mixture weight in (0, 1), with --kl jsd only."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature of the student's on-policy samples."})
+    loss_temperature: float = field(default=1.0, metadata={
+        "help": "Softmax temperature inside the loss (the divergence is scaled by T²)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    max_new_tokens: int = field(default=128, metadata={
+        "help": "Longest on-policy sample per prompt."})
+    completions: Optional[str] = field(default=None, metadata={
+        "help": "Teacher-written completions (a sequence_level.py cache) for the off-policy "
+                "steps instead of the dataset's replies (GKD's sequence-level mode)."})
+
+    def __post_init__(self):
+        checks = [
+            (0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}"),
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (self.loss_temperature > 0, f"--loss-temperature must be > 0, got {self.loss_temperature}"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
+            (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.kl != "jsd" or 0 < self.beta < 1,
+             f"--beta must be strictly between 0 and 1 for --kl jsd, got {self.beta}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def is_on_policy_step(seed, step, lmbda):
+    """The step's draw, from (seed, step) alone: same on every process, micro-batch and resume."""
+    return random.Random(seed * 1_000_003 + step).random() < lmbda
+
+
+def last_reply_start(labels):
+    """Index of the first token of the last supervised run (the last assistant reply)."""
+    supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    start = supervised[-1]
+    while start - 1 >= 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
+
+
+class OnPolicySampler:
+    """prepare_fn for the shared loop: on on-policy steps, replace the batch by student samples.
+
+    The new batch is prompt + sample, with labels on exactly the sampled tokens (and the end-of-turn
+    token where the sample reached it); nothing after the first end of turn is kept.
+    """
+
+    def __init__(self, accelerator, tokenizer, stop_ids, end_of_turn_id, args, seed):
+        self.accelerator, self.tokenizer, self.args, self.seed = accelerator, tokenizer, args, seed
+        self.stop_ids, self.end_of_turn_id = stop_ids, end_of_turn_id
+        self.stats = {}
+
+    def __call__(self, model, batch, step):
+        from common.generation import generate
+
+        on_policy = is_on_policy_step(self.seed, step, self.args.lmbda)
+        stats = self.stats.setdefault(step, {"on_policy": on_policy, "lengths": [], "stopped": 0})
+        if not on_policy:
+            return batch
+        prompts = []
+        for input_ids, attention_mask, labels in zip(batch["input_ids"].tolist(),
+                                                     batch["attention_mask"].tolist(),
+                                                     batch["labels"].tolist()):
+            length = sum(attention_mask)
+            prompts.append(input_ids[:last_reply_start(labels[:length])])
+        student = self.accelerator.unwrap_model(model)
+        completions = generate(student, self.tokenizer, prompts, self.args.max_new_tokens,
+                               self.stop_ids, self.args.temperature, self.args.top_p,
+                               batch_size=len(prompts), progress=False)
+        examples = []
+        for prompt, completion in zip(prompts, completions):
+            sampled = completion.token_ids + (
+                [self.end_of_turn_id] if completion.finish_reason == "stop" else [])
+            examples.append({"input_ids": prompt + sampled,
+                             "labels": [IGNORE_INDEX] * len(prompt) + sampled})
+            stats["lengths"].append(len(sampled))
+            stats["stopped"] += completion.finish_reason == "stop"
+        device = batch["input_ids"].device
+        return {name: tensor.to(device)
+                for name, tensor in collate(examples, self.tokenizer.pad_token_id).items()}
+
+    def step_metrics(self, step):
+        stats = self.stats.pop(step, None)
+        for old in [s for s in self.stats if s < step]:
+            del self.stats[old]
+        if stats is None:
+            return {}
+        row = {"on_policy": stats["on_policy"]}
+        if stats["on_policy"] and stats["lengths"]:
+            row["sampled_length"] = round(sum(stats["lengths"]) / len(stats["lengths"]), 3)
+            row["reached_end_of_turn"] = round(stats["stopped"] / len(stats["lengths"]), 3)
+        return row
+
+
+def main(argv=None):
+    from accelerate.utils import set_seed
+
+    from common.train import make_accelerator, train
+
+    model_args, data_args, train_args, gkd_args = parse_args(
+        (ModelArguments, DataArguments, TrainingArguments, OnPolicyArguments), argv,
+        description=__doc__.split("\n\n")[0])
+    if gkd_args.completions:
+        data_args = dataclasses.replace(data_args, dataset=gkd_args.completions,
+                                        messages_field="messages")
+    for flag, value in [("--teacher", model_args.teacher), ("--student", model_args.student),
+                        ("--dataset", data_args.dataset)]:
+        if not value:
+            raise UserError(f"{flag} is required (see --help)")
+    check_output_dir(train_args.output_dir, train_args.resume, train_args.overwrite)
+
+    teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code, "teacher")
+    tokenizer = load_tokenizer(model_args.student, model_args.trust_remote_code, "student")
+    check_same_tokenizer(teacher_tokenizer, tokenizer, model_args.teacher, model_args.student)
+    use_teacher_template(tokenizer, teacher_tokenizer)
+
+    accelerator = make_accelerator(train_args)
+    set_seed(train_args.seed)
+    encoder = ChatEncoder(tokenizer, data_args.max_length)
+    with accelerator.main_process_first():
+        examples = encode_dataset(data_args, encoder, log=accelerator.print)
+
+    teacher = freeze(load_model(model_args.teacher, model_args.dtype,
+                                model_args.trust_remote_code, "teacher"))
+    student = load_model(model_args.student, model_args.student_dtype,
+                         model_args.trust_remote_code, "student")
+    check_vocab_fits(teacher, tokenizer, "teacher")
+    check_vocab_fits(student, tokenizer, "student")
+    if train_args.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    teacher.to(accelerator.device)
+
+    output_dir = Path(train_args.output_dir)
+    if accelerator.is_main_process:
+        if train_args.overwrite:
+            clear_output_dir(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    run_config = {"method": "on_policy", "command": " ".join(sys.argv),
+                  **{group: dataclasses.asdict(args) for group, args in [
+                      ("model", model_args), ("data", data_args), ("training", train_args),
+                      ("on_policy", gkd_args)]}}
+    stop_ids = {encoder.end_of_turn_token_id, tokenizer.eos_token_id}
+    sampler = OnPolicySampler(accelerator, tokenizer, stop_ids, encoder.end_of_turn_token_id,
+                              gkd_args, train_args.seed)
+    loss_fn = make_kd_loss_fn(accelerator, teacher, real_vocab_size(tokenizer), gkd_args.kl,
+                              gkd_args.loss_temperature, gkd_args.beta)
+    student, state = train(accelerator, student, examples, train_args, loss_fn,
+                           tokenizer.pad_token_id, run_config, prepare_fn=sampler,
+                           step_metrics=sampler.step_metrics)
+    export_student(accelerator, student, tokenizer, output_dir,
+                   {**run_config, "finished": True, "final_step": state["step"]},
+                   end_of_turn_id=encoder.end_of_turn_token_id)
+    accelerator.print(f"student saved to {output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    run_cli(main)
