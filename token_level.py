@@ -28,13 +28,14 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
-from common.chat import ChatEncoder, encode_dataset, use_teacher_template
+from common import teacher_cache
+from common.chat import ChatEncoder, collate, encode_dataset, use_teacher_template
 from common.checkpoint import check_output_dir, clear_output_dir, export_student
-from common.errors import UserError, run_cli
 from common.distill import make_kd_loss_fn
+from common.errors import UserError, run_cli
 from common.models import (check_same_tokenizer, check_vocab_fits, freeze, load_model,
                            load_tokenizer, real_vocab_size)
 
@@ -52,12 +53,23 @@ class TokenLevelArguments:
     alpha: float = field(default=0.0, metadata={
         "help": "Weight of ordinary cross-entropy on the dataset's assistant tokens, in [0, 1]: "
                 "loss = (1-alpha)*KD + alpha*CE (0 = pure distillation)."})
+    teacher_cache: Optional[str] = field(default=None, metadata={
+        "help": "Directory of an offline teacher cache: built on the first run (needs "
+                "--teacher), then read instead of loading the teacher. Forward KL only."})
+    cache_top_k: int = field(default=32, metadata={
+        "help": "Teacher tokens kept per position in --teacher-cache (plus one tail bucket); "
+                "about 6 bytes each."})
 
     def __post_init__(self):
         if not self.temperature > 0:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.teacher_cache and self.kl != "forward":
+            raise UserError("--teacher-cache supports --kl forward only: reverse KL and JSD need "
+                            "the teacher's probability of every token, the cache keeps its top K")
+        if self.cache_top_k < 1:
+            raise UserError(f"--cache-top-k must be >= 1, got {self.cache_top_k}")
         if self.kl == "jsd" and not 0.0 < self.beta < 1.0:
             raise UserError(f"--beta must be strictly between 0 and 1 for --kl jsd, got "
                             f"{self.beta}; use --kl forward or --kl reverse for the end points")
@@ -71,16 +83,22 @@ def main(argv=None):
     model_args, data_args, train_args, kd_args = parse_args(
         (ModelArguments, DataArguments, TrainingArguments, TokenLevelArguments), argv,
         description=__doc__.split("\n\n")[0])
-    for flag, value in [("--teacher", model_args.teacher), ("--student", model_args.student),
-                        ("--dataset", data_args.dataset)]:
+    cached_meta = teacher_cache.read_meta(kd_args.teacher_cache) if kd_args.teacher_cache else None
+    use_cache_only = bool(cached_meta and cached_meta.get("complete")) and not model_args.teacher
+    for flag, value in [("--teacher", model_args.teacher or use_cache_only),
+                        ("--student", model_args.student), ("--dataset", data_args.dataset)]:
         if not value:
             raise UserError(f"{flag} is required (see --help)")
     check_output_dir(train_args.output_dir, train_args.resume, train_args.overwrite)
 
-    teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code, "teacher")
     tokenizer = load_tokenizer(model_args.student, model_args.trust_remote_code, "student")
-    check_same_tokenizer(teacher_tokenizer, tokenizer, model_args.teacher, model_args.student)
-    use_teacher_template(tokenizer, teacher_tokenizer)
+    if use_cache_only:  # no teacher at all: the cache brings the template it was made with
+        tokenizer.chat_template = cached_meta.get("chat_template_text") or tokenizer.chat_template
+    else:
+        teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code,
+                                           "teacher")
+        check_same_tokenizer(teacher_tokenizer, tokenizer, model_args.teacher, model_args.student)
+        use_teacher_template(tokenizer, teacher_tokenizer)
 
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
@@ -91,16 +109,32 @@ def main(argv=None):
                       f"{sum(sum(1 for l in e['labels'] if l != -100) for e in examples)} "
                       f"supervised tokens")
 
-    teacher = freeze(load_model(model_args.teacher, model_args.dtype,
-                                model_args.trust_remote_code, "teacher"))
+    vocab_size = real_vocab_size(tokenizer)
+
+    def load_teacher():
+        teacher = freeze(load_model(model_args.teacher, model_args.dtype,
+                                    model_args.trust_remote_code, "teacher"))
+        check_vocab_fits(teacher, tokenizer, "teacher")
+        return teacher.to(accelerator.device)
+
+    collate_fn = None
+    if kd_args.teacher_cache:
+        for index, example in enumerate(examples):
+            example["example_index"] = index  # cache rows are found by example, never by step
+        cache = teacher_cache.prepare(
+            kd_args.teacher_cache, examples, tokenizer, model_args.teacher, data_args,
+            kd_args.cache_top_k, kd_args.temperature, accelerator, load_teacher,
+            train_args.batch_size)
+        collate_fn = cache.collate_fn(collate)
+        loss_fn = teacher_cache.make_cached_loss_fn(vocab_size, kd_args.temperature, kd_args.alpha)
+    else:
+        loss_fn = make_kd_loss_fn(accelerator, load_teacher(), vocab_size, kd_args.kl,
+                                  kd_args.temperature, kd_args.beta, kd_args.alpha)
     student = load_model(model_args.student, model_args.student_dtype,
                          model_args.trust_remote_code, "student")
-    vocab_size = real_vocab_size(tokenizer)
-    check_vocab_fits(teacher, tokenizer, "teacher")
     check_vocab_fits(student, tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    teacher.to(accelerator.device)
 
     output_dir = Path(train_args.output_dir)
     if accelerator.is_main_process:
@@ -112,10 +146,8 @@ def main(argv=None):
                   **{group: dataclasses.asdict(args) for group, args in [
                       ("model", model_args), ("data", data_args), ("training", train_args),
                       ("token_level", kd_args)]}}
-    loss_fn = make_kd_loss_fn(accelerator, teacher, vocab_size, kd_args.kl, kd_args.temperature,
-                              kd_args.beta, kd_args.alpha)
     student, state = train(accelerator, student, examples, train_args, loss_fn,
-                           tokenizer.pad_token_id, run_config)
+                           tokenizer.pad_token_id, run_config, collate_fn=collate_fn)
     export_student(accelerator, student, tokenizer, output_dir,
                    {**run_config, "finished": True, "final_step": state["step"]},
                    end_of_turn_id=encoder.end_of_turn_token_id)

@@ -1,0 +1,271 @@
+"""Offline teacher: the teacher's top-K next-token distributions at every supervised position,
+computed once and read lazily while training, so later runs never load the teacher.
+
+Layout of a cache directory:
+    meta.json                  what the cache was made from (teacher, tokenizer, data, K, T, ...);
+                               "complete": true once every example is written
+    index.npy                  int64 (num_examples, 3): shard, first row, number of rows per example
+    shard_00000.ids.npy        int32   (rows, K)  teacher top-K token ids
+    shard_00000.logprobs.npy   float16 (rows, K)  their log-probabilities at temperature T
+    shard_00000.tail.npy       float32 (rows,)    log of the teacher's remaining mass
+A row is one supervised position (a position whose next token is supervised), in the order
+`common.losses.shift_for_next_token` selects them, and rows are found by EXAMPLE INDEX, never by
+step: shuffling, accumulation, resume and several processes cannot misalign them. Shards are
+memory-mapped, never loaded whole. At K = 32 a position costs 32·4 + 32·2 + 4 = 196 bytes.
+
+Building is resumable: each finished shard is renamed into place and listed in `progress.json`;
+a rerun continues after the last listed shard.
+"""
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.checkpoint import write_json_atomic
+from common.errors import UserError
+from common.losses import log_probs, shift_for_next_token
+
+FORMAT_VERSION = 1
+EXAMPLES_PER_SHARD = 2048
+
+
+def fingerprint(data):
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer):
+    return fingerprint({"vocab": sorted(tokenizer.get_vocab().items()),
+                        "special": sorted(map(str, tokenizer.all_special_tokens))})[:16]
+
+
+def examples_fingerprint(examples):
+    """Hash of the encoded examples: covers the data, the chat template, masking and max length."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(np.asarray(example["input_ids"], dtype=np.int64).tobytes())
+        digest.update(np.asarray(example["labels"], dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_identity(teacher_name, tokenizer, examples, dataset, max_length, top_k, temperature):
+    """What a cache must agree on to be reused (shown side by side when it does not)."""
+    return {"format": FORMAT_VERSION, "teacher": str(teacher_name),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "chat_template": fingerprint(tokenizer.chat_template or "")[:16],
+            "dataset": str(dataset), "examples": examples_fingerprint(examples),
+            "num_examples": len(examples), "max_length": max_length, "top_k": top_k,
+            "temperature": temperature}
+
+
+def read_meta(cache_dir):
+    path = Path(cache_dir) / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON; delete the cache directory to rebuild it") from None
+
+
+def check_identity(cache_dir, meta, identity, teacher_given=True):
+    """Refuse a cache made from something else, naming what differs."""
+    keys = [k for k in identity if k != "teacher" or teacher_given]
+    differing = [k for k in keys if meta["identity"].get(k) != identity[k]]
+    if differing:
+        details = ", ".join(f"{k}: cache {meta['identity'].get(k)!r} vs run {identity[k]!r}"
+                            for k in differing)
+        raise UserError(f"--teacher-cache {cache_dir} was made from different inputs ({details}); "
+                        f"use another cache directory or delete this one to rebuild it")
+
+
+def _supervised_rows(teacher_logits, labels, vocab_size, top_k, temperature):
+    """Top-K (ids, log-probs) and the log tail mass at a batch's supervised positions."""
+    selected, _ = shift_for_next_token(teacher_logits, labels)
+    teacher_log_probs = log_probs(selected[:, :vocab_size], temperature)
+    k = min(top_k, vocab_size)
+    top_log_probs, top_ids = teacher_log_probs.topk(k, dim=-1)
+    # Remaining mass, as a log, from the entries outside the top K (stable: no 1 - Σ).
+    outside = teacher_log_probs.scatter(-1, top_ids, float("-inf"))
+    tail = torch.logsumexp(outside, dim=-1)
+    return top_ids.int(), top_log_probs, tail
+
+
+def _save_array(path, array):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def build_cache(cache_dir, teacher, examples, identity, vocab_size, batch_size, pad_token_id,
+                device, autocast=None, log=print, chat_template=None):
+    """Run the teacher once over `examples` (in order) and write the cache; resumes a killed build."""
+    from tqdm.auto import tqdm
+
+    from common.chat import collate
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    progress_path = cache_dir / "progress.json"
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else None
+    if progress is None or progress.get("identity") != identity:
+        progress = {"identity": identity, "shards": []}  # fresh (or a stale partial build)
+    done_examples = sum(shard["num_examples"] for shard in progress["shards"])
+    if done_examples:
+        log(f"resuming the teacher cache build at example {done_examples}/{len(examples)}")
+    top_k, temperature = identity["top_k"], identity["temperature"]
+    bar = tqdm(total=len(examples), initial=done_examples, desc="caching teacher", unit="ex")
+    for shard_start in range(done_examples, len(examples), EXAMPLES_PER_SHARD):
+        shard_examples = examples[shard_start:shard_start + EXAMPLES_PER_SHARD]
+        ids, logprobs, tails, counts = [], [], [], []
+        for start in range(0, len(shard_examples), batch_size):
+            batch = collate(shard_examples[start:start + batch_size], pad_token_id)
+            batch = {name: tensor.to(device) for name, tensor in batch.items()}
+            with autocast() if autocast else torch.autocast("cpu", enabled=False):
+                logits = teacher(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"]).logits
+            top_ids, top_log_probs, tail = _supervised_rows(logits, batch["labels"], vocab_size,
+                                                            top_k, temperature)
+            del logits
+            ids.append(top_ids.cpu().numpy())
+            logprobs.append(top_log_probs.cpu().numpy().astype(np.float16))
+            tails.append(tail.cpu().numpy().astype(np.float32))
+            counts.extend((batch["labels"][:, 1:] != -100).sum(dim=1).tolist())
+            bar.update(len(batch["input_ids"]))
+        number = len(progress["shards"])
+        _save_array(cache_dir / f"shard_{number:05d}.ids.npy", np.concatenate(ids))
+        _save_array(cache_dir / f"shard_{number:05d}.logprobs.npy", np.concatenate(logprobs))
+        _save_array(cache_dir / f"shard_{number:05d}.tail.npy", np.concatenate(tails))
+        progress["shards"].append({"num_examples": len(shard_examples), "counts": counts})
+        write_json_atomic(progress_path, progress)
+    bar.close()
+    # The index: example i's rows live in shard s from row r, n rows.
+    index = []
+    for number, shard in enumerate(progress["shards"]):
+        row = 0
+        for count in shard["counts"]:
+            index.append((number, row, count))
+            row += count
+    _save_array(cache_dir / "index.npy", np.asarray(index, dtype=np.int64))
+    rows = sum(count for _, _, count in index)
+    total_bytes = sum(p.stat().st_size for p in cache_dir.glob("shard_*.npy"))
+    # The template travels with the cache: a later run without the teacher renders the same text.
+    meta = {"identity": identity, "complete": True, "num_rows": rows,
+            "chat_template_text": chat_template,
+            "bytes": total_bytes, "bytes_per_supervised_token": round(total_bytes / max(rows, 1), 1)}
+    write_json_atomic(cache_dir / "meta.json", meta)
+    progress_path.unlink()
+    log(f"teacher cache: {rows} supervised positions, {total_bytes / 2**20:.1f} MiB, "
+        f"{meta['bytes_per_supervised_token']} bytes per supervised token")
+    return meta
+
+
+class TeacherCache:
+    """Lazy, memory-mapped reader: rows of one example by its index."""
+
+    def __init__(self, cache_dir):
+        self.cache_dir = Path(cache_dir)
+        self.index = np.load(self.cache_dir / "index.npy")
+        self._shards = {}
+
+    def _shard(self, number):
+        if number not in self._shards:
+            stem = self.cache_dir / f"shard_{number:05d}"
+            self._shards[number] = tuple(np.load(f"{stem}.{part}.npy", mmap_mode="r")
+                                         for part in ("ids", "logprobs", "tail"))
+        return self._shards[number]
+
+    def rows(self, example_index):
+        number, start, count = self.index[example_index]
+        ids, logprobs, tail = self._shard(int(number))
+        return ids[start:start + count], logprobs[start:start + count], tail[start:start + count]
+
+    def collate_fn(self, base_collate):
+        """A collate for the shared loop: the usual batch plus the teacher rows, in the order
+        `shift_for_next_token` selects supervised positions (row-major over the batch)."""
+
+        def collate(examples, pad_token_id):
+            batch = base_collate(examples, pad_token_id)
+            parts = [self.rows(example["example_index"]) for example in examples]
+            batch["teacher_ids"] = torch.from_numpy(np.concatenate([p[0] for p in parts])).long()
+            batch["teacher_logprobs"] = torch.from_numpy(
+                np.concatenate([p[1] for p in parts]).astype(np.float32))
+            batch["teacher_tail"] = torch.from_numpy(np.concatenate([p[2] for p in parts]))
+            return batch
+
+        return collate
+
+
+def sparse_forward_kl(student_logits, teacher_ids, teacher_logprobs, teacher_tail,
+                      temperature=1.0):
+    """Forward KL(p_teacher ‖ p_student) from the teacher's top-K plus one tail bucket, shape (N,).
+
+    student_logits (N, V); teacher_ids, teacher_logprobs (N, K); teacher_tail (N,) = log of the
+    teacher mass outside its top K. The K buckets compare p_t(v) with p_s(v); the tail bucket
+    compares the teacher's remaining mass with the student's mass outside those K tokens:
+        Σ_k p_t(k) (log p_t(k) − log p_s(k)) + p_t(tail) (log p_t(tail) − log p_s(tail)).
+    With K = V the tail is empty and this is exactly the dense forward KL. Reverse KL would need
+    the teacher's probability of every token the student puts mass on, which the cache does not
+    hold: it is refused rather than approximated.
+    """
+    student_log_probs = log_probs(student_logits, temperature)
+    student_top = student_log_probs.gather(-1, teacher_ids)
+    # Fill with the most negative finite value, not -inf: when the K ids cover the whole
+    # vocabulary an all -inf row would give logsumexp a NaN gradient.
+    outside = student_log_probs.scatter(-1, teacher_ids, torch.finfo(student_log_probs.dtype).min)
+    student_tail = torch.logsumexp(outside, dim=-1)
+    teacher_all = torch.cat([teacher_logprobs, teacher_tail.unsqueeze(-1)], dim=-1)
+    student_all = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)
+    teacher_probs = teacher_all.exp()
+    terms = torch.where(teacher_probs > 0, teacher_probs * (teacher_all - student_all),
+                        torch.zeros_like(teacher_probs))
+    return terms.sum(dim=-1)
+
+
+def make_cached_loss_fn(vocab_size, temperature=1.0, alpha=0.0):
+    """loss_fn(student, batch) for the shared loop, reading the teacher from the batch."""
+    from common.losses import cross_entropy
+
+    def loss_fn(student, batch):
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        selected, targets = shift_for_next_token(logits, batch["labels"])
+        selected = selected[:, :vocab_size]
+        kd = sparse_forward_kl(selected, batch["teacher_ids"], batch["teacher_logprobs"],
+                               batch["teacher_tail"], temperature) * temperature ** 2
+        ce = cross_entropy(selected, targets)
+        return (1.0 - alpha) * kd.sum() + alpha * ce.sum(), {"kd": kd.sum().detach(),
+                                                             "ce": ce.sum().detach()}
+
+    return loss_fn
+
+
+def prepare(cache_dir, examples, tokenizer, teacher_name, data_args, top_k, temperature,
+            accelerator, load_teacher, batch_size):
+    """Reuse a matching complete cache, or build it with the teacher (main process); returns the
+    reader. `load_teacher()` is only called when the cache has to be built."""
+    identity = cache_identity(teacher_name, tokenizer, examples, data_args.dataset,
+                              data_args.max_length, top_k, temperature)
+    meta = read_meta(cache_dir)
+    if meta is not None and meta.get("complete"):
+        check_identity(cache_dir, meta, identity, teacher_given=teacher_name is not None)
+        accelerator.print(f"using the teacher cache in {cache_dir} "
+                          f"({meta['bytes_per_supervised_token']} bytes per supervised token); "
+                          f"the teacher is not loaded")
+    else:
+        if teacher_name is None:
+            raise UserError(f"--teacher-cache {cache_dir} holds no complete cache; pass --teacher "
+                            f"to build it")
+        if accelerator.is_main_process:
+            teacher = load_teacher()
+            build_cache(cache_dir, teacher, examples, identity, len(tokenizer), batch_size,
+                        tokenizer.pad_token_id, accelerator.device, accelerator.autocast,
+                        log=accelerator.print, chat_template=tokenizer.chat_template)
+            del teacher
+        accelerator.wait_for_everyone()
+    return TeacherCache(cache_dir)
