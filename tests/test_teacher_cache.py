@@ -1,0 +1,152 @@
+"""Offline teacher cache: sparse loss, alignment under shuffling/accumulation, reuse, refusal."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import common.teacher_cache as teacher_cache
+from common.args import DataArguments
+from common.chat import ChatEncoder, collate, encode_dataset
+from common.losses import forward_kl, shift_for_next_token
+from common.train import BatchOrder
+from conftest import run_script
+
+
+def test_sparse_kl_with_full_k_equals_dense_forward_kl():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(5, 13, generator=generator, requires_grad=True)
+    teacher = torch.randn(5, 13, generator=generator) * 2
+    teacher_log_probs = (teacher / 2.0).log_softmax(-1)
+    top_log_probs, top_ids = teacher_log_probs.topk(13, dim=-1)
+    tail = torch.full((5,), float("-inf"))
+    sparse = teacher_cache.sparse_forward_kl(student, top_ids, top_log_probs, tail, temperature=2.0)
+    dense = forward_kl(student, teacher, temperature=2.0)
+    assert torch.allclose(sparse, dense, atol=1e-5)
+    (grad_sparse,) = torch.autograd.grad(sparse.sum(), student)
+    (grad_dense,) = torch.autograd.grad(dense.sum(), student)
+    assert torch.isfinite(grad_sparse).all()
+    assert torch.allclose(grad_sparse, grad_dense, atol=1e-5)
+
+
+def test_sparse_kl_with_a_tail_is_a_coarser_kl():
+    """Merging tokens into one tail bucket can only lower the KL (data processing), never below 0."""
+    generator = torch.Generator().manual_seed(1)
+    student = torch.randn(6, 50, generator=generator)
+    teacher = torch.randn(6, 50, generator=generator) * 3
+    teacher_log_probs = teacher.log_softmax(-1)
+    for k in (1, 5, 20):
+        top_log_probs, top_ids = teacher_log_probs.topk(k, dim=-1)
+        tail = torch.logsumexp(teacher_log_probs.scatter(-1, top_ids, float("-inf")), dim=-1)
+        sparse = teacher_cache.sparse_forward_kl(student, top_ids, top_log_probs, tail)
+        assert (sparse >= -1e-6).all() and (sparse <= forward_kl(student, teacher) + 1e-5).all()
+    identical = teacher_cache.sparse_forward_kl(teacher, top_ids, top_log_probs, tail)
+    assert torch.allclose(identical, torch.zeros(6), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def built(tiny, tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
+    data_args = DataArguments(dataset=str(tiny / "train.jsonl"))
+    examples = encode_dataset(data_args, ChatEncoder(tokenizer, 512), log=lambda *_: None)
+    for index, example in enumerate(examples):
+        example["example_index"] = index
+    teacher = AutoModelForCausalLM.from_pretrained(tiny / "teacher").eval().requires_grad_(False)
+    cache_dir = tmp_path_factory.mktemp("cache")
+    identity = teacher_cache.cache_identity("t", tokenizer, examples, data_args.dataset, 512, 8, 1.0)
+    teacher_cache.build_cache(cache_dir, teacher, examples, identity, len(tokenizer), 5,
+                              tokenizer.pad_token_id, "cpu", log=lambda *_: None)
+    return tokenizer, examples, teacher, cache_dir, identity
+
+
+def test_rows_line_up_under_shuffling_and_accumulation(built):
+    tokenizer, examples, teacher, cache_dir, _ = built
+    cache = teacher_cache.TeacherCache(cache_dir)
+    collate_fn = cache.collate_fn(collate)
+    order = BatchOrder(len(examples), batch_size=3, num_processes=2, process_index=1, seed=9)
+    for position in range(0, 40, 7):  # shuffled, a second process's slice, across epochs
+        batch = collate_fn([examples[i] for i in order.indices(position)], tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = teacher(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits
+        selected, _ = shift_for_next_token(logits, batch["labels"])
+        expected_log_probs, expected_ids = selected[:, :len(tokenizer)].float().log_softmax(-1).topk(8)
+        assert torch.equal(batch["teacher_ids"], expected_ids)
+        assert torch.allclose(batch["teacher_logprobs"], expected_log_probs, atol=2e-2)  # fp16
+
+
+def test_interrupted_build_resumes_to_the_same_cache(built, tmp_path, monkeypatch):
+    tokenizer, examples, teacher, cache_dir, identity = built
+    monkeypatch.setattr(teacher_cache, "EXAMPLES_PER_SHARD", 16)
+    calls = {"n": 0}
+
+    class Dies(torch.nn.Module):
+        def forward(self, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > 5:  # dies inside the second shard (16 examples = 4 batches of 5)
+                raise KeyboardInterrupt
+            return teacher(**kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        teacher_cache.build_cache(tmp_path, Dies(), examples, identity, len(tokenizer), 5,
+                                  tokenizer.pad_token_id, "cpu", log=lambda *_: None)
+    assert teacher_cache.read_meta(tmp_path) is None  # not complete
+    assert len(json.loads((tmp_path / "progress.json").read_text())["shards"]) == 1
+    teacher_cache.build_cache(tmp_path, teacher, examples, identity, len(tokenizer), 5,
+                              tokenizer.pad_token_id, "cpu", log=lambda *_: None)
+    # the same shard size uninterrupted (shards change batch composition, hence padding)
+    teacher_cache.build_cache(tmp_path / "reference", teacher, examples, identity, len(tokenizer),
+                              5, tokenizer.pad_token_id, "cpu", log=lambda *_: None)
+    reference = teacher_cache.TeacherCache(tmp_path / "reference")
+    resumed = teacher_cache.TeacherCache(tmp_path)
+    for index in range(len(examples)):
+        for a, b in zip(reference.rows(index), resumed.rows(index)):
+            assert np.array_equal(a, b)
+
+
+def cli_args(tiny, out, cache, *extra):
+    return ["token_level.py", "--student", tiny / "student", "--dataset", tiny / "train.jsonl",
+            "--output-dir", out, "--teacher-cache", cache, "--max-steps", "6", "--batch-size", "4",
+            "--grad-accum", "2", "--learning-rate", "1e-3", "--log-steps", "2", *extra]
+
+
+def test_second_run_trains_without_the_teacher(tiny, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny / "teacher", teacher)
+    cache = tmp_path / "cache"
+    run_script(*cli_args(tiny, tmp_path / "first", cache, "--teacher", teacher))
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["complete"] and meta["bytes_per_supervised_token"] <= 200
+    shutil.rmtree(teacher)  # proof that the second run never loads it
+    result = run_script(*cli_args(tiny, tmp_path / "second", cache))
+    assert "the teacher is not loaded" in result.stdout
+    first, second = load_file(tmp_path / "first" / "model.safetensors"), \
+        load_file(tmp_path / "second" / "model.safetensors")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    # a cache made from other inputs is refused, naming what differs
+    for extra, what in [(["--max-length", "64"], "max_length"), (["--cache-top-k", "4"], "top_k")]:
+        result = run_script(*cli_args(tiny, tmp_path / "third", cache, *extra), check=False)
+        assert result.returncode == 2 and what in result.stderr and "different inputs" in result.stderr
+        assert not (tmp_path / "third").exists()
+
+
+def test_reverse_kl_with_a_cache_is_refused(tiny, tmp_path):
+    result = run_script(*cli_args(tiny, tmp_path / "o", tmp_path / "c", "--teacher",
+                                  tiny / "teacher", "--kl", "reverse"), check=False)
+    assert result.returncode == 2 and "forward only" in result.stderr
+
+
+def test_two_processes_read_the_same_rows_as_one(tiny, tmp_path):
+    """2 processes x batch 2 from the cache follow 1 process x batch 4: rows by example, not rank."""
+    cache = tmp_path / "cache"
+    common = ["--teacher", tiny / "teacher", "--grad-accum", "1"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run_script(*cli_args(tiny, single, cache, *common))
+    args = cli_args(tiny, multi, cache, *common, "--batch-size", "2")
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", *args)
+    expected, got = load_file(single / "model.safetensors"), load_file(multi / "model.safetensors")
+    assert all(torch.allclose(expected[n], got[n], atol=1e-6) for n in expected)
