@@ -2,23 +2,55 @@
 
 Both scripts compare teacher and student next-token distributions at supervised positions; they
 differ only in where the sequences come from (the dataset, or the student's own samples).
+
+Memory: at real vocabularies the logits, not the models, are the largest tensors of a step (Llama-3:
+128,256 floats per position). So both models run their bodies as usual, but their output layers
+(lm_heads) are applied only at supervised positions, a chunk of positions at a time, inside the loss
+(common/chunked.py): prompt positions never reach an output layer, and about one chunk of logits is
+alive at once. The student still runs through its own, possibly DDP-wrapped, forward call, so DDP's
+hooks and gradient synchronisation work as usual; during that call its output layer passes the
+final hidden states through instead of projecting them.
 """
 
-import torch
+import contextlib
 
+import torch
+import torch.nn.functional as F
+
+from common.chunked import chunked_kd_loss
 from common.losses import cross_entropy, distillation_loss, shift_for_next_token
+
+# The dtype autocast gives an output layer's matmul under accelerate's mixed precision.
+_MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=1.0, beta=0.5,
-                    alpha=0.0):
+                    alpha=0.0, loss_chunk_size=0):
     """loss_fn(student, batch) -> (Σ per-token loss, {"kd": Σ, "ce": Σ}) over supervised positions.
 
     Per token: (1 - alpha) * T² * divergence(T) + alpha * cross-entropy on the batch's labels.
     Only the tokenizer's `vocab_size` real ids are compared: padded embedding rows (Qwen2.5's
     151,936 or 152,064 rows for 151,665 tokens) are not part of either distribution.
-    """
 
-    def loss_fn(student, batch):
+    loss_chunk_size: supervised positions per chunk of the memory-bounded loss (0 = automatic,
+    about 128 MiB of float32 logits per chunk; -1 = no chunking: full logits at every position).
+    A model whose logits are not its output layer applied to what reaches that layer (soft-capped
+    logits, ...) gets its full logits instead, with a one-time warning.
+    """
+    matmul_dtype = _MIXED_PRECISION_DTYPES.get(str(accelerator.mixed_precision))
+    plain_output_layer = {}  # id(model) -> bool, probed once per model on its first batch
+
+    def has_plain_output_layer(model, batch, what):
+        if id(model) not in plain_output_layer:
+            reason = why_output_layer_is_not_plain(model, batch["input_ids"],
+                                                   batch["attention_mask"])
+            plain_output_layer[id(model)] = reason is None
+            if reason is not None:
+                accelerator.print(f"warning: the {what}'s output layer {reason}; computing its "
+                                  f"full logits at every position instead (no chunked loss)")
+        return plain_output_layer[id(model)]
+
+    def full_logits_loss_fn(student, batch):
         student_logits = student(input_ids=batch["input_ids"],
                                  attention_mask=batch["attention_mask"]).logits
         with torch.no_grad(), accelerator.autocast():
@@ -34,4 +66,94 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
         loss = (1.0 - alpha) * kd.sum() + alpha * ce.sum()
         return loss, {"kd": kd.sum().detach(), "ce": ce.sum().detach()}
 
+    def loss_fn(student, batch):
+        # Under DDP `student` is the wrapper: its forward is what synchronises gradients, so the
+        # body runs through it; the output layer's weight is reached through the inner model.
+        model = accelerator.unwrap_model(student)
+        if loss_chunk_size < 0 or not has_plain_output_layer(model, batch, "student"):
+            return full_logits_loss_fn(student, batch)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        target_labels = batch["labels"][:, 1:]
+        supervised = target_labels != -100  # position t predicts label t+1
+        with output_layer_passes_hidden_states(model):
+            student_hidden = student(**inputs).logits[:, :-1][supervised]
+        with torch.no_grad(), accelerator.autocast():
+            if has_plain_output_layer(teacher, batch, "teacher"):
+                with output_layer_passes_hidden_states(teacher):
+                    teacher_hidden = teacher(**inputs).logits[:, :-1][supervised]
+                teacher_layer = teacher.get_output_embeddings()
+                teacher_inputs = {"teacher_hidden": teacher_hidden,
+                                  "teacher_weight": teacher_layer.weight,
+                                  "teacher_bias": teacher_layer.bias}
+            else:
+                teacher_inputs = {
+                    "teacher_logits": teacher(**inputs).logits[:, :-1][supervised]}
+        student_layer = model.get_output_embeddings()
+        return chunked_kd_loss(
+            student_hidden, student_layer.weight, target_labels[supervised], vocab_size,
+            student_bias=student_layer.bias, **teacher_inputs, kind=kl, temperature=temperature,
+            beta=beta, alpha=alpha, chunk_size=loss_chunk_size, compute_dtype=matmul_dtype,
+            teacher_compute_dtype=matmul_dtype)
+
     return loss_fn
+
+
+def _pass_through(hidden_states):
+    return hidden_states
+
+
+@contextlib.contextmanager
+def output_layer_passes_hidden_states(model):
+    """Inside, `model(...).logits` holds the final hidden states (B, T, H), not the logits.
+
+    The output layer's forward is shadowed by an identity for the duration, so the model's own
+    forward (and any wrapper's around it) runs unchanged up to the last projection, which is
+    skipped. Only valid for models where `why_output_layer_is_not_plain` returns None.
+    """
+    layer = model.get_output_embeddings()
+    own_forward = layer.__dict__.get("forward")  # an instance-level forward (e.g. a hook's) stays
+    layer.forward = _pass_through
+    try:
+        yield
+    finally:
+        if own_forward is None:
+            del layer.forward
+        else:
+            layer.forward = own_forward
+
+
+def why_output_layer_is_not_plain(model, input_ids, attention_mask):
+    """None if logits == output_layer(final hidden states) for this model, else the reason.
+
+    Checked on the model itself, not by architecture name: one short probe (first row, first 16
+    tokens) runs the model normally and with `output_layer_passes_hidden_states`, and the output
+    layer applied to the second must give the first. A constant logit scale (Granite, Cohere)
+    passes, rightly: with the pass-through it lands on the hidden states, and scaling commutes
+    with a bias-free linear layer. Soft-capping, a head that is not the output embedding module,
+    or any other non-linear post-processing of the logits fails.
+    """
+    layer = model.get_output_embeddings()
+    if not isinstance(layer, torch.nn.Linear):
+        return "is not a torch.nn.Linear"
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    if getattr(config, "final_logit_softcapping", None):  # may pass the probe on small logits
+        return "soft-caps its logits (final_logit_softcapping)"
+    probe = {"input_ids": input_ids[:1, :16], "attention_mask": attention_mask[:1, :16]}
+    training = model.training
+    model.eval()  # dropout would make the two calls differ
+    try:
+        with torch.no_grad():
+            logits = model(**probe).logits
+            with output_layer_passes_hidden_states(model):
+                hidden = model(**probe).logits
+    finally:
+        model.train(training)
+    if hidden.shape != (*logits.shape[:-1], layer.in_features):
+        return "is not what turns the final hidden states into the returned logits"
+    rebuilt = F.linear(hidden.to(layer.weight.dtype), layer.weight, layer.bias).float()
+    logits = logits.float()
+    scale = max(1.0, logits.abs().max().item())
+    if not torch.allclose(rebuilt, logits, rtol=1e-3, atol=1e-4 * scale):
+        return "is followed by a non-linear transformation of the logits (e.g. soft-capping)"
+    return None

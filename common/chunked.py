@@ -1,0 +1,177 @@
+"""Memory-bounded distillation loss: output layers applied chunk by chunk, at supervised positions.
+
+At real vocabularies the loss, not the model, decides memory. With Llama-3's 128,256 tokens one
+float32 logits tensor for 2,048 positions is 1 GiB, and a plain forward + backward keeps several
+(student and teacher logits, both log-softmaxes, the KL's terms, the gradient). Here the student's
+and the teacher's output layers (lm_heads) are applied to `chunk_size` positions at a time, each
+chunk's loss and its gradient are computed at once, and the chunk's logits are freed before the
+next one, so about one chunk of logits is alive at any moment, in the forward and in the backward.
+
+The gradients are computed in the forward pass (as Liger-Kernel's fused losses do), with the
+chunk's logits as an autograd leaf, then pushed through the linear layer by hand:
+    d loss / d hidden_chunk  = g @ W          (g = d loss / d logits_chunk, shape (C, V))
+    d loss / d W            += gᵀ @ hidden_chunk
+so the backward pass only scales the stored gradients by the incoming one. The per-chunk math is
+`common.losses.distillation_loss` and `common.losses.cross_entropy`, unchanged, so the values and
+gradients are those of the full-logits loss up to float summation order.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from common.losses import KL_KINDS, cross_entropy, distillation_loss
+
+# One chunk's float32 logits take about this much; the chunk's other temporaries (the other model's
+# logits, two log-softmaxes, the KL's terms, the gradient) are a small multiple of it.
+DEFAULT_CHUNK_BYTES = 128 * 2**20
+
+
+def auto_chunk_size(vocab_size, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """Positions per chunk so one chunk of float32 logits takes about `chunk_bytes`.
+
+    256 at a 128,256-token vocabulary, 1,048 at 32,000; at least 1, a multiple of 8 above 8.
+    """
+    rows = max(1, chunk_bytes // (4 * vocab_size))
+    return rows - rows % 8 if rows > 8 else rows
+
+
+def chunked_kd_loss(student_hidden, student_weight, target_ids, vocab_size, *, student_bias=None,
+                    teacher_hidden=None, teacher_weight=None, teacher_bias=None,
+                    teacher_logits=None, kind="forward", temperature=1.0, beta=0.5, alpha=0.0,
+                    chunk_size=0, compute_dtype=None, teacher_compute_dtype=None):
+    """Σ over N supervised positions of (1 - alpha)·T²·D(T) + alpha·CE, one chunk of logits at a time.
+
+    Inputs, for N supervised positions (those whose next token is supervised):
+    - student_hidden (N, H): the student's final hidden states (the output layer's input);
+      student_weight (V_s, H) and optional student_bias (V_s,): its output layer, V_s ≥ vocab_size.
+    - the teacher, either as teacher_hidden (N, H_t) + teacher_weight (V_t, H_t) (+ teacher_bias),
+      whose logits are then made chunk by chunk too, or as ready teacher_logits (N, V_t).
+    - target_ids (N,): the tokens the data says come next (for the cross-entropy term).
+    - vocab_size: only ids [0, vocab_size) are compared; rows of padded embedding matrices beyond
+      it are not part of either distribution (and get zero gradient).
+    - kind / temperature / beta: the divergence D, as in `common.losses.distillation_loss`
+      (forward = KL(p_t ‖ p_s), reverse = KL(p_s ‖ p_t), jsd = generalized JSD(beta)).
+    - chunk_size: positions per chunk; ≤ 0 picks `auto_chunk_size(vocab_size)`.
+    - compute_dtype / teacher_compute_dtype: dtype of each output layer's matmul (None = its
+      weight's dtype; pass bfloat16 under bf16 mixed precision, as autocast would). Log-softmax
+      and the loss are float32 whatever this is.
+
+    Returns (loss_sum, {"kd": Σ D·T², "ce": Σ CE}); loss_sum carries gradients to student_hidden,
+    student_weight and student_bias; the stats are detached. N = 0 gives zeros, not NaN. Backward
+    may run once per call (the gradients are computed in the forward pass and handed over).
+    """
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown divergence {kind!r}; expected one of {KL_KINDS}")
+    if (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
+        raise ValueError("pass either teacher_logits or teacher_hidden with teacher_weight")
+    num_positions = student_hidden.shape[0]
+    teacher_rows = teacher_logits if teacher_logits is not None else teacher_hidden
+    if teacher_rows.shape[0] != num_positions or target_ids.shape != (num_positions,):
+        raise ValueError(f"student ({num_positions}), teacher ({teacher_rows.shape[0]}) and "
+                         f"targets ({tuple(target_ids.shape)}) must cover the same positions")
+    settings = {"vocab_size": vocab_size, "kind": kind, "temperature": temperature, "beta": beta,
+                "alpha": alpha, "chunk_size": chunk_size if chunk_size > 0
+                else auto_chunk_size(vocab_size),
+                "compute_dtype": compute_dtype or student_weight.dtype,
+                "teacher_compute_dtype": teacher_compute_dtype or (
+                    teacher_weight.dtype if teacher_weight is not None else None)}
+    loss, kd, ce = _ChunkedKDLoss.apply(student_hidden, student_weight, student_bias,
+                                        teacher_hidden, teacher_weight, teacher_bias,
+                                        teacher_logits, target_ids, settings)
+    return loss, {"kd": kd, "ce": ce}
+
+
+def _output_layer(weight, bias, vocab_size, dtype):
+    """The first vocab_size rows of an output layer, in the matmul dtype (cast once, not per chunk)."""
+    weight = weight.detach()[:vocab_size].to(dtype)
+    return weight, None if bias is None else bias.detach()[:vocab_size].to(dtype)
+
+
+class _ChunkedKDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                teacher_bias, teacher_logits, target_ids, settings):
+        vocab_size, alpha = settings["vocab_size"], settings["alpha"]
+        dtype, chunk_size = settings["compute_dtype"], settings["chunk_size"]
+        needs_hidden_grad, needs_weight_grad, needs_bias_grad = ctx.needs_input_grad[:3]
+        needs_grad = needs_hidden_grad or needs_weight_grad or needs_bias_grad
+        weight, bias = _output_layer(student_weight, student_bias, vocab_size, dtype)
+        if teacher_logits is None:
+            teacher_layer = _output_layer(teacher_weight, teacher_bias, vocab_size,
+                                          settings["teacher_compute_dtype"])
+
+        device = student_hidden.device
+        kd_sum = torch.zeros((), dtype=torch.float32, device=device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=device)
+        grad_hidden = torch.zeros_like(student_hidden) if needs_hidden_grad else None
+        # float32 accumulators: a sum of per-chunk products, rounded once at the end.
+        grad_weight = (torch.zeros_like(student_weight, dtype=torch.float32)
+                       if needs_weight_grad else None)
+        grad_bias = (torch.zeros_like(student_bias, dtype=torch.float32)
+                     if needs_bias_grad else None)
+        # Autocast would recast inside this function; every dtype here is chosen explicitly.
+        with torch.autocast(device.type, enabled=False):
+            for start in range(0, student_hidden.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                hidden = student_hidden[rows].detach().to(dtype)
+                student_logits = F.linear(hidden, weight, bias)
+                if teacher_logits is None:
+                    teacher_chunk = F.linear(teacher_hidden[rows].detach().to(
+                        settings["teacher_compute_dtype"]), *teacher_layer)
+                else:
+                    teacher_chunk = teacher_logits[rows, :vocab_size].detach()
+                kd, ce, grad_logits = _chunk_loss_and_grad(student_logits, teacher_chunk,
+                                                           target_ids[rows], settings, needs_grad)
+                del teacher_chunk, student_logits  # the next chunk must not meet these
+                kd_sum += kd
+                ce_sum += ce
+                if grad_logits is None:
+                    continue
+                grad_logits = grad_logits.to(dtype)
+                if needs_hidden_grad:
+                    grad_hidden[rows] = (grad_logits @ weight).to(grad_hidden.dtype)
+                if needs_weight_grad:
+                    if dtype == torch.float32:
+                        grad_weight[:vocab_size].addmm_(grad_logits.T, hidden)
+                    else:  # a low-precision product, accumulated in float32
+                        grad_weight[:vocab_size] += grad_logits.T @ hidden
+                if needs_bias_grad:
+                    grad_bias[:vocab_size] += grad_logits.float().sum(dim=0)
+                del grad_logits
+        loss = (1.0 - alpha) * kd_sum + alpha * ce_sum
+        ctx.gradients = (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(student_weight.dtype),
+            None if grad_bias is None else grad_bias.to(student_bias.dtype))
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return loss, kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        gradients, ctx.gradients = ctx.gradients, None
+        if gradients is None:
+            raise RuntimeError("chunked_kd_loss supports one backward pass per call: its "
+                               "gradients are computed in the forward pass and handed over once")
+        # The loss is linear in nothing but itself: scale the stored gradients in place, so no
+        # second weight-sized tensor is ever made.
+        scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in gradients]
+        return (*scaled, None, None, None, None, None, None)
+
+
+def _chunk_loss_and_grad(student_logits, teacher_logits, target_ids, settings, needs_grad):
+    """Σ D·T² and Σ CE over one chunk (float32 scalars) and d((1-α)ΣD·T² + αΣCE)/d logits."""
+    alpha = settings["alpha"]
+    leaf = student_logits.detach().requires_grad_(needs_grad)
+    # A term with weight 0 is still reported, but kept out of the graph.
+    with torch.set_grad_enabled(needs_grad and alpha < 1.0):
+        kd = distillation_loss(leaf, teacher_logits, settings["kind"], settings["temperature"],
+                               settings["beta"]).sum()
+    with torch.set_grad_enabled(needs_grad and alpha > 0.0):
+        ce = cross_entropy(leaf, target_ids).sum()
+    if not needs_grad:
+        return kd, ce, None
+    with torch.enable_grad():
+        weighted = sum(term * weight for term, weight in [(kd, 1.0 - alpha), (ce, alpha)]
+                       if term.requires_grad)
+    (grad_logits,) = torch.autograd.grad(weighted, leaf)
+    return kd.detach(), ce.detach(), grad_logits
