@@ -59,6 +59,12 @@ class OnPolicyArguments:
     completions: Optional[str] = field(default=None, metadata={
         "help": "Teacher-written completions (a sequence_level.py cache) for the off-policy "
                 "steps instead of the dataset's replies (GKD's sequence-level mode)."})
+    loss_chunk_size: int = field(default=0, metadata={
+        "help": "Supervised positions per chunk of the memory-bounded loss: both output layers "
+                "and the divergence run on this many positions at a time, so about one chunk of "
+                "logits (4 bytes x vocabulary per position in float32) is alive at once. "
+                "0 = automatic, ~128 MiB of float32 logits per chunk (256 positions at a 128K "
+                "vocabulary); -1 = no chunking: full logits at every position."})
 
     def __post_init__(self):
         checks = [
@@ -69,6 +75,9 @@ class OnPolicyArguments:
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
             (self.kl != "jsd" or 0 < self.beta < 1,
              f"--beta must be strictly between 0 and 1 for --kl jsd, got {self.beta}"),
+            (self.loss_chunk_size >= -1,
+             f"--loss-chunk-size must be a number of positions >= 1, 0 (automatic) or -1 (no "
+             f"chunking), got {self.loss_chunk_size}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -195,7 +204,8 @@ def main(argv=None):
     sampler = OnPolicySampler(accelerator, tokenizer, stop_ids, encoder.end_of_turn_token_id,
                               gkd_args, train_args.seed)
     loss_fn = make_kd_loss_fn(accelerator, teacher, real_vocab_size(tokenizer), gkd_args.kl,
-                              gkd_args.loss_temperature, gkd_args.beta)
+                              gkd_args.loss_temperature, gkd_args.beta,
+                              loss_chunk_size=gkd_args.loss_chunk_size)
     student, state = train(accelerator, student, examples, train_args, loss_fn,
                            tokenizer.pad_token_id, run_config, prepare_fn=sampler,
                            step_metrics=sampler.step_metrics)

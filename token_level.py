@@ -59,6 +59,12 @@ class TokenLevelArguments:
     cache_top_k: int = field(default=32, metadata={
         "help": "Teacher tokens kept per position in --teacher-cache (plus one tail bucket); "
                 "about 6 bytes each."})
+    loss_chunk_size: int = field(default=0, metadata={
+        "help": "Supervised positions per chunk of the memory-bounded loss: both output layers "
+                "and the divergence run on this many positions at a time, so about one chunk of "
+                "logits (4 bytes x vocabulary per position in float32) is alive at once. "
+                "0 = automatic, ~128 MiB of float32 logits per chunk (256 positions at a 128K "
+                "vocabulary); -1 = no chunking: full logits at every position."})
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -70,6 +76,9 @@ class TokenLevelArguments:
                             "the teacher's probability of every token, the cache keeps its top K")
         if self.cache_top_k < 1:
             raise UserError(f"--cache-top-k must be >= 1, got {self.cache_top_k}")
+        if self.loss_chunk_size < -1:
+            raise UserError(f"--loss-chunk-size must be a number of positions >= 1, 0 "
+                            f"(automatic) or -1 (no chunking), got {self.loss_chunk_size}")
         if self.kl == "jsd" and not 0.0 < self.beta < 1.0:
             raise UserError(f"--beta must be strictly between 0 and 1 for --kl jsd, got "
                             f"{self.beta}; use --kl forward or --kl reverse for the end points")
@@ -129,7 +138,8 @@ def main(argv=None):
         loss_fn = teacher_cache.make_cached_loss_fn(vocab_size, kd_args.temperature, kd_args.alpha)
     else:
         loss_fn = make_kd_loss_fn(accelerator, load_teacher(), vocab_size, kd_args.kl,
-                                  kd_args.temperature, kd_args.beta, kd_args.alpha)
+                                  kd_args.temperature, kd_args.beta, kd_args.alpha,
+                                  loss_chunk_size=kd_args.loss_chunk_size)
     student = load_model(model_args.student, model_args.student_dtype,
                          model_args.trust_remote_code, "student")
     check_vocab_fits(student, tokenizer, "student")
