@@ -1,0 +1,316 @@
+"""The memory-bounded KD loss equals the full-logits one, in values and gradients, and never makes a
+(positions x vocabulary) tensor; make_kd_loss_fn uses it only where the output layer is plain."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from common.chunked import auto_chunk_size, chunked_kd_loss
+from common.errors import UserError
+from common.losses import cross_entropy, distillation_loss
+
+NUM_POSITIONS, HIDDEN, TEACHER_HIDDEN, VOCAB = 23, 12, 20, 97
+
+
+def naive_loss(student_hidden, student_weight, student_bias, teacher_logits, target_ids,
+               vocab_size, kind, temperature, beta, alpha):
+    """The full-logits reference: what common/distill.py computed before chunking."""
+    student_logits = F.linear(student_hidden, student_weight, student_bias)[:, :vocab_size]
+    kd = distillation_loss(student_logits, teacher_logits[:, :vocab_size], kind, temperature, beta)
+    ce = cross_entropy(student_logits, target_ids)
+    return (1.0 - alpha) * kd.sum() + alpha * ce.sum(), kd.sum(), ce.sum()
+
+
+def make_inputs(seed=0, num_positions=NUM_POSITIONS, student_rows=VOCAB, teacher_rows=VOCAB,
+                bias=False):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=generator) * scale
+
+    return {
+        "student_hidden": randn(num_positions, HIDDEN).requires_grad_(),
+        "student_weight": randn(student_rows, HIDDEN, scale=0.5).requires_grad_(),
+        "student_bias": randn(student_rows).requires_grad_() if bias else None,
+        "teacher_hidden": randn(num_positions, TEACHER_HIDDEN),
+        "teacher_weight": randn(teacher_rows, TEACHER_HIDDEN, scale=0.5),
+        "target_ids": torch.randint(0, VOCAB, (num_positions,), generator=generator),
+    }
+
+
+def grads_of(loss, inputs, grad_scale=1.0):
+    params = [inputs[name] for name in ("student_hidden", "student_weight", "student_bias")
+              if inputs[name] is not None]
+    return torch.autograd.grad(loss * grad_scale, params)
+
+
+def check_against_naive(inputs, kind="forward", temperature=1.0, beta=0.5, alpha=0.0,
+                        chunk_size=5, vocab_size=VOCAB, teacher_as_logits=False):
+    teacher_logits = F.linear(inputs["teacher_hidden"], inputs["teacher_weight"])
+    settings = {"kind": kind, "temperature": temperature, "beta": beta, "alpha": alpha}
+    expected, expected_kd, expected_ce = naive_loss(
+        inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"],
+        teacher_logits, inputs["target_ids"], vocab_size, **settings)
+    teacher = ({"teacher_logits": teacher_logits} if teacher_as_logits else
+               {"teacher_hidden": inputs["teacher_hidden"],
+                "teacher_weight": inputs["teacher_weight"]})
+    loss, stats = chunked_kd_loss(inputs["student_hidden"], inputs["student_weight"],
+                                  inputs["target_ids"], vocab_size,
+                                  student_bias=inputs["student_bias"], chunk_size=chunk_size,
+                                  **teacher, **settings)
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(stats["kd"], expected_kd, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(stats["ce"], expected_ce, rtol=1e-5, atol=1e-5)
+    assert not stats["kd"].requires_grad and not stats["ce"].requires_grad
+    # a scale on the way back (the loop's 1 / tokens) must reach every gradient
+    for got, want in zip(grads_of(loss, inputs, 0.37), grads_of(expected, inputs, 0.37)):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (got - want).abs().max()
+    return loss
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("temperature, alpha", [(1.0, 0.0), (2.0, 0.3), (0.7, 1.0)])
+def test_values_and_gradients_equal_the_naive_loss(kind, temperature, alpha):
+    check_against_naive(make_inputs(), kind, temperature, beta=0.3, alpha=alpha)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, NUM_POSITIONS, NUM_POSITIONS + 10, 0])
+def test_any_chunk_size_gives_the_same_result(chunk_size):
+    # 4 does not divide 23; 0 = automatic (one chunk here)
+    check_against_naive(make_inputs(seed=1), "jsd", chunk_size=chunk_size, alpha=0.5)
+
+
+def test_padded_vocabularies_compare_real_ids_only():
+    inputs = make_inputs(seed=2, student_rows=VOCAB + 3, teacher_rows=VOCAB + 11)
+    check_against_naive(inputs, "forward", alpha=0.2)
+    loss, _ = chunked_kd_loss(inputs["student_hidden"], inputs["student_weight"],
+                              inputs["target_ids"], VOCAB, teacher_hidden=inputs["teacher_hidden"],
+                              teacher_weight=inputs["teacher_weight"])
+    (weight_grad,) = torch.autograd.grad(loss, inputs["student_weight"])
+    assert weight_grad[VOCAB:].abs().max() == 0  # padded rows are in no distribution
+
+
+def test_ready_teacher_logits_and_a_biased_output_layer():
+    inputs = make_inputs(seed=3, teacher_rows=VOCAB + 5, bias=True)
+    check_against_naive(inputs, "reverse", temperature=1.5, alpha=0.4, teacher_as_logits=True)
+    check_against_naive(inputs, "jsd", chunk_size=7)
+
+
+def test_all_masked_batch_is_zero_with_zero_gradients():
+    inputs = make_inputs(num_positions=0)
+    loss, stats = chunked_kd_loss(inputs["student_hidden"], inputs["student_weight"],
+                                  inputs["target_ids"], VOCAB, alpha=0.5,
+                                  teacher_hidden=inputs["teacher_hidden"],
+                                  teacher_weight=inputs["teacher_weight"])
+    assert loss.item() == 0.0 and stats["kd"].item() == 0.0 and stats["ce"].item() == 0.0
+    hidden_grad, weight_grad = grads_of(loss, inputs)
+    assert hidden_grad.shape == (0, HIDDEN) and weight_grad.abs().max() == 0
+
+
+def test_low_precision_matmul_stays_close_and_returns_float32_weight_gradients():
+    inputs = make_inputs(seed=4)
+    expected, _, _ = naive_loss(inputs["student_hidden"], inputs["student_weight"], None,
+                                F.linear(inputs["teacher_hidden"], inputs["teacher_weight"]),
+                                inputs["target_ids"], VOCAB, "forward", 1.0, 0.5, 0.0)
+    loss, _ = chunked_kd_loss(inputs["student_hidden"], inputs["student_weight"],
+                              inputs["target_ids"], VOCAB, teacher_hidden=inputs["teacher_hidden"],
+                              teacher_weight=inputs["teacher_weight"], chunk_size=4,
+                              compute_dtype=torch.bfloat16, teacher_compute_dtype=torch.bfloat16)
+    assert loss.dtype == torch.float32
+    assert torch.allclose(loss, expected, rtol=0.05)
+    hidden_grad, weight_grad = grads_of(loss, inputs)
+    assert weight_grad.dtype == hidden_grad.dtype == torch.float32
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.numel = max(self.numel, tensor.numel())
+        return out
+
+
+def test_no_positions_by_vocabulary_tensor_is_ever_made():
+    num_positions, chunk_size, vocab = 64, 8, 1000
+    inputs = make_inputs(num_positions=num_positions, student_rows=vocab, teacher_rows=vocab)
+    inputs["target_ids"] = inputs["target_ids"] % vocab
+    with LargestTensor() as largest:
+        loss, _ = chunked_kd_loss(inputs["student_hidden"], inputs["student_weight"],
+                                  inputs["target_ids"], vocab, kind="jsd", alpha=0.5,
+                                  teacher_hidden=inputs["teacher_hidden"],
+                                  teacher_weight=inputs["teacher_weight"], chunk_size=chunk_size)
+        loss.backward()
+    # the largest things alive are one chunk's logits (the jsd stacks two) and the weight's
+    # gradient, far below the (64, 1000) of full logits
+    assert largest.numel <= max(2 * chunk_size * vocab, vocab * TEACHER_HIDDEN)
+    assert largest.numel < num_positions * vocab / 3
+
+
+def test_second_backward_is_refused():
+    inputs = make_inputs()
+    loss, _ = chunked_kd_loss(inputs["student_hidden"], inputs["student_weight"],
+                              inputs["target_ids"], VOCAB, teacher_hidden=inputs["teacher_hidden"],
+                              teacher_weight=inputs["teacher_weight"])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+
+
+def test_auto_chunk_size_keeps_a_chunk_of_logits_near_128_mib():
+    assert auto_chunk_size(128_256) == 256
+    assert auto_chunk_size(32_000) == 1048
+    assert auto_chunk_size(10**9) == 1
+    for vocab in (32_000, 128_256, 151_936):
+        assert 64 * 2**20 <= auto_chunk_size(vocab) * vocab * 4 <= 256 * 2**20
+
+
+# --- make_kd_loss_fn: the chunked path against the full-logits path on real HF models ---------
+
+def make_accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return Accelerator(cpu=True)
+
+
+def tiny_llama(hidden, layers, vocab, seed, tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=tie)
+    return LlamaForCausalLM(config)
+
+
+def tiny_batch(vocab, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (3, 14), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 10:] = 0  # right padding
+    labels = input_ids.clone()
+    labels[:, :6] = -100  # the prompt
+    labels[attention_mask == 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def step(loss_fn, student, batch):
+    student.zero_grad(set_to_none=True)
+    loss, stats = loss_fn(student, batch)
+    loss.backward()
+    return loss.detach(), stats, {n: p.grad.clone() for n, p in student.named_parameters()}
+
+
+@pytest.mark.parametrize("kl, temperature, alpha, tie", [
+    ("forward", 1.0, 0.0, False), ("reverse", 2.0, 0.2, True), ("jsd", 1.0, 0.5, False)])
+def test_make_kd_loss_fn_chunked_equals_full_logits(kl, temperature, alpha, tie):
+    from common.distill import make_kd_loss_fn
+
+    vocab = 61
+    teacher = tiny_llama(32, 2, vocab + 3, seed=1).eval().requires_grad_(False)  # padded rows
+    student = tiny_llama(16, 1, vocab, seed=2, tie=tie)
+    batch = tiny_batch(vocab)
+    accelerator = make_accelerator()
+    settings = dict(kl=kl, temperature=temperature, beta=0.3, alpha=alpha)
+    full = step(make_kd_loss_fn(accelerator, teacher, vocab, **settings, loss_chunk_size=-1),
+                student, batch)
+    chunked = step(make_kd_loss_fn(accelerator, teacher, vocab, **settings, loss_chunk_size=4),
+                   student, batch)
+    assert torch.allclose(full[0], chunked[0], rtol=1e-5)
+    for name in ("kd", "ce"):
+        assert torch.allclose(full[1][name], chunked[1][name], rtol=1e-5), name
+    for name, grad in full[2].items():
+        assert torch.allclose(grad, chunked[2][name], rtol=1e-4, atol=1e-7), name
+    assert student.get_output_embeddings().forward.__func__ is torch.nn.Linear.forward
+
+
+def test_logit_scaling_commutes_with_the_output_layer_so_chunking_stays_exact():
+    """Granite divides its logits by logits_scaling; through the pass-through that division lands
+    on the hidden states, and the output layer of those gives the model's logits: no fallback."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from common.distill import make_kd_loss_fn, why_output_layer_is_not_plain
+
+    vocab = 61
+    torch.manual_seed(3)
+    student = GraniteForCausalLM(GraniteConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, logits_scaling=4.0))
+    teacher = tiny_llama(32, 1, vocab, seed=4).eval().requires_grad_(False)
+    batch = tiny_batch(vocab)
+    assert why_output_layer_is_not_plain(student, batch["input_ids"],
+                                         batch["attention_mask"]) is None
+    accelerator = make_accelerator()
+    chunked = step(make_kd_loss_fn(accelerator, teacher, vocab, loss_chunk_size=4), student, batch)
+    full = step(make_kd_loss_fn(accelerator, teacher, vocab, loss_chunk_size=-1), student, batch)
+    assert torch.allclose(chunked[0], full[0], rtol=1e-5)
+    for name, grad in full[2].items():
+        assert torch.allclose(grad, chunked[2][name], rtol=1e-4, atol=1e-7), name
+
+
+def soft_capped_llama(vocab):
+    from transformers import LlamaForCausalLM
+
+    class SoftCappedLlama(LlamaForCausalLM):
+        """Caps its logits after the output layer, with no config field saying so."""
+
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = 2.0 * torch.tanh(output.logits / 2.0)
+            return output
+
+    base = tiny_llama(16, 1, vocab, seed=5)
+    model = SoftCappedLlama(base.config)
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+def test_capped_logits_fall_back_to_the_full_path_with_one_warning(capsys):
+    from transformers import Gemma2Config
+
+    from common.distill import make_kd_loss_fn, why_output_layer_is_not_plain
+
+    vocab = 61
+    student = soft_capped_llama(vocab)
+    teacher = tiny_llama(32, 1, vocab, seed=4).eval().requires_grad_(False)
+    batch = tiny_batch(vocab)
+    assert "transformation" in why_output_layer_is_not_plain(student, batch["input_ids"],
+                                                             batch["attention_mask"])
+    accelerator = make_accelerator()
+    student.train()
+    loss_fn = make_kd_loss_fn(accelerator, teacher, vocab, loss_chunk_size=4)
+    first, second = step(loss_fn, student, batch), step(loss_fn, student, batch)
+    full = step(make_kd_loss_fn(accelerator, teacher, vocab, loss_chunk_size=-1), student, batch)
+    assert torch.equal(first[0], full[0]) and torch.equal(second[0], full[0])
+    assert capsys.readouterr().out.count("warning: the student's output layer") == 1
+    assert student.training  # the probe put it back in training mode
+
+    # a declared soft cap is refused from the config alone (small logits could pass the probe)
+    class Declared(torch.nn.Module):
+        config = Gemma2Config(final_logit_softcapping=30.0)
+
+        def get_output_embeddings(self):
+            return torch.nn.Linear(4, 4)
+
+    assert "soft-caps" in why_output_layer_is_not_plain(Declared(), None, None)
+
+
+def test_loss_chunk_size_is_validated():
+    from on_policy import OnPolicyArguments
+    from token_level import TokenLevelArguments
+
+    for arguments in (TokenLevelArguments, OnPolicyArguments):
+        assert arguments().loss_chunk_size == 0
+        arguments(loss_chunk_size=-1)
+        with pytest.raises(UserError, match="--loss-chunk-size"):
+            arguments(loss_chunk_size=-2)
