@@ -95,3 +95,67 @@ def shift_for_next_token(logits, labels):
     target_labels = labels[:, 1:]
     mask = target_labels != -100
     return logits[:, :-1][mask], target_labels[mask]
+
+
+# --- Universal Logit Distillation: distributions over DIFFERENT vocabularies ---------------------
+#
+# Shapes: `student_logits` (N, Vs) and `teacher_logits` (N, Vt), row i of each predicting tokens
+# that common/align.py paired; Vs and Vt need not be equal and token ids mean nothing across the
+# two.
+# ULD (Boizard et al. 2024) compares only the *shape* of the two distributions: each row's
+# probabilities p = softmax(logits / T), sorted descending, so a permutation of either vocabulary
+# leaves the loss unchanged. No T² factor is applied (unlike `distillation_loss`).
+
+ULD_KINDS = ("kl", "l1")
+
+
+def _sorted_top(values, k):
+    """The k largest entries of each row, descending; k may exceed the row length (no padding)."""
+    return values.topk(min(k, values.shape[-1]), dim=-1, sorted=True).values
+
+
+def uld_loss(student_logits, teacher_logits, kind="kl", top_k=64, temperature=1.0):
+    """Per-token ULD, shape (N,). K = top_k ranks are compared (0 = whole vocabularies).
+
+    - kind "l1": Σ_r |p_t(r) − p_s(r)| over ranks r = 1..K of the sorted probabilities, the shorter
+      row zero-padded (the original ULD's closed-form Wasserstein-1 between sorted distributions);
+      in [0, 2].
+    - kind "kl": forward KL(q_t ‖ q_s) = Σ_r q_t(r) (log q_t(r) − log q_s(r)) where q is the top-K
+      sorted probabilities renormalized to sum 1. Ranks 1..min(K, Vs, Vt) are compared (zero
+      padding would make the KL infinite wherever the teacher has mass the student cannot match).
+    """
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = whole vocabularies), got {top_k}")
+    student_log_probs = log_probs(student_logits, temperature)
+    teacher_log_probs = log_probs(teacher_logits, temperature)
+    if kind == "kl":
+        k = min(top_k or math.inf, student_log_probs.shape[-1], teacher_log_probs.shape[-1])
+        # log_softmax is monotone, so the top-K log-probs are those of the top-K probabilities.
+        student_top = _sorted_top(student_log_probs, k)
+        teacher_top = _sorted_top(teacher_log_probs, k)
+        student_top = student_top - torch.logsumexp(student_top, dim=-1, keepdim=True)
+        teacher_top = teacher_top - torch.logsumexp(teacher_top, dim=-1, keepdim=True)
+        return _kl_from_log_probs(teacher_top, student_top)
+    if kind == "l1":
+        k = top_k or max(student_log_probs.shape[-1], teacher_log_probs.shape[-1])
+        student_top = _sorted_top(student_log_probs.exp(), k)
+        teacher_top = _sorted_top(teacher_log_probs.exp(), k)
+        width = max(student_top.shape[-1], teacher_top.shape[-1])
+        student_top = F.pad(student_top, (0, width - student_top.shape[-1]))
+        teacher_top = F.pad(teacher_top, (0, width - teacher_top.shape[-1]))
+        return (teacher_top - student_top).abs().sum(dim=-1)
+    raise ValueError(f"unknown ULD loss {kind!r}; expected one of {ULD_KINDS}")
+
+
+def shared_vocab_kl(student_logits, teacher_logits, student_ids, teacher_ids, temperature=1.0):
+    """Exact forward KL over the tokens both vocabularies share, per token, shape (N,).
+
+    student_ids (S,) and teacher_ids (S,) pair token s_i of the student's vocabulary with t_i of
+    the teacher's (the same string). Each distribution is restricted to its shared tokens and
+    renormalized: KL(p_t|S ‖ p_s|S) = Σ_i p_t|S(t_i) (log p_t|S(t_i) − log p_s|S(s_i)).
+    """
+    student_shared = log_probs(student_logits, temperature)[:, student_ids]
+    teacher_shared = log_probs(teacher_logits, temperature)[:, teacher_ids]
+    student_shared = student_shared - torch.logsumexp(student_shared, dim=-1, keepdim=True)
+    teacher_shared = teacher_shared - torch.logsumexp(teacher_shared, dim=-1, keepdim=True)
+    return _kl_from_log_probs(teacher_shared, student_shared)

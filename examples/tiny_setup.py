@@ -14,7 +14,14 @@ What gets built, and why it looks the way it does:
 - a Llama-style teacher whose embedding matrix has more rows than the tokenizer has tokens (as
   Qwen2.5 and many others pad theirs), and a smaller student with the exact vocabulary;
 - optionally a second, SentencePiece-style tokenizer (Metaspace pre-tokenizer, byte fallback) with
-  its own vocabulary, for cross-tokenizer work and mismatch checks.
+  its own vocabulary, for cross-tokenizer work and mismatch checks;
+- opt-in (`--with-chatml-student`, or `build_chatml_student`), a student of another architecture
+  (Mistral) with a SentencePiece-style tokenizer and a ChatML template (<|im_start|>/<|im_end|>,
+  default system prompt, no trim, no BOS): the unlike pair for cross_tokenizer.py:
+
+    python examples/tiny_setup.py runs/tiny --with-chatml-student
+    python cross_tokenizer.py --teacher runs/tiny/teacher --student runs/tiny/student_chatml \
+        --dataset runs/tiny/train.jsonl --output-dir runs/tiny/uld --top-k 16 --max-steps 12
 The weights are random: these models exist to exercise the code, not to be good.
 """
 
@@ -50,6 +57,18 @@ SP_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %} {{ message['content'] | trim }}{{ eos_token }}"
     "{% else %}<<SYS>> {{ message['content'] | trim }} <</SYS>>{% endif %}"
     "{% endfor %}"
+)
+
+# ChatML (Qwen-style): injects a default system prompt, writes content as is (no trim), no BOS.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 WORDS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "peach", "pear", "plum"]
@@ -131,14 +150,52 @@ def build_model(tokenizer, hidden_size, num_layers, vocab_padding=0, seed=0):
     return LlamaForCausalLM(config)
 
 
+def build_chatml_tokenizer(rows, vocab_size=300):
+    """The SentencePiece-style tokenizer with <|im_start|>/<|im_end|> and a ChatML template.
+
+    EOS is <|im_end|> (generation stops at the end of a turn, as in Qwen's ChatML).
+    """
+    tokenizer = build_sentencepiece_tokenizer(rows, vocab_size)
+    tokenizer.add_special_tokens({"eos_token": IM_END,
+                                  "additional_special_tokens": [IM_START, IM_END]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_chatml_student(out_dir, num_train=64, num_test=16, name="student_chatml", seed=4):
+    """Write OUT/student_chatml: a Mistral-architecture student with the ChatML tokenizer.
+
+    Its tokenizer is trained on the same toy rows as `build()`'s (same arguments, same rows), so it
+    can be written next to an existing tiny setup without touching anything there.
+    """
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    out = Path(out_dir) / name
+    rows = toy_conversations(num_train + num_test, seed=0)
+    tokenizer = build_chatml_tokenizer(rows)
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        sliding_window=None, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    MistralForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def write_jsonl(path, rows):
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
 
 
-def build(out_dir, num_train=64, num_test=16, with_sentencepiece=True):
-    """Write tokenizer + teacher + student (+ a second-vocabulary student) and train/test jsonl."""
+def build(out_dir, num_train=64, num_test=16, with_sentencepiece=True, with_chatml_student=False):
+    """Write tokenizer + teacher + student (+ a second-vocabulary student) and train/test jsonl.
+
+    `with_chatml_student` also writes student_chatml/ (see `build_chatml_student`).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = toy_conversations(num_train + num_test, seed=0)
@@ -153,6 +210,8 @@ def build(out_dir, num_train=64, num_test=16, with_sentencepiece=True):
         sp_student = build_model(sp_tokenizer, hidden_size=32, num_layers=2, seed=3)
         sp_student.save_pretrained(out / "student_sp")
         sp_tokenizer.save_pretrained(out / "student_sp")
+    if with_chatml_student:
+        build_chatml_student(out, num_train, num_test)
     write_jsonl(out / "train.jsonl", rows[:num_train])
     write_jsonl(out / "test.jsonl", rows[num_train:])
     return out
@@ -164,5 +223,10 @@ if __name__ == "__main__":
                                         "train.jsonl and test.jsonl into")
     parser.add_argument("--num-train", type=int, default=64, help="training rows (default 64)")
     parser.add_argument("--num-test", type=int, default=16, help="held-out rows (default 16)")
+    parser.add_argument("--with-chatml-student", action="store_true",
+                        help="also write student_chatml/: a Mistral student with a SentencePiece-"
+                             "style tokenizer and a ChatML template (for cross_tokenizer.py)")
     cli = parser.parse_args()
-    print(f"wrote tiny setup to {build(cli.out_dir, cli.num_train, cli.num_test)}")
+    out = build(cli.out_dir, cli.num_train, cli.num_test,
+                with_chatml_student=cli.with_chatml_student)
+    print(f"wrote tiny setup to {out}")

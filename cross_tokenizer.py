@@ -1,0 +1,261 @@
+"""Cross-tokenizer distillation (ULD, Boizard et al. 2024): the teacher and the student may have
+different vocabularies, tokenizers and chat templates.
+
+Each model reads the conversation in its own chat template, tokenized by its own tokenizer; token
+ids never cross over. Every student reply token is paired with a teacher reply token by character
+offsets in the reply text (common/align.py: the overlapping teacher token whose end is closest),
+and the two distributions that predict the paired tokens (the logits one position earlier, on each
+side) are compared by their shape only: both sorted descending, top --top-k ranks, which needs no
+shared vocabulary.
+
+    --uld-loss kl   KL(q_teacher ‖ q_student) between the sorted top-K probabilities, each
+                    renormalized to sum 1 (default)
+    --uld-loss l1   Σ_r |p_teacher(r) − p_student(r)| over the sorted ranks, the original ULD's
+                    closed-form Wasserstein-1 (with --top-k 0: whole vocabularies, the shorter
+                    zero-padded, as in the paper)
+    --hybrid        also an exact KL over the tokens both vocabularies share, at positions whose
+                    paired tokens are the same string in both
+
+Loss per aligned student token = alpha * cross-entropy on the student's own reply token
++ distill_weight * ULD (+ the hybrid KL). What this loses: the token identity (a teacher sure of
+"Paris" and one sure of "London" look the same), the exactness of the pairing (tokens that do not
+share boundaries are paired approximately) and the tail of the distributions beyond --top-k.
+
+Examples:
+    python cross_tokenizer.py --teacher meta-llama/Llama-3.2-3B-Instruct \
+        --student Qwen/Qwen2.5-0.5B-Instruct --dataset train.jsonl --output-dir runs/uld \
+        --uld-loss kl --top-k 64 --batch-size 4 --grad-accum 8 --max-length 1024
+
+    accelerate launch --num_processes 4 cross_tokenizer.py --teacher ... --student ... \
+        --dataset train.jsonl --output-dir runs/uld --mixed-precision bf16
+
+    # offline, on tiny local models (a byte-level BPE teacher with a Llama-3-style template and a
+    # Mistral student with a SentencePiece-style tokenizer and a ChatML template):
+    python examples/tiny_setup.py runs/tiny --with-chatml-student
+    python cross_tokenizer.py --teacher runs/tiny/teacher --student runs/tiny/student_chatml \
+        --dataset runs/tiny/train.jsonl --output-dir runs/tiny/uld --top-k 16 --max-steps 12
+"""
+
+import dataclasses
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from common.align import (check_offsets, encode_pair, select_aligned_logits, shared_vocabulary)
+from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from common.chat import ChatEncoder, SkipRow, collate, ensure_chat_template
+from common.checkpoint import check_output_dir, clear_output_dir, export_student
+from common.errors import UserError, run_cli
+from common.losses import cross_entropy, shared_vocab_kl, uld_loss
+from common.models import check_vocab_fits, freeze, load_model, load_tokenizer, real_vocab_size
+
+
+@dataclass
+class CrossTokenizerArguments:
+    uld_loss: Literal["kl", "l1"] = field(default="kl", metadata={
+        "help": "How the two sorted top-K probability vectors are compared: kl = KL(teacher‖"
+                "student) after renormalizing each to sum 1; l1 = sum of absolute differences "
+                "(the original ULD's Wasserstein-1 form)."})
+    top_k: int = field(default=64, metadata={
+        "help": "Ranks compared per position (0 = whole vocabularies: with l1 the shorter is "
+                "zero-padded as in the original ULD; with kl the shorter length is used)."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Softmax temperature T applied to both models before sorting (no T² factor)."})
+    alpha: float = field(default=1.0, metadata={
+        "help": "Weight (>= 0) of cross-entropy on the student's own reply tokens. Loss per "
+                "aligned token = alpha*CE + distill_weight*ULD."})
+    distill_weight: float = field(default=1.0, metadata={
+        "help": "Weight (>= 0) of the ULD term (and of the --hybrid KL)."})
+    hybrid: bool = field(default=False, metadata={
+        "help": "Where the paired tokens are the same string in both vocabularies, add an exact "
+                "KL(teacher‖student) over the tokens the vocabularies share (each distribution "
+                "restricted to them and renormalized)."})
+
+    def __post_init__(self):
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0 (0 = whole vocabularies), got {self.top_k}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if self.alpha < 0 or self.distill_weight < 0:
+            raise UserError(f"--alpha and --distill-weight must be >= 0, got {self.alpha} and "
+                            f"{self.distill_weight}")
+        if self.alpha == 0 and self.distill_weight == 0:
+            raise UserError("--alpha and --distill-weight are both 0: nothing to train on; "
+                            "raise one of them")
+
+
+def encode_pairs(data_args, student_encoder, teacher_encoder, log=print, progress=True):
+    """Load the dataset and encode + align every usable conversation; report what was skipped."""
+    from tqdm.auto import tqdm
+
+    from common.data import describe_skips, load_conversations
+
+    conversations, skipped = load_conversations(data_args, require_reply=True)
+    total = len(conversations) + sum(skipped.values())
+    examples, encode_skipped = [], Counter()
+    for messages in tqdm(conversations, desc="tokenizing + aligning", mininterval=2.0,
+                         disable=not progress):
+        try:
+            examples.append(encode_pair(student_encoder, teacher_encoder, messages))
+        except SkipRow as exc:
+            encode_skipped[str(exc)] += 1
+    skipped.update(encode_skipped)
+    if skipped:
+        log(f"warning: {describe_skips(skipped, total)}")
+    if not examples:
+        hint = (f"raise --max-length (now {data_args.max_length})"
+                if any("max-length" in reason for reason in skipped) else
+                "check that rows hold non-empty assistant replies")
+        raise UserError(f"no usable training example in {data_args.dataset} "
+                        f"({describe_skips(skipped, total) or 'empty'}); {hint}")
+    return examples
+
+
+def collate_pairs(examples, pad_token_id, teacher_pad_token_id):
+    """Student batch (common.chat.collate) plus the teacher's padded ids and the partner table."""
+    batch = collate(examples, pad_token_id)
+    rows, length = len(examples), max(len(e["teacher_input_ids"]) for e in examples)
+    teacher_input_ids = torch.full((rows, length), teacher_pad_token_id, dtype=torch.long)
+    teacher_attention_mask = torch.zeros((rows, length), dtype=torch.long)
+    teacher_positions = torch.full(batch["labels"].shape, -1, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["teacher_input_ids"])
+        teacher_input_ids[row, :n] = torch.tensor(example["teacher_input_ids"])
+        teacher_attention_mask[row, :n] = 1
+        teacher_positions[row, :len(example["teacher_positions"])] = \
+            torch.tensor(example["teacher_positions"])
+    return {**batch, "teacher_input_ids": teacher_input_ids,
+            "teacher_attention_mask": teacher_attention_mask,
+            "teacher_positions": teacher_positions}
+
+
+def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, uld_args,
+                 shared=None):
+    """Per-batch loss: sums over aligned student positions, as the shared loop expects.
+
+    `shared` (for --hybrid) is (student_to_teacher (Vs,), shared student ids, shared teacher ids):
+    student_to_teacher[s] is the teacher id of the same string as student id s, or -1.
+    """
+
+    def loss_fn(student, batch):
+        student_logits = student(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"]).logits
+        with torch.no_grad(), accelerator.autocast():
+            teacher_logits = teacher(input_ids=batch["teacher_input_ids"],
+                                     attention_mask=batch["teacher_attention_mask"]).logits
+        student_selected, teacher_selected, targets, rows, partners = select_aligned_logits(
+            student_logits, teacher_logits, batch["labels"], batch["teacher_positions"])
+        del teacher_logits
+        # Only the tokenizers' real ids: padded embedding rows are not part of either distribution.
+        student_selected = student_selected[:, :student_vocab_size]
+        teacher_selected = teacher_selected[:, :teacher_vocab_size]
+        uld = uld_loss(student_selected, teacher_selected, uld_args.uld_loss, uld_args.top_k,
+                       uld_args.temperature)
+        ce = cross_entropy(student_selected, targets)
+        distill, stats = uld, {"uld": uld.sum(), "ce": ce.sum()}
+        if shared is not None:
+            student_to_teacher, shared_student_ids, shared_teacher_ids = shared
+            same = student_to_teacher[targets] == batch["teacher_input_ids"][rows, partners]
+            index = same.nonzero(as_tuple=True)[0]
+            exact = shared_vocab_kl(student_selected[index], teacher_selected[index],
+                                    shared_student_ids, shared_teacher_ids, uld_args.temperature)
+            # Scatter out of place: the hybrid term exists only where the strings match.
+            exact = torch.zeros_like(uld).index_put((index,), exact)
+            distill = uld + exact
+            stats.update(hybrid=exact.sum(), same_string=same.sum().float())
+        loss = uld_args.alpha * ce.sum() + uld_args.distill_weight * distill.sum()
+        return loss, stats
+
+    return loss_fn
+
+
+def main(argv=None):
+    from functools import partial
+
+    from accelerate.utils import set_seed
+
+    from common.train import make_accelerator, train
+
+    model_args, data_args, train_args, uld_args = parse_args(
+        (ModelArguments, DataArguments, TrainingArguments, CrossTokenizerArguments), argv,
+        description=__doc__.split("\n\n")[0])
+    for flag, value in [("--teacher", model_args.teacher), ("--student", model_args.student),
+                        ("--dataset", data_args.dataset)]:
+        if not value:
+            raise UserError(f"{flag} is required (see --help)")
+    check_output_dir(train_args.output_dir, train_args.resume, train_args.overwrite)
+
+    teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code, "teacher")
+    tokenizer = load_tokenizer(model_args.student, model_args.trust_remote_code, "student")
+    check_offsets(teacher_tokenizer, "teacher")
+    check_offsets(tokenizer, "student")
+    # Each model keeps its own template: its logits only make sense in the format it knows.
+    ensure_chat_template(teacher_tokenizer)
+    ensure_chat_template(tokenizer)
+
+    accelerator = make_accelerator(train_args)
+    set_seed(train_args.seed)
+    if teacher_tokenizer.get_vocab() == tokenizer.get_vocab():
+        accelerator.print("note: teacher and student share a vocabulary; token_level.py compares "
+                          "their full distributions exactly, which ULD cannot")
+    encoder = ChatEncoder(tokenizer, data_args.max_length)
+    teacher_encoder = ChatEncoder(teacher_tokenizer, data_args.max_length)
+    with accelerator.main_process_first():
+        examples = encode_pairs(data_args, encoder, teacher_encoder, log=accelerator.print,
+                                progress=accelerator.is_local_main_process)
+    aligned = sum(sum(1 for label in e["labels"] if label != -100) for e in examples)
+    reply_tokens = sum(e["num_reply_tokens"] for e in examples)
+    accelerator.print(f"{len(examples)} training conversations, {aligned} of {reply_tokens} "
+                      f"student reply tokens aligned with a teacher token "
+                      f"({100.0 * aligned / max(reply_tokens, 1):.1f}%; only those are trained on)")
+
+    teacher = freeze(load_model(model_args.teacher, model_args.dtype,
+                                model_args.trust_remote_code, "teacher"))
+    student = load_model(model_args.student, model_args.student_dtype,
+                         model_args.trust_remote_code, "student")
+    check_vocab_fits(teacher, teacher_tokenizer, "teacher")
+    check_vocab_fits(student, tokenizer, "student")
+    shared = None
+    if uld_args.hybrid:
+        student_ids, teacher_ids = shared_vocabulary(tokenizer, teacher_tokenizer)
+        if not student_ids:
+            raise UserError("--hybrid: the two vocabularies share no token string; drop --hybrid")
+        student_to_teacher = torch.full((real_vocab_size(tokenizer),), -1, dtype=torch.long)
+        student_to_teacher[torch.tensor(student_ids)] = torch.tensor(teacher_ids)
+        shared = tuple(t.to(accelerator.device) for t in (
+            student_to_teacher, torch.tensor(student_ids), torch.tensor(teacher_ids)))
+        accelerator.print(f"--hybrid: {len(student_ids)} token strings shared by both "
+                          f"vocabularies")
+    if train_args.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    teacher.to(accelerator.device)
+
+    output_dir = Path(train_args.output_dir)
+    if accelerator.is_main_process:
+        if train_args.overwrite:
+            clear_output_dir(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    run_config = {"method": "cross_tokenizer", "command": " ".join(sys.argv),
+                  **{group: dataclasses.asdict(args) for group, args in [
+                      ("model", model_args), ("data", data_args), ("training", train_args),
+                      ("cross_tokenizer", uld_args)]}}
+    loss_fn = make_loss_fn(accelerator, teacher, real_vocab_size(tokenizer),
+                           real_vocab_size(teacher_tokenizer), uld_args, shared)
+    student, state = train(accelerator, student, examples, train_args, loss_fn,
+                           tokenizer.pad_token_id, run_config,
+                           collate_fn=partial(collate_pairs,
+                                              teacher_pad_token_id=teacher_tokenizer.pad_token_id))
+    export_student(accelerator, student, tokenizer, output_dir,
+                   {**run_config, "finished": True, "final_step": state["step"]},
+                   end_of_turn_id=encoder.end_of_turn_token_id)
+    accelerator.print(f"student saved to {output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    run_cli(main)
