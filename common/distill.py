@@ -34,10 +34,16 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
 
     loss_chunk_size: supervised positions per chunk of the memory-bounded loss (0 = automatic,
     about 128 MiB of float32 logits per chunk; -1 = no chunking: full logits at every position).
+    Under FSDP or DeepSpeed ZeRO-3 a process holds only a slice of each output layer outside the
+    forward pass, so the full-logits path is used there.
     A model whose logits are not its output layer applied to what reaches that layer (soft-capped
     logits, ...) gets its full logits instead, with a one-time warning.
     """
     matmul_dtype = _MIXED_PRECISION_DTYPES.get(str(accelerator.mixed_precision))
+    chunked = loss_chunk_size >= 0 and not weights_are_sharded(accelerator)
+    if loss_chunk_size >= 0 and not chunked:
+        accelerator.print("note: FSDP / ZeRO-3 shard the output layers, so the KD loss computes "
+                          "full logits at every position (--loss-chunk-size has no effect)")
     plain_output_layer = {}  # id(model) -> bool, probed once per model on its first batch
 
     def has_plain_output_layer(model, batch, what):
@@ -70,7 +76,7 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
         # Under DDP `student` is the wrapper: its forward is what synchronises gradients, so the
         # body runs through it; the output layer's weight is reached through the inner model.
         model = accelerator.unwrap_model(student)
-        if loss_chunk_size < 0 or not has_plain_output_layer(model, batch, "student"):
+        if not chunked or not has_plain_output_layer(model, batch, "student"):
             return full_logits_loss_fn(student, batch)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         target_labels = batch["labels"][:, 1:]
@@ -96,6 +102,18 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
             teacher_compute_dtype=matmul_dtype)
 
     return loss_fn
+
+
+def weights_are_sharded(accelerator):
+    """True under FSDP (1 or 2) and DeepSpeed ZeRO-3, where no process holds a whole weight."""
+    from accelerate.utils import DistributedType
+
+    distributed_type = getattr(accelerator, "distributed_type", None)
+    if distributed_type == DistributedType.FSDP:
+        return True
+    if distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
 
 
 def _pass_through(hidden_states):

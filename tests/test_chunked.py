@@ -305,6 +305,30 @@ def test_capped_logits_fall_back_to_the_full_path_with_one_warning(capsys):
     assert "soft-caps" in why_output_layer_is_not_plain(Declared(), None, None)
 
 
+def test_sharded_weights_take_the_full_logits_path(monkeypatch, capsys):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    import common.distill as distill
+
+    vocab = 61
+    teacher = tiny_llama(32, 1, vocab, seed=1).eval().requires_grad_(False)
+    student = tiny_llama(16, 1, vocab, seed=2)
+    batch = tiny_batch(vocab)
+    accelerator = make_accelerator()
+    full = step(distill.make_kd_loss_fn(accelerator, teacher, vocab, loss_chunk_size=-1),
+                student, batch)
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda _: DistributedType.FSDP))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sharded weights must not reach the chunked loss")
+
+    monkeypatch.setattr(distill, "chunked_kd_loss", refuse)
+    sharded = step(distill.make_kd_loss_fn(accelerator, teacher, vocab), student, batch)
+    assert torch.equal(sharded[0], full[0])
+    assert "--loss-chunk-size has no effect" in capsys.readouterr().out
+
+
 def test_loss_chunk_size_is_validated():
     from on_policy import OnPolicyArguments
     from token_level import TokenLevelArguments
