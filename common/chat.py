@@ -4,7 +4,9 @@ The conversation is rendered with the tokenizer's own chat template to one strin
 tokenized once (exactly what `apply_chat_template(tokenize=True)` does). Each message's content is
 then located in the rendered text, walking forward through the conversation, and the tokens that
 overlap an assistant reply, plus the end-of-turn token right after it, are supervised; every other
-token gets label -100.
+token gets label -100. A reply is searched for only after the template's opening of its turn (the
+conversation so far rendered with the generation prompt), so a short reply such as "a" is never
+mistaken for a letter of the role header before it.
 
 This needs no `{% generation %}` markers, so it works with the templates real models ship:
 templates that inject a default system prompt or today's date (the injected text is simply not an
@@ -17,6 +19,7 @@ writes after an assistant reply, up to and including its first special token (`<
 `<|im_end|>`, `</s>`, ...).
 """
 
+import os
 from collections import Counter
 
 from common.errors import UserError
@@ -116,8 +119,12 @@ class ChatEncoder:
     def assistant_spans(self, text, messages):
         """Character spans [start, end) of every assistant reply (+ end of turn) in `text`."""
         spans, cursor = [], 0
-        for message in messages:
+        for index, message in enumerate(messages):
             content = message["content"]
+            if message["role"] == "assistant":
+                # Search after the template's opening of this turn: a short reply ("a", "t",
+                # "assistant") would otherwise be found inside the role header before it.
+                cursor = max(cursor, self._reply_start(text, messages[:index]))
             candidates = [content, content.strip()] if content.strip() != content else [content]
             found = -1
             for candidate in candidates:
@@ -139,6 +146,18 @@ class ChatEncoder:
         if self.supervise == "last":
             spans = spans[-1:]
         return spans
+
+    def _reply_start(self, text, previous_messages):
+        """Where the reply after `previous_messages` can start in `text`: the end of their
+        rendering with the generation prompt, when the template renders that as a prefix of the
+        whole conversation (most do); else 0 (search from the cursor as before)."""
+        if not previous_messages:
+            return 0
+        try:
+            prefix = render(self.tokenizer, previous_messages, add_generation_prompt=True)
+        except SkipRow:
+            return 0
+        return len(prefix) if text.startswith(prefix) else 0
 
     def encode(self, messages):
         """{'input_ids', 'labels'} for one conversation; raises SkipRow when it cannot be used."""
@@ -169,6 +188,8 @@ class ChatEncoder:
         from tqdm.auto import tqdm
 
         examples, skipped = [], Counter()
+        # One bar per machine: under torchrun / accelerate every process encodes the data.
+        progress = progress and os.environ.get("LOCAL_RANK", "0") == "0"
         for messages in tqdm(conversations, desc="tokenizing", disable=not progress,
                              mininterval=2.0):
             try:

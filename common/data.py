@@ -125,7 +125,7 @@ def _normalize_messages(raw):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             return None, "message without role/content"
         role, content = message["role"], message["content"]
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or dict role is unhashable
             return None, "unknown role"
         if not isinstance(content, str):
             return None, "non-string content"

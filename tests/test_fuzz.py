@@ -1,0 +1,219 @@
+"""Property-based (hypothesis) tests of the data and masking layers on arbitrary input.
+
+Whatever a dataset holds, each row is normalized to messages, skipped with a counted reason, or
+the whole file is refused with a one-line UserError naming the file and row; no other exception
+escapes. Encoded conversations always have aligned, in-range labels, and the supervised tokens
+are the assistant's replies (plus their end of turn), never the template's own text.
+"""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from common.chat import IGNORE_INDEX, ChatEncoder, SkipRow, encode_dataset
+from common.data import ROLES, load_conversation_rows, row_to_messages
+from common.errors import UserError
+
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture])
+
+json_scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
+                | st.text(max_size=30))
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                           max_leaves=12)
+odd_roles = st.sampled_from(sorted(ROLES)) | st.sampled_from(
+    ["", "User", "bot", "function", None, 3, ["user"], {"role": "user"}])
+odd_contents = (st.text(max_size=40) | st.just("") | st.just("   \n ") | st.none() | st.integers()
+                | st.lists(st.text(max_size=5), max_size=2)
+                | st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=5)}))
+odd_messages = st.lists(st.fixed_dictionaries({"role": odd_roles, "content": odd_contents})
+                        | st.dictionaries(st.sampled_from(["role", "content", "name"]),
+                                          json_values, max_size=3)
+                        | json_scalars, max_size=6)
+odd_rows = (st.fixed_dictionaries({"messages": odd_messages | json_values})
+            | st.fixed_dictionaries({"prompt": json_values | odd_messages | st.text(max_size=20),
+                                     "response": json_values | st.text(max_size=20)})
+            | st.dictionaries(st.sampled_from(["messages", "prompt", "response", "text"]),
+                              json_values, max_size=3)
+            | json_values)
+
+
+def data_args(path, **overrides):
+    return SimpleNamespace(dataset=str(path), dataset_split="train", dataset_config=None,
+                           messages_field="messages", prompt_field="prompt",
+                           response_field="response", max_samples=-1, max_length=64,
+                           **overrides)
+
+
+def assert_one_line_user_error(exc, path):
+    message = str(exc)
+    assert "\n" not in message and message.strip(), message
+    assert str(path) in message or "dataset" in message, message
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    return AutoTokenizer.from_pretrained(tiny / "student")
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer):
+    return ChatEncoder(tokenizer, 96)
+
+
+@SETTINGS
+@given(row=odd_rows)
+@example(row={"messages": [{"role": ["user"], "content": "unhashable role"}]})
+@example(row={"messages": [{"role": {"r": 1}, "content": "x"}, {"role": "assistant"}]})
+@example(row={"prompt": [{"role": "user", "content": 3}], "response": "x"})
+@example(row={"messages": None, "prompt": None, "response": "x"})
+def test_every_row_is_normalized_or_skipped_with_a_reason(row):
+    messages, reason = row_to_messages(row)
+    if messages is None:
+        assert isinstance(reason, str) and reason
+        return
+    assert reason is None and isinstance(messages, list)
+    for message in messages:
+        assert set(message) == {"role", "content"}
+        assert message["role"] in ROLES and isinstance(message["content"], str)
+
+
+@SETTINGS
+@given(rows=st.lists(odd_rows, max_size=8), as_jsonl=st.booleans())
+def test_a_file_of_odd_rows_loads_or_is_refused_in_one_line(tmp_path_factory, rows, as_jsonl):
+    path = tmp_path_factory.mktemp("fuzz") / ("data.jsonl" if as_jsonl else "data.json")
+    text = "".join(json.dumps(row) + "\n" for row in rows) if as_jsonl else json.dumps(rows)
+    path.write_text(text)
+    try:
+        pairs, skipped = load_conversation_rows(data_args(path))
+    except UserError as exc:
+        assert_one_line_user_error(exc, path)
+        return
+    assert len(pairs) + sum(skipped.values()) == len(rows)
+    assert all(messages for messages, _ in pairs)
+
+
+@SETTINGS
+@given(text=st.text(max_size=200))
+def test_arbitrary_file_bytes_load_or_are_refused_in_one_line(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("fuzz") / "data.jsonl"
+    path.write_text(text)
+    try:
+        load_conversation_rows(data_args(path))
+    except UserError as exc:
+        assert_one_line_user_error(exc, path)
+
+
+plain_roles = st.sampled_from(sorted(ROLES))
+plain_contents = st.text(max_size=40) | st.sampled_from(["", " ", "\n\n", "<|end_of_turn|>",
+                                                         "<|header|>assistant<|/header|>"])
+conversations = st.lists(st.fixed_dictionaries({"role": plain_roles, "content": plain_contents}),
+                         max_size=6)
+
+
+@SETTINGS
+@given(messages=conversations)
+@example(messages=[])
+@example(messages=[{"role": "system", "content": "only a system prompt"}])
+@example(messages=[{"role": "assistant", "content": "a reply with no question"}])
+@example(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}])
+def test_encoding_never_raises_anything_but_skip_row(encoder, messages):
+    try:
+        example = encoder.encode(messages)
+    except SkipRow as exc:
+        assert str(exc)
+        return
+    ids, labels = example["input_ids"], example["labels"]
+    assert len(ids) == len(labels) <= encoder.max_length
+    assert any(label != IGNORE_INDEX for label in labels)
+    assert all(label in (IGNORE_INDEX, token) for label, token in zip(labels, ids))
+
+
+# Replies and prompts that look like the template's own text ("a", "assistant", "header") are the
+# hard case: a search that starts too early finds them inside a role header.
+words = st.sampled_from(["a", "t", "s", "assistant", "user", "system", "header", "Today", "is",
+                         "You", "helpful", "apple", "4", "yes", "no", "B"])
+replies = st.lists(words, min_size=1, max_size=4).map(" ".join)
+
+
+@pytest.fixture(scope="module", params=["student", "student_sp"])
+def any_encoder(tiny, request):
+    """The Llama-3-like template (header tokens, dated system prompt, trim) and a Llama-2-like
+    one ([INST] ... [/INST] reply</s>, SentencePiece-style tokenizer)."""
+    return ChatEncoder(AutoTokenizer.from_pretrained(tiny / request.param), 4096)
+
+
+@SETTINGS
+@given(turns=st.lists(st.tuples(replies, replies), min_size=1, max_size=3),
+       system=st.none() | replies)
+@example(turns=[("a", "a")], system=None)
+@example(turns=[("Which?", "assistant"), ("And?", "header")], system="You")
+def test_supervised_tokens_are_exactly_the_replies(any_encoder, turns, system):
+    messages = [{"role": "system", "content": system}] if system else []
+    for prompt, reply in turns:
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+    example = any_encoder.encode(messages)
+    supervised = [token for token, label in zip(example["input_ids"], example["labels"])
+                  if label != IGNORE_INDEX]
+    expected = "".join(reply.strip() + any_encoder.end_of_turn for _, reply in turns)
+    decoded = any_encoder.tokenizer.decode(supervised)
+    assert decoded.replace(" ", "") == expected.replace(" ", "")
+
+
+@SETTINGS
+@given(rows=st.lists(odd_rows, min_size=1, max_size=6))
+def test_dataset_encoding_gives_examples_or_one_line_error(tmp_path_factory, encoder, rows):
+    path = tmp_path_factory.mktemp("fuzz") / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    warnings = []
+    try:
+        examples = encode_dataset(data_args(path), encoder, log=warnings.append)
+    except UserError as exc:
+        assert_one_line_user_error(exc, path)
+        return
+    assert examples and len(warnings) <= 1
+    assert all("\n" not in warning for warning in warnings)
+
+
+def test_huge_row_is_cut_or_skipped_not_fatal(tmp_path, encoder):
+    huge = "word " * 200_000  # ~1 MB of text in one reply
+    rows = [{"messages": [{"role": "user", "content": "Long?"},
+                          {"role": "assistant", "content": huge}]},
+            {"messages": [{"role": "user", "content": huge},
+                          {"role": "assistant", "content": "short"}]},
+            {"messages": [{"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}]}]
+    path = tmp_path / "huge.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    warnings = []
+    examples = encode_dataset(data_args(path), encoder, log=warnings.append)
+    # the long reply is cut at --max-length and still trains; the reply after a huge prompt falls
+    # beyond it and is skipped with a counted reason
+    assert len(examples) == 2 and all(len(e["input_ids"]) <= encoder.max_length for e in examples)
+    assert warnings == ["warning: skipped 1 of 3 rows: 1 too long for --max-length"]
+
+
+@pytest.mark.parametrize("content, reason", [
+    ('{"messages": []}', "messages is not a non-empty list"),
+    ('{"messages": [{"role": "system", "content": "Only a system prompt."}]}',
+     "no non-empty assistant reply"),
+    ('{"messages": [{"role": "user", "content": "No reply."}]}', "no non-empty assistant reply"),
+    ('{"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+     "unknown role"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]}',
+     "non-string content"),
+    ('[1, 2, 3]', "neither 'messages' nor 'prompt'"),
+])
+def test_files_with_no_usable_row_are_refused_with_the_reasons(tmp_path, encoder, content, reason):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content + "\n")
+    with pytest.raises(UserError) as error:
+        encode_dataset(data_args(path), encoder, log=lambda message: None)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and reason in message, message
