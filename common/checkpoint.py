@@ -104,31 +104,89 @@ def write_json_atomic(path, data):
     os.replace(tmp, path)
 
 
+def error_on_every_process(accelerator, message):
+    """The exception to raise for a UserError that every process hits at the same point (a stop
+    signal, a failed checkpoint, too many bad steps): the main process reports it, the others
+    exit with the same status quietly, so the message is printed once, not once per process."""
+    if accelerator.is_main_process:
+        return UserError(message)
+    return SystemExit(2)
+
+
+def _write_errors():
+    """Exception types a failed write surfaces as: the OS's, torch.save's RuntimeError ("file write
+    failed", "unexpected pos") and safetensors' own error type (a full disk raises all three)."""
+    errors = [OSError, RuntimeError]
+    try:
+        from safetensors import SafetensorError
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _describe_write_error(exc):
+    first_line = (str(exc).splitlines() or [""])[0]
+    if isinstance(exc, OSError) and exc.strerror:
+        first_line = exc.strerror
+    return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+
+
+def _all_processes_succeeded(accelerator, error):
+    """Every process learns whether any failed, so none waits at a barrier for one that left
+    (a barrier itself when there are several processes)."""
+    if accelerator.num_processes == 1:
+        return error is None
+    import torch
+
+    failures = torch.tensor(float(error is not None), device=accelerator.device)
+    return accelerator.reduce(failures, "sum").item() == 0
+
+
 def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_limit=0):
-    """Write checkpoints/step_{step:06d}/ atomically on every process' behalf; return its path."""
+    """Write checkpoints/step_{step:06d}/ atomically on every process' behalf; return its path.
+
+    A write that fails (full disk, read-only directory, quota) is a UserError on every process;
+    the half-written directory is removed and the previous checkpoints are untouched.
+    """
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
+    error = None
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        if accelerator.is_main_process:
-            write_json_atomic(tmp / STATE_FILE, trainer_state)
-    except OSError as exc:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as exc:
+            error = exc
+    # Every process takes the same branch (save_state may hold collectives of its own).
+    written = _all_processes_succeeded(accelerator, error)
+    if written:
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            if accelerator.is_main_process:
+                write_json_atomic(tmp / STATE_FILE, trainer_state)
+        except _write_errors() as exc:
+            error = exc
+        written = _all_processes_succeeded(accelerator, error)
+    if not written:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write checkpoint {final} ({exc.strerror or exc}); free disk "
-                        f"space or fix permissions, then rerun with --resume (the previous "
-                        f"checkpoint is intact)") from None
+        reason = _describe_write_error(error) if error is not None else "on another process"
+        raise error_on_every_process(accelerator, (
+            f"could not write checkpoint {final} ({reason}); free disk space or fix permissions, "
+            f"then rerun with --resume (the previous checkpoint is intact)")) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # rewriting the same step (e.g. the final step after a resume)
-            shutil.rmtree(final)
+        replaced = None
+        if final.exists():  # rewriting the same step (e.g. after a resume): keep it until swapped
+            replaced = root / f".old-step_{step:06d}"
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _fsync_dir(root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         if save_total_limit > 0:
             for _, old in list_checkpoints(output_dir)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -173,11 +231,17 @@ def export_student(accelerator, model, tokenizer, output_dir, run_config, end_of
         if student.generation_config.pad_token_id is None:
             student.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = output_dir / ".tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    for item in tmp.iterdir():
-        os.replace(item, output_dir / item.name)
-    tmp.rmdir()
-    # Written last: its presence means the export is complete.
-    write_json_atomic(output_dir / RUN_CONFIG_FILE, run_config)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for item in tmp.iterdir():
+            os.replace(item, output_dir / item.name)
+        tmp.rmdir()
+        # Written last: its presence means the export is complete.
+        write_json_atomic(output_dir / RUN_CONFIG_FILE, run_config)
+    except _write_errors() as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write the trained student to {output_dir} "
+                        f"({_describe_write_error(exc)}); free disk space or fix permissions, then "
+                        f"rerun with --resume (it continues from the newest checkpoint)") from None
