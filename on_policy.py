@@ -37,6 +37,7 @@ from common.distill import make_kd_loss_fn
 from common.errors import UserError, run_cli
 from common.models import (check_same_tokenizer, check_vocab_fits, freeze, load_model,
                            load_tokenizer, real_vocab_size)
+from common.sharding import full_params_for_generation, prepare_teacher
 
 
 @dataclass
@@ -123,10 +124,12 @@ class OnPolicySampler:
                                                      batch["labels"].tolist()):
             length = sum(attention_mask)
             prompts.append(input_ids[:last_reply_start(labels[:length])])
-        student = self.accelerator.unwrap_model(model)
-        completions = generate(student, self.tokenizer, prompts, self.args.max_new_tokens,
-                               self.stop_ids, self.args.temperature, self.args.top_p,
-                               batch_size=len(prompts), progress=False)
+        # Under FSDP / ZeRO-3 the sharded weights are gathered and all processes step together.
+        with full_params_for_generation(self.accelerator, model) as (student, synced_gpus):
+            completions = generate(student, self.tokenizer, prompts, self.args.max_new_tokens,
+                                   self.stop_ids, self.args.temperature, self.args.top_p,
+                                   batch_size=len(prompts), progress=False,
+                                   synced_gpus=synced_gpus)
         examples = []
         for prompt, completion in zip(prompts, completions):
             sampled = completion.token_ids + (
@@ -188,7 +191,7 @@ def main(argv=None):
     check_vocab_fits(student, tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    teacher.to(accelerator.device)
+    teacher = prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
 
     output_dir = Path(train_args.output_dir)
     if accelerator.is_main_process:

@@ -364,6 +364,7 @@ def main(argv=None):
     from common.chat import ChatEncoder, ensure_chat_template
     from common.checkpoint import check_output_dir, clear_output_dir, export_student
     from common.models import check_vocab_fits, load_model, load_tokenizer
+    from common.sharding import unsharded_loading
     from common.train import make_accelerator, train
 
     model_args, data_args, train_args, seq_args = parse_args(
@@ -388,7 +389,8 @@ def main(argv=None):
     set_seed(train_args.seed)
     if data_args.dataset and (model_args.teacher or seq_args.teacher_api_base):
         if accelerator.is_main_process:  # one process asks the teacher; the others wait
-            run_generation(model_args, data_args, seq_args, cache_path, accelerator.device)
+            with unsharded_loading(accelerator):  # ZeRO-3 init would wait for the others
+                run_generation(model_args, data_args, seq_args, cache_path, accelerator.device)
         accelerator.wait_for_everyone()
     elif not cache_path.is_file():
         raise UserError(f"no teacher given (--teacher or --teacher-api-base) and no completions "

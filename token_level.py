@@ -38,6 +38,7 @@ from common.distill import make_kd_loss_fn
 from common.errors import UserError, run_cli
 from common.models import (check_same_tokenizer, check_vocab_fits, freeze, load_model,
                            load_tokenizer, real_vocab_size)
+from common.sharding import prepare_teacher
 
 
 @dataclass
@@ -124,7 +125,7 @@ def main(argv=None):
         teacher = freeze(load_model(model_args.teacher, model_args.dtype,
                                     model_args.trust_remote_code, "teacher"))
         check_vocab_fits(teacher, tokenizer, "teacher")
-        return teacher.to(accelerator.device)
+        return prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
 
     collate_fn = None
     if kd_args.teacher_cache:

@@ -58,13 +58,16 @@ def generation_config(max_new_tokens, stop_token_ids, pad_token_id, temperature,
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts_token_ids, max_new_tokens, stop_token_ids,
-             temperature=0.0, top_p=1.0, batch_size=8, progress=True, desc="generating"):
+             temperature=0.0, top_p=1.0, batch_size=8, progress=True, desc="generating",
+             synced_gpus=None):
     """Complete every prompt; returns one `Completion` per prompt, in the prompts' order.
 
     prompts_token_ids: list of lists of token ids (already rendered with the chat template).
     temperature 0 = greedy decoding; otherwise sampling at that temperature with nucleus `top_p`.
     Prompts are batched by length (longest first, so running out of memory happens at once) to
     limit padding; each row stops at its first stop token or after `max_new_tokens`.
+    synced_gpus: keep running forward passes until every process is done (needed when the
+    weights are sharded, see common/sharding.py); None lets transformers decide.
     """
     from tqdm.auto import tqdm
 
@@ -89,7 +92,7 @@ def generate(model, tokenizer, prompts_token_ids, max_new_tokens, stop_token_ids
                                              pad_token_id)
         output = model.generate(input_ids=input_ids.to(device),
                                 attention_mask=attention_mask.to(device),
-                                generation_config=config)
+                                generation_config=config, synced_gpus=synced_gpus)
         new_tokens = output[:, input_ids.shape[1]:].tolist()
         for index, row_tokens in zip(batch_indices, new_tokens):
             completions[index] = cut_at_stop(row_tokens, stop_token_ids)

@@ -83,7 +83,9 @@ def real_vocab_size(tokenizer):
 
 
 def check_vocab_fits(model, tokenizer, what):
-    rows = model.get_output_embeddings().weight.shape[0]
+    weight = model.get_output_embeddings().weight
+    # Under DeepSpeed ZeRO-3 init the local tensor is an empty partition; ds_shape is the real one.
+    rows = getattr(weight, "ds_shape", weight.shape)[0]
     if rows < real_vocab_size(tokenizer):
         raise UserError(f"{what} has {rows} output rows but its tokenizer has "
                         f"{real_vocab_size(tokenizer)} tokens; resize the model's embeddings or "

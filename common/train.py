@@ -23,9 +23,38 @@ import torch
 from tqdm.auto import tqdm
 
 from common.chat import IGNORE_INDEX, collate
-from common.checkpoint import (METRICS_FILE, latest_checkpoint, load_trainer_state,
-                               save_checkpoint, truncate_metrics, write_json_atomic)
-from common.errors import UserError
+from common.checkpoint import (METRICS_FILE, error_on_every_process, latest_checkpoint,
+                               load_trainer_state, save_checkpoint, truncate_metrics,
+                               write_json_atomic)
+from common.sharding import check_sharding_settings
+
+
+_MPI_WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_world_size():
+    """Processes in this run according to the launcher: torchrun / accelerate's multi-process
+    launcher set WORLD_SIZE, mpirun (Open MPI, Intel MPI, MVAPICH) its own variable."""
+    for name in ("WORLD_SIZE", *_MPI_WORLD_SIZE_VARIABLES):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def single_process_cpu_launch_warning(num_processes):
+    """The warning for `accelerate launch --cpu --num_processes N` (N > 1) without an MPI hostfile.
+
+    accelerate's "simple" launcher handles --cpu: without --mpirun_hostfile it starts ONE process,
+    with MASTER_ADDR set only because more than one was asked for. Training then runs as one
+    process with a smaller global batch than asked; say so instead of letting it pass silently.
+    """
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if num_processes > 1 or not use_cpu or "MASTER_ADDR" not in os.environ:
+        return None
+    return ("warning: `accelerate launch --cpu` started ONE process (without --mpirun_hostfile it "
+            "never starts more), so this run trains as a single process; for N CPU processes "
+            "use `accelerate launch --config_file configs/ddp.yaml --num_processes N` (no --cpu), "
+            "`torchrun --nproc_per_node N` or `accelerate launch --cpu --mpirun_hostfile FILE`")
 
 
 def make_accelerator(args):
@@ -34,11 +63,44 @@ def make_accelerator(args):
     from accelerate.utils import GradientAccumulationPlugin
 
     plugin = GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False)
-    # accelerate only sets up multi-process CPU training (gloo) when told it is on the CPU.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # accelerate only sets up multi-process CPU training (gloo) when told it is on the CPU; a
+    # torchrun or accelerate multi-process launch on a machine without CUDA does not tell it.
+    world_size = launched_world_size()
     cpu_only = world_size > 1 and not torch.cuda.is_available()
-    return Accelerator(gradient_accumulation_plugin=plugin, mixed_precision=args.mixed_precision,
-                       cpu=cpu_only)
+    if cpu_only and "WORLD_SIZE" not in os.environ:
+        # Started by a bare `mpirun -n N python script.py`: gloo needs a rendezvous address, and
+        # one machine is the only case where we can guess it.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    accelerator = Accelerator(gradient_accumulation_plugin=plugin,
+                              mixed_precision=args.mixed_precision, cpu=cpu_only)
+    if not accelerator.is_local_main_process:
+        # The libraries' progress bars and notices once per machine, not once per process.
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    warning = single_process_cpu_launch_warning(accelerator.num_processes)
+    if warning:
+        accelerator.print(warning)
+    configure_deepspeed(accelerator, args)
+    return accelerator
+
+
+def configure_deepspeed(accelerator, args):
+    """Write our batch settings into an accelerate DeepSpeed config's "auto" fields.
+
+    accelerate fills them from a DataLoader passed to prepare(); this loop builds its own batches,
+    so it says what they are: micro-batch per process, accumulation, and --max-grad-norm (DeepSpeed
+    clips inside its own step, so the value must be in its config). No-op without DeepSpeed.
+    """
+    deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed_plugin is None:
+        return
+    config = deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = args.batch_size
+    config["gradient_accumulation_steps"] = args.grad_accum
+    config["train_batch_size"] = args.batch_size * args.grad_accum * accelerator.num_processes
+    config["gradient_clipping"] = args.max_grad_norm  # 0 = no clipping, as for --max-grad-norm
 
 
 class BatchOrder:
@@ -103,7 +165,10 @@ def backward_window(accelerator, model, window, loss_fn):
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and exits."""
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and exits.
+
+    A second Ctrl-C does not wait for the checkpoint: it interrupts at once.
+    """
 
     def __init__(self):
         self.signal_name = None
@@ -113,6 +178,8 @@ class _StopFlag:
         previous = {}
 
         def handler(signum, _frame):
+            if signum == signal.SIGINT and self.signal_name == "SIGINT":
+                raise KeyboardInterrupt
             self.signal_name = signal.Signals(signum).name
 
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -125,6 +192,19 @@ class _StopFlag:
         finally:
             for signum, old in previous.items():
                 signal.signal(signum, old)
+
+
+def mean_over_processes(accelerator, row):
+    """A metrics row whose numbers (e.g. on-policy sample lengths, measured on each process' own
+    rows) are averaged over processes; flags and strings are kept. Every process must pass the
+    same keys (they all call this at the same step)."""
+    names = sorted(name for name, value in row.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool))
+    if accelerator.num_processes == 1 or not names:
+        return row
+    values = torch.tensor([float(row[name]) for name in names], device=accelerator.device)
+    values = accelerator.reduce(values, "mean")
+    return {**row, **{name: round(values[i].item(), 6) for i, name in enumerate(names)}}
 
 
 def _make_optimizer_and_schedule(model, args, total_steps):
@@ -164,6 +244,7 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
     Checkpoints go to OUTPUT_DIR/checkpoints every `args.save_steps`; with `args.resume` the newest
     one is loaded first and the run continues exactly where it stopped.
     """
+    check_sharding_settings(accelerator)
     output_dir = Path(args.output_dir)
     total_steps = total_optimizer_steps(args, len(examples), accelerator.num_processes)
     optimizer, scheduler = _make_optimizer_and_schedule(model, args, total_steps)
@@ -182,6 +263,13 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
         if accelerator.is_main_process:
             truncate_metrics(output_dir, step)
             accelerator.print(f"resumed from {checkpoint} at step {step}/{total_steps}")
+        saved_global_batch = state.get("global_batch_size")
+        if saved_global_batch is not None and saved_global_batch != order.global_batch_size:
+            accelerator.print(
+                f"warning: the checkpoint was written with {saved_global_batch} conversations per "
+                f"micro-batch over all processes, this run uses {order.global_batch_size} "
+                f"(--batch-size x processes); training continues, but not on the data order an "
+                f"uninterrupted run would have seen")
     elif args.resume:
         accelerator.print(f"--resume: no checkpoint in {output_dir}, starting from step 0")
 
@@ -191,7 +279,8 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                 "epoch": position / order.batches_per_epoch, "micro_batches_seen": position,
                 "data_position": {"epoch": position // order.batches_per_epoch,
                                   "batch_in_epoch": position % order.batches_per_epoch},
-                "num_processes": accelerator.num_processes, "args": run_config}
+                "num_processes": accelerator.num_processes,
+                "global_batch_size": order.global_batch_size, "args": run_config}
 
     metrics_path = output_dir / METRICS_FILE
     progress = tqdm(total=total_steps, initial=step, desc="training", dynamic_ncols=True,
@@ -212,16 +301,26 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
 
             max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            # Everything logged is a mean per supervised token over all processes.
+            # DeepSpeed clips inside its own step and may report no norm: nothing to check then.
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            # Everything logged is a mean per supervised token over all processes. A stop signal
+            # rides along in the same reduction: every process must stop at the same step, or the
+            # ones still training would wait forever for the ones writing a checkpoint.
             names = sorted(sums)
-            totals = accelerator.reduce(torch.stack([sums[n] for n in names]), "sum")
+            stop_vote = torch.tensor(float(stop.signal_name is not None), device=accelerator.device)
+            totals = accelerator.reduce(torch.stack([*(sums[n] for n in names), stop_vote]), "sum")
             means = {n: (totals[i] / global_tokens.clamp(min=1)).item() for i, n in enumerate(names)}
-            finite = math.isfinite(means["loss"]) and math.isfinite(float(grad_norm))
-            if finite:
+            interrupted = totals[-1].item() > 0
+            finite = math.isfinite(means["loss"]) and math.isfinite(grad_norm or 0.0)
+            if accelerator.scaler is not None:
+                # fp16: an inf gradient is the loss scaler's business (it skips that update and
+                # lowers the scale); skipping its step() as well would leave it stuck. Only a
+                # non-finite loss counts as a bad step.
                 optimizer.step()
-                bad_steps_in_row = 0
-            else:
-                bad_steps_in_row += 1
+                finite = math.isfinite(means["loss"])
+            elif finite:
+                optimizer.step()
+            bad_steps_in_row = 0 if finite else bad_steps_in_row + 1
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
@@ -230,20 +329,22 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
 
             if not finite:
                 accelerator.print(f"step {step:05d} | non-finite loss or gradient "
-                                  f"(loss {means['loss']}, grad norm {float(grad_norm)}): "
+                                  f"(loss {means['loss']}, grad norm {grad_norm}): "
                                   f"update skipped ({bad_steps_in_row} in a row)")
                 if bad_steps_in_row >= args.max_bad_steps:
-                    raise UserError(
+                    raise error_on_every_process(accelerator, (
                         f"{bad_steps_in_row} optimizer steps in a row had a NaN/inf loss or "
                         f"gradient (last at step {step}); lower --learning-rate, use float32 "
                         f"(--dtype float32 / --mixed-precision bf16), check the data, then rerun "
-                        f"with --resume from the last checkpoint")
+                        f"with --resume from the last checkpoint"))
             if step % args.log_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - last_time
                 row = {"step": step, "epoch": round(step * args.grad_accum / order.batches_per_epoch, 4),
                        **{n: round(v, 6) for n, v in means.items()},
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
-                       **(step_metrics(step - 1) if step_metrics else {}),
+                       "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": None if grad_norm is None else round(grad_norm, 6),
+                       **(mean_over_processes(accelerator, step_metrics(step - 1))
+                          if step_metrics else {}),
                        "supervised_tokens": int(global_tokens),
                        "tokens_per_second": round(tokens_since_log * accelerator.num_processes
                                                   / max(elapsed, 1e-9), 1)}
@@ -253,19 +354,30 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                     extras = " | ".join(f"{n} {v:.4f}" for n, v in means.items() if n != "loss")
                     progress.write(f"step {step:05d}/{total_steps} | loss {means['loss']:.4f}"
                                    + (f" | {extras}" if extras else "")
-                                   + f" | lr {row['lr']:.2e} | grad {row['grad_norm']:.3f}"
+                                   + f" | lr {row['lr']:.2e}"
+                                   + (f" | grad {grad_norm:.3f}" if grad_norm is not None else "")
                                    + f" | tok/s {row['tokens_per_second']:.0f}")
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
                 last_time, tokens_since_log = time.perf_counter(), 0
 
-            interrupted = stop.signal_name is not None
-            if (args.save_steps and step % args.save_steps == 0 and step < total_steps) \
-                    or (interrupted and step < total_steps):
+            # No periodic checkpoint inside a run of bad steps: the newest one stays the last
+            # good state (--save-total-limit would otherwise rotate good ones out).
+            periodic = args.save_steps and step % args.save_steps == 0 and bad_steps_in_row == 0
+            if step < total_steps and (periodic or interrupted):
                 save_checkpoint(accelerator, output_dir, step, trainer_state(),
                                 args.save_total_limit)
             if interrupted and step < total_steps:
                 progress.close()
-                raise UserError(f"stopped by {stop.signal_name} at step {step}; checkpoint saved, "
-                                f"rerun the same command with --resume to continue")
+                raise error_on_every_process(accelerator, (
+                    f"stopped by {stop.signal_name or 'a signal to another process'} at step "
+                    f"{step}; checkpoint saved, rerun the same command with --resume to continue"))
     progress.close()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # Drop DDP's gradient-sync wrapper now, while the process group is alive (the export
+        # needs only the module). Left to the end of the script, its destructor can be what
+        # destroys the gloo group, holding the GIL while a gloo thread waits for it to free a
+        # tensor: the process then hangs at exit (pytorch/pytorch#56297).
+        accelerator.wait_for_everyone()
+        model = accelerator.unwrap_model(model)
+        accelerator.free_memory()
     return model, trainer_state()
