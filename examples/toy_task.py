@@ -1,0 +1,253 @@
+"""A toy instruction task, generated offline from a seed: the data of the quickstart and of the
+method comparison (benchmarks/compare_methods.py).
+
+    python examples/toy_task.py runs/toy --seed 0 --num-train 4000 --num-test 250
+
+Five task families in chat form. Three have exactly one right answer:
+    arith    "What number comes after 3499?"       -> "3500"   (or "before": multi-digit
+                                                               increment/decrement with carries)
+    reverse  "Reverse the list: cat, sun, box"     -> "box, sun, cat"
+    count    "How many words are in: dog cat dog?" -> "3"
+and two have many, so that a teacher's soft distribution carries information beyond its argmax:
+    name     "Name a fruit that starts with b."   -> any of banana, blackberry, blueberry
+             (against a fixed lexicon; the training reply is one of them drawn at random)
+    pick     "Pick a word that starts with s from: cat, sun, box, sea"  -> sun or sea
+
+Every row is {"messages": [user, assistant], "answers": [accepted replies], "family": ...}; eval.py
+scores exact match against `answers`. Train and test share no prompt text. For `name`, the
+(category, letter) facts live in a fixed lexicon, so a held-out prompt asks a known fact in a
+phrasing never seen with that (category, letter) in training; every other family is
+compositional (new numbers and word lists).
+"""
+
+import argparse
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+FAMILIES = ("arith", "reverse", "count", "name", "pick")
+SINGLE_ANSWER = ("arith", "reverse", "count")
+
+LEXICON = {
+    "fruit": ["apple", "apricot", "avocado", "banana", "blackberry", "blueberry", "cherry",
+              "coconut", "cranberry", "date", "fig", "grape", "guava", "kiwi", "lemon", "lime",
+              "lychee", "mango", "melon", "nectarine", "olive", "orange", "papaya", "peach",
+              "pear", "plum", "pineapple", "raspberry", "strawberry", "tangerine"],
+    "animal": ["ant", "bear", "bee", "camel", "cat", "cow", "deer", "dog", "duck", "eagle",
+               "eel", "fox", "frog", "goat", "goose", "horse", "hawk", "lion", "lynx", "mouse",
+               "mole", "owl", "otter", "pig", "panda", "rabbit", "rat", "seal", "sheep", "snake",
+               "tiger", "toad", "wolf", "whale"],
+    "color": ["amber", "azure", "beige", "black", "blue", "brown", "coral", "crimson", "cyan",
+              "gold", "gray", "green", "indigo", "ivory", "magenta", "maroon", "navy", "pink",
+              "purple", "red", "rose", "ruby", "silver", "tan", "teal", "violet", "white"],
+    "vegetable": ["bean", "beet", "broccoli", "cabbage", "carrot", "celery", "corn", "garlic",
+                  "kale", "leek", "lettuce", "onion", "pea", "pepper", "potato", "pumpkin",
+                  "radish", "spinach", "squash", "tomato", "turnip", "yam"],
+    "country": ["austria", "australia", "brazil", "belgium", "canada", "chile", "china", "cuba",
+                "egypt", "france", "finland", "germany", "greece", "india", "iran", "iraq",
+                "italy", "japan", "jordan", "kenya", "mexico", "mali", "nepal", "norway", "peru",
+                "poland", "spain", "sweden", "togo", "turkey"],
+}
+
+NAME_PHRASINGS = ("Name {article} {category} that starts with {letter}.",
+                  "Give me {article} {category} beginning with the letter {letter}.",
+                  "Which {category} starts with {letter}?")
+
+# Short, common words for the list families (reverse, count, pick).
+WORDS = ["cat", "dog", "sun", "box", "sea", "map", "cup", "hat", "pen", "key", "bus", "bed",
+         "car", "egg", "ice", "jar", "kit", "leg", "net", "oil", "pot", "rug", "sky", "toy",
+         "van", "web", "yak", "zip", "arm", "bag", "cow", "fan", "gum", "hut", "ink", "lid",
+         "mud", "nut", "owl", "pig", "rod", "saw", "tin", "urn", "wax"]
+
+
+def name_facts():
+    """{(category, letter): sorted answers} for every pair with at least two answers."""
+    facts = {}
+    for category, words in LEXICON.items():
+        by_letter = {}
+        for word in words:
+            by_letter.setdefault(word[0], []).append(word)
+        for letter, answers in by_letter.items():
+            if len(answers) >= 2:
+                facts[(category, letter)] = sorted(answers)
+    return facts
+
+
+def _row(family, question, reply, answers):
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": reply}],
+            "answers": answers, "family": family}
+
+
+def make_arith(rng, max_digits):
+    """n + 1 or n - 1 for a number of 2..max_digits digits; a third of them end in 9s (after) or
+    0s (before), so carries and borrows across several digits are common."""
+    digits = rng.randint(2, max_digits)
+    number = rng.randrange(10 ** (digits - 1), 10 ** digits)
+    after = rng.random() < 0.5
+    if rng.random() < 1 / 3:
+        run = rng.randint(1, digits - 1)
+        number = number - number % 10 ** run + ((10 ** run - 1) if after else 0)
+        if not after and number < 10:
+            number += 10
+    if after:
+        return _row("arith", f"What number comes after {number}?", str(number + 1),
+                    [str(number + 1)])
+    return _row("arith", f"What number comes before {number}?", str(number - 1),
+                [str(number - 1)])
+
+
+def make_reverse(rng, max_words):
+    words = rng.sample(WORDS, rng.randint(3, max_words))
+    answer = ", ".join(reversed(words))
+    return _row("reverse", "Reverse the list: " + ", ".join(words), answer, [answer])
+
+
+def make_count(rng, max_words):
+    words = [rng.choice(WORDS) for _ in range(rng.randint(2, max_words))]
+    answer = str(len(words))
+    return _row("count", f"How many words are in: {' '.join(words)}?", answer, [answer])
+
+
+def make_pick(rng, max_words):
+    """Two words of the list start with the letter asked for; the list has 4..max_words words."""
+    by_letter = {}
+    for word in WORDS:
+        by_letter.setdefault(word[0], []).append(word)
+    letter = rng.choice(sorted(letter for letter, words in by_letter.items() if len(words) >= 2))
+    matching = rng.sample(by_letter[letter], 2)
+    others = rng.sample([w for w in WORDS if w[0] != letter], rng.randint(2, max_words - 2))
+    words = matching + others
+    rng.shuffle(words)
+    answers = sorted(matching)
+    return _row("pick", f"Pick a word that starts with {letter} from: {', '.join(words)}",
+                rng.choice(answers), answers)
+
+
+def make_name(rng, prompts):
+    """A row for one of `prompts` [(category, letter, phrasing)], its reply drawn from the answers."""
+    facts = name_facts()
+    category, letter, phrasing = rng.choice(prompts)
+    answers = facts[(category, letter)]
+    article = "an" if category[0] in "aeiou" else "a"
+    question = NAME_PHRASINGS[phrasing].format(article=article, category=category, letter=letter)
+    return _row("name", question, rng.choice(answers), answers)
+
+
+def split_name_prompts(rng):
+    """(train prompts, test prompts): each (category, letter) gets one phrasing held out."""
+    train, test = [], []
+    for category, letter in sorted(name_facts()):
+        held_out = rng.randrange(len(NAME_PHRASINGS))
+        for phrasing in range(len(NAME_PHRASINGS)):
+            (test if phrasing == held_out else train).append((category, letter, phrasing))
+    return train, test
+
+
+def prompt_text(row):
+    return row["messages"][0]["content"]
+
+
+def generate_task(seed=0, num_train=10000, num_test=250, max_digits=3, reverse_words=4,
+                  max_words=6):
+    """(train rows, test rows); the same arguments always give the same rows.
+
+    Families are interleaved round-robin, so every split holds them in equal shares (except that
+    the test split has at most one `name` row per fact). Test prompts are unique; no training
+    prompt appears in the test split.
+    """
+    if max_digits < 2 or reverse_words < 3 or max_words < 4:
+        raise ValueError("max_digits must be >= 2, reverse_words >= 3 and max_words >= 4")
+    rng = random.Random(seed)
+    name_train, name_test = split_name_prompts(rng)
+    makers = {
+        "arith": lambda: make_arith(rng, max_digits),
+        "reverse": lambda: make_reverse(rng, reverse_words),
+        "count": lambda: make_count(rng, max_words),
+        "pick": lambda: make_pick(rng, max_words),
+    }
+
+    test, test_prompts = [], set()
+    # `name` has one held-out prompt per fact; once they are used up, the other families fill in.
+    name_left = list(name_test)
+    rng.shuffle(name_left)
+    turn, attempts = 0, 0
+    while len(test) < num_test:
+        family = FAMILIES[turn % len(FAMILIES)]
+        turn += 1
+        if family == "name":
+            if not name_left:
+                continue
+            row = make_name(rng, [name_left.pop()])
+        else:
+            row = makers[family]()
+        attempts += 1
+        if attempts > 100 * num_test:
+            raise ValueError("could not draw enough distinct test prompts; lower num_test")
+        if prompt_text(row) not in test_prompts:
+            test_prompts.add(prompt_text(row))
+            test.append(row)
+
+    train = []
+    while len(train) < num_train:
+        family = FAMILIES[len(train) % len(FAMILIES)]
+        row = make_name(rng, name_train) if family == "name" else makers[family]()
+        if prompt_text(row) not in test_prompts:
+            train.append(row)
+    return train, test
+
+
+def corpus(rows):
+    """Every message text of `rows`: what the tokenizers are trained on."""
+    for row in rows:
+        for message in row["messages"]:
+            yield message["content"]
+
+
+def write_jsonl(path, rows):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_task(out_dir, **task):
+    """Write train.jsonl, test.jsonl and test_<family>.jsonl into `out_dir`; returns the paths.
+
+    `task` holds generate_task's keyword arguments."""
+    out = Path(out_dir)
+    train, test = generate_task(**task)
+    paths = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
+    write_jsonl(paths["train"], train)
+    write_jsonl(paths["test"], test)
+    for family in FAMILIES:
+        paths[f"test_{family}"] = out / f"test_{family}.jsonl"
+        write_jsonl(paths[f"test_{family}"], [r for r in test if r["family"] == family])
+    return paths
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="directory for train.jsonl, test.jsonl, test_<family>.jsonl")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    parser.add_argument("--num-train", type=int, default=10000, help="training rows (default 10000)")
+    parser.add_argument("--num-test", type=int, default=250, help="held-out rows (default 250)")
+    parser.add_argument("--max-digits", type=int, default=3,
+                        help="longest number of `arith`, in digits (default 3)")
+    parser.add_argument("--reverse-words", type=int, default=4,
+                        help="longest list to reverse (default 4)")
+    parser.add_argument("--max-words", type=int, default=6,
+                        help="longest word list of count and pick (default 6)")
+    cli = parser.parse_args()
+    written = write_task(cli.out_dir, seed=cli.seed, num_train=cli.num_train,
+                         num_test=cli.num_test, max_digits=cli.max_digits,
+                         reverse_words=cli.reverse_words, max_words=cli.max_words)
+    train_rows = read_jsonl(written["train"])
+    print(f"wrote {len(train_rows)} train and {len(read_jsonl(written['test']))} test rows to "
+          f"{cli.out_dir} ({dict(Counter(r['family'] for r in train_rows))})")

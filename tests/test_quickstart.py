@@ -1,0 +1,146 @@
+"""The toy task generator and the method comparison's aggregation (not the pipeline itself: that
+trains a teacher and 21 students, far too slow for CI)."""
+
+import json
+import math
+import re
+
+import pytest
+
+from benchmarks.compare_methods import aggregate_rows, combine_families, markdown_table, mean_std
+from examples import toy_task
+
+
+@pytest.fixture(scope="module")
+def task():
+    return toy_task.generate_task(seed=3, num_train=600, num_test=120)
+
+
+def test_same_seed_same_rows_other_seed_other_rows(task):
+    assert toy_task.generate_task(seed=3, num_train=600, num_test=120) == task
+    assert toy_task.generate_task(seed=4, num_train=600, num_test=120) != task
+
+
+def test_sizes_and_every_family_in_both_splits(task):
+    train, test = task
+    assert len(train) == 600 and len(test) == 120
+    for rows in (train, test):
+        assert {row["family"] for row in rows} == set(toy_task.FAMILIES)
+
+
+def test_train_and_test_share_no_prompt_and_test_prompts_are_unique(task):
+    train, test = task
+    test_prompts = [toy_task.prompt_text(row) for row in test]
+    assert len(set(test_prompts)) == len(test_prompts)
+    assert not set(test_prompts) & {toy_task.prompt_text(row) for row in train}
+
+
+def expected_answers(row):
+    """The accepted replies, recomputed from the prompt text alone."""
+    prompt = toy_task.prompt_text(row)
+    family = row["family"]
+    if family == "arith":
+        direction, number = re.fullmatch(r"What number comes (after|before) (\d+)\?",
+                                         prompt).groups()
+        return {str(int(number) + (1 if direction == "after" else -1))}
+    if family == "reverse":
+        return {", ".join(reversed(prompt.split(": ", 1)[1].split(", ")))}
+    if family == "count":
+        return {str(len(prompt.split(": ", 1)[1].rstrip("?").split()))}
+    if family == "pick":
+        letter, words = re.fullmatch(r"Pick a word that starts with (\w) from: (.*)",
+                                     prompt).groups()
+        return {w for w in words.split(", ") if w.startswith(letter)}
+    category, letter = next((c, l) for (c, l) in toy_task.name_facts()
+                            if c in prompt and re.search(rf"\b{l}[.?]$", prompt))
+    return {w for w in toy_task.LEXICON[category] if w.startswith(letter)}
+
+
+def test_answers_are_right_and_the_reply_is_one_of_them(task):
+    for row in task[0] + task[1]:
+        user, assistant = row["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        assert set(row["answers"]) == expected_answers(row), row
+        assert assistant["content"] in row["answers"]
+        if row["family"] in toy_task.SINGLE_ANSWER:
+            assert len(row["answers"]) == 1
+        else:
+            assert len(row["answers"]) >= 2  # where a soft target carries more than the argmax
+
+
+def test_many_answer_replies_vary_in_training(task):
+    """A `name` prompt seen several times in training gets different right replies."""
+    replies = {}
+    for row in task[0]:
+        if row["family"] == "name":
+            replies.setdefault(toy_task.prompt_text(row), set()).add(row["messages"][1]["content"])
+    assert max(len(r) for r in replies.values()) >= 2
+
+
+def test_write_task_files(tmp_path):
+    paths = toy_task.write_task(tmp_path, seed=1, num_train=50, num_test=25)
+    test = toy_task.read_jsonl(paths["test"])
+    assert len(toy_task.read_jsonl(paths["train"])) == 50 and len(test) == 25
+    per_family = [toy_task.read_jsonl(paths[f"test_{f}"]) for f in toy_task.FAMILIES]
+    assert sorted(map(json.dumps, sum(per_family, []))) == sorted(map(json.dumps, test))
+
+
+# --- aggregation ------------------------------------------------------------------------------
+
+
+def fake_result(model, exact_match, replies, tokens, perplexity, kl=None, teacher=False,
+                generated=100, seconds=2.0):
+    return {"model": model, "teacher": teacher, "parameters": 1000, "exact_match": exact_match,
+            "rouge_l": exact_match, "perplexity": perplexity, "kl_to_teacher": kl,
+            "top1_agreement": None if kl is None else 1.0 - kl, "generated_replies": replies,
+            "scored_tokens": tokens, "generated_tokens": generated, "generation_seconds": seconds}
+
+
+def test_combine_families_weights_exactly():
+    per_family = {
+        "arith": {"results": [fake_result("s", 1.0, replies=10, tokens=30, perplexity=2.0,
+                                          kl=0.1)]},
+        "name": {"results": [fake_result("s", 0.0, replies=30, tokens=10, perplexity=8.0,
+                                         kl=0.5, generated=300, seconds=1.0)]},
+    }
+    combined = combine_families(per_family)["s"]
+    assert combined["exact_match"] == pytest.approx(10 / 40)
+    assert combined["perplexity"] == pytest.approx(math.exp((30 * math.log(2) + 10 * math.log(8))
+                                                            / 40))
+    assert combined["kl_to_teacher"] == pytest.approx((30 * 0.1 + 10 * 0.5) / 40)
+    assert combined["tokens_per_second"] == pytest.approx(400 / 3.0)
+    assert combined["exact_match_by_family"] == {"arith": 1.0, "name": 0.0}
+
+
+def test_combine_families_keeps_null_agreement_null():
+    per_family = {"arith": {"results": [fake_result("sp", 0.5, 4, 8, 3.0, kl=None)]}}
+    combined = combine_families(per_family)["sp"]
+    assert combined["kl_to_teacher"] is None and combined["top1_agreement"] is None
+
+
+def test_aggregate_rows_mean_std_order_and_seeds():
+    per_seed = {
+        0: {"baseline": {"exact_match": 0.2, "train_seconds": 10.0,
+                         "exact_match_by_family": {"arith": 0.1}, "parameters": 5},
+            "teacher": {"exact_match": 0.9, "train_seconds": 100.0, "parameters": 50}},
+        1: {"baseline": {"exact_match": 0.4, "train_seconds": 14.0,
+                         "exact_match_by_family": {"arith": 0.3}, "parameters": 5},
+            "teacher": {"exact_match": 0.9, "train_seconds": 100.0, "parameters": 50}},
+    }
+    rows = aggregate_rows(per_seed)
+    assert [row["name"] for row in rows] == ["teacher", "baseline"]
+    baseline = rows[1]
+    assert baseline["exact_match"]["mean"] == pytest.approx(0.3)
+    assert baseline["exact_match"]["std"] == pytest.approx(math.sqrt(0.02))  # sample std
+    assert baseline["exact_match_by_family"]["arith"]["mean"] == pytest.approx(0.2)
+    assert baseline["kl_to_teacher"] is None  # no seed has it
+    assert [s["seed"] for s in baseline["seeds"]] == [0, 1]
+    assert rows[0]["exact_match"] == {"mean": 0.9, "std": 0.0}
+    json.dumps(rows)  # the result file must serialize
+    table = markdown_table(rows, ["arith"])
+    assert "| baseline | " in table and "0.300 ± 0.141" in table
+
+
+def test_mean_std_edge_cases():
+    assert mean_std([]) is None and mean_std([None, None]) is None
+    assert mean_std([0.5]) == {"mean": 0.5, "std": 0.0}
