@@ -1,0 +1,334 @@
+"""Which method gives the best student for a given budget? Every method of the suite trains the
+same student initialisation with the same budget on the toy task (examples/toy_task.py), for
+several seeds; every student is scored by eval.py; the table goes to JSON, a PNG and stdout.
+
+    python benchmarks/compare_methods.py                      # the published table (3 seeds)
+    python benchmarks/compare_methods.py --seeds 0 --max-steps 50 --output /tmp/cmp.json
+
+Rows: teacher; baseline (the student fine-tuned on the ground-truth replies); sequence_level;
+token_level_forward; token_level_reverse; on_policy; cross_tokenizer (ULD, the student with the
+SentencePiece-style tokenizer) and cross_tokenizer_baseline (that student fine-tuned on the ground
+truth). Each is trained by its own script as a subprocess (see examples/toy_pipeline.py).
+
+- Budget: --max-steps optimizer steps x --batch-size conversations, the same learning rate,
+  warmup and cosine schedule for every row. The sequence-level teacher pass (the teacher answers
+  every training prompt once) is generated once and its time is reported separately.
+- Seeds: seed s gives a fresh student initialisation (shared by all rows of that seed) and the
+  data order. The teacher is trained once and cached; its row repeats its evaluation per seed.
+- Scoring: eval.py on each task family's held-out prompts separately, combined exactly (exact
+  match and ROUGE-L weighted by replies, perplexity and teacher agreement by scored tokens,
+  tokens/s as total tokens over total seconds), so the JSON also has exact match per family.
+- Everything is cached under --workdir (runs/compare by default): a killed run resumes, an
+  unchanged rerun only re-aggregates.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from examples import toy_task  # noqa: E402
+
+PRIMARY_METRIC = "exact_match"
+ROW_ORDER = ("teacher", "baseline", "sequence_level", "token_level_forward",
+             "token_level_reverse", "on_policy", "cross_tokenizer", "cross_tokenizer_baseline")
+METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreement",
+           "tokens_per_second", "train_seconds")
+
+# The published comparison; the quickstart uses a smaller budget on the same assets.
+DEFAULT_BUDGET = {"max_steps": 400, "batch_size": 32, "learning_rate": 3e-3, "warmup_ratio": 0.03,
+                  "max_new_tokens": 24, "log_steps": 50}
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation (pure functions: tests/test_quickstart.py feeds them fake eval.py outputs)
+
+
+def combine_families(per_family):
+    """{family: eval.py JSON} -> {model: metrics over all families}, combined exactly.
+
+    Exact match and ROUGE-L are means over replies (weighted by `generated_replies`); perplexity
+    is exp of the token-weighted mean log-perplexity (weighted by `scored_tokens`), and KL and
+    top-1 agreement are token-weighted too (for a same-tokenizer student the teacher-agreement
+    tokens are its scored tokens); tokens/s is total generated tokens over total seconds.
+    Null metrics (teacher agreement across tokenizers) stay null.
+    """
+    combined = {}
+    for family, report in per_family.items():
+        for result in report["results"]:
+            entry = combined.setdefault(result["model"], {
+                "teacher": result["teacher"], "parameters": result["parameters"], "replies": 0,
+                "tokens": 0, "em_sum": 0.0, "rouge_sum": 0.0, "log_ppl_sum": 0.0,
+                "kl_sum": None, "top1_sum": None, "generated_tokens": 0, "seconds": 0.0,
+                "exact_match_by_family": {}})
+            replies, tokens = result["generated_replies"], result["scored_tokens"]
+            entry["replies"] += replies
+            entry["tokens"] += tokens
+            entry["em_sum"] += result["exact_match"] * replies
+            entry["rouge_sum"] += result["rouge_l"] * replies
+            entry["log_ppl_sum"] += math.log(result["perplexity"]) * tokens
+            for key, total in (("kl_to_teacher", "kl_sum"), ("top1_agreement", "top1_sum")):
+                if result[key] is not None:
+                    entry[total] = (entry[total] or 0.0) + result[key] * tokens
+            entry["generated_tokens"] += result["generated_tokens"]
+            entry["seconds"] += result["generation_seconds"]
+            entry["exact_match_by_family"][family] = result["exact_match"]
+    metrics = {}
+    for model, entry in combined.items():
+        tokens = max(entry["tokens"], 1)
+        metrics[model] = {
+            "teacher": entry["teacher"], "parameters": entry["parameters"],
+            "exact_match": entry["em_sum"] / max(entry["replies"], 1),
+            "rouge_l": entry["rouge_sum"] / max(entry["replies"], 1),
+            "perplexity": math.exp(entry["log_ppl_sum"] / tokens),
+            "kl_to_teacher": None if entry["kl_sum"] is None else entry["kl_sum"] / tokens,
+            "top1_agreement": None if entry["top1_sum"] is None else entry["top1_sum"] / tokens,
+            "tokens_per_second": entry["generated_tokens"] / max(entry["seconds"], 1e-9),
+            "exact_match_by_family": entry["exact_match_by_family"],
+        }
+    return metrics
+
+
+def mean_std(values):
+    """{"mean", "std"} of the non-null values (sample std, 0 for one value); None if none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def aggregate_rows(per_seed):
+    """{seed: {row name: metrics of that seed}} -> the JSON's "rows" list, in ROW_ORDER.
+
+    Each row has one {"mean", "std"} per metric in METRICS (None where no seed has it), the
+    per-family exact match the same way, and "seeds": the per-seed metrics with their seed.
+    """
+    names = [n for n in ROW_ORDER if any(n in rows for rows in per_seed.values())]
+    names += sorted({n for rows in per_seed.values() for n in rows} - set(names))
+    result = []
+    for name in names:
+        seeds = [{"seed": seed, **rows[name]} for seed, rows in sorted(per_seed.items())
+                 if name in rows]
+        row = {"name": name, "parameters": seeds[0].get("parameters")}
+        for metric in METRICS:
+            row[metric] = mean_std([s.get(metric) for s in seeds])
+        families = sorted({f for s in seeds for f in s.get("exact_match_by_family", {})})
+        row["exact_match_by_family"] = {
+            family: mean_std([s.get("exact_match_by_family", {}).get(family) for s in seeds])
+            for family in families}
+        row["seeds"] = seeds
+        result.append(row)
+    return result
+
+
+def format_value(stat, digits=3):
+    if stat is None:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def markdown_table(rows, families):
+    """The README table: mean ± std over seeds per row."""
+    header = ["row", "params", "exact match ↑", *[f"EM {f}" for f in families], "ROUGE-L ↑",
+              "perplexity ↓", "KL to teacher ↓", "top-1 agr. ↑", "train s"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for row in rows:
+        by_family = row["exact_match_by_family"]
+        cells = [row["name"], f"{row['parameters'] / 1e3:.0f}K" if row["parameters"] else "",
+                 format_value(row["exact_match"]),
+                 *[f"{by_family[f]['mean']:.2f}" if by_family.get(f) else "n/a"
+                   for f in families],
+                 format_value(row["rouge_l"]), format_value(row["perplexity"], 2),
+                 format_value(row["kl_to_teacher"]), format_value(row["top1_agreement"]),
+                 format_value(row["train_seconds"], 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, families, path):
+    """Exact match per row (mean ± std over seeds) and per family, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["name"] for row in rows]
+    figure, (overall, by_family) = plt.subplots(
+        1, 2, figsize=(14, 4.6), gridspec_kw={"width_ratios": [1, 2]})
+    means = [row["exact_match"]["mean"] for row in rows]
+    stds = [row["exact_match"]["std"] for row in rows]
+    colors = ["tab:gray" if n == "teacher" else
+              "tab:orange" if n.startswith("cross_tokenizer") else
+              "tab:green" if n == "baseline" else "tab:blue" for n in names]
+    overall.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=3)
+    overall.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=8)
+    overall.set_ylim(0, 1)
+    overall.set_title("held-out exact match (mean ± std over seeds)", fontsize=10)
+    width = 0.8 / max(len(rows), 1)
+    for index, row in enumerate(rows):
+        values = [row["exact_match_by_family"].get(f) for f in families]
+        by_family.bar([k + index * width for k in range(len(families))],
+                      [v["mean"] if v else 0 for v in values], width,
+                      yerr=[v["std"] if v else 0 for v in values], capsize=2,
+                      label=row["name"], color=plt.cm.tab10(index % 10))
+    by_family.set_xticks([k + 0.4 - width / 2 for k in range(len(families))], families)
+    by_family.set_ylim(0, 1)
+    by_family.set_title("exact match per task family", fontsize=10)
+    by_family.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def machine_description():
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "os": platform.platform(),
+            "threads_per_run": os.environ.get("OMP_NUM_THREADS", "torch default")}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="student seeds (initialisation and data order); default 0 1 2")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="rows to train (default: all); the teacher row is always there")
+    parser.add_argument("--max-steps", type=int, default=DEFAULT_BUDGET["max_steps"],
+                        help=f"optimizer steps per student (default {DEFAULT_BUDGET['max_steps']})")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BUDGET["batch_size"],
+                        help=f"conversations per step (default {DEFAULT_BUDGET['batch_size']})")
+    parser.add_argument("--learning-rate", type=float, default=DEFAULT_BUDGET["learning_rate"],
+                        help=f"peak learning rate, every row (default "
+                             f"{DEFAULT_BUDGET['learning_rate']})")
+    parser.add_argument("--workdir", default="runs/compare",
+                        help="cache for assets, students and eval outputs (default runs/compare)")
+    parser.add_argument("--output", default="benchmarks/results/compare_methods.json",
+                        help="result JSON (a PNG chart with the same stem is written beside it)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per subprocess (OMP_NUM_THREADS; default 1: on a "
+                             "shared or 2-core machine one thread is faster for these tiny models)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="stream every subprocess's output, not only the progress lines")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    from examples.toy_assets import DEFAULT_SETTINGS, build_assets, settings_hash
+    from examples.toy_pipeline import (METHODS, evaluate, generate_teacher_completions,
+                                       train_methods)
+
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    methods = args.methods or list(METHODS)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from {list(METHODS)}")
+    started = time.perf_counter()
+    budget = {**DEFAULT_BUDGET, "max_steps": args.max_steps, "batch_size": args.batch_size,
+              "learning_rate": args.learning_rate}
+    workdir = Path(args.workdir)
+    echo = "all" if args.verbose else "progress"
+    assets = build_assets(DEFAULT_SETTINGS, workdir / "assets", echo=echo)
+    # Students and evals depend on the assets and the budget: key their directory by both.
+    runs = workdir / f"runs-{settings_hash({'assets': DEFAULT_SETTINGS, 'budget': budget})}"
+    completions = runs / "teacher_completions.jsonl"
+    teacher_pass_seconds = generate_teacher_completions(
+        assets, completions, budget["max_new_tokens"],
+        budget["max_steps"] * budget["batch_size"], echo=echo) \
+        if "sequence_level" in methods else None
+
+    per_seed, eval_seconds = {}, 0.0
+    for seed in args.seeds:
+        seed_dir = runs / f"seed{seed}"
+        trained = train_methods(assets, methods, seed, seed_dir, completions, budget, echo=echo)
+        print(f"[seed {seed}] scoring {len(trained)} students and the teacher with eval.py, "
+              f"one task family at a time (logs in {seed_dir / 'eval'})", flush=True)
+        per_family = {}
+        for family in toy_task.FAMILIES:
+            per_family[family], seconds = evaluate(
+                [path for path, _ in trained.values()], assets["teacher"],
+                assets["data"][f"test_{family}"], seed_dir / "eval" / f"{family}.json",
+                seed_dir / "eval" / f"{family}.log", budget["max_new_tokens"])
+            eval_seconds += seconds
+        by_model = combine_families(per_family)
+        rows = {"teacher": {**by_model[assets["teacher"]],
+                            "train_seconds": assets["teacher_seconds"]}}
+        for name, (path, seconds) in trained.items():
+            rows[name] = {**by_model[path], "train_seconds": seconds}
+        for metrics in rows.values():
+            metrics.pop("teacher", None)
+        per_seed[seed] = rows
+        print(f"[seed {seed}] exact match: " + ", ".join(
+            f"{name} {metrics['exact_match']:.3f}" for name, metrics in rows.items()), flush=True)
+
+    rows = aggregate_rows(per_seed)
+    wall_seconds = time.perf_counter() - started
+    # Every stage's own wall time, cached or not: what the whole comparison costs from scratch.
+    student_seconds = sum(s["train_seconds"] for rows_of_seed in per_seed.values()
+                          for name, s in rows_of_seed.items() if name != "teacher")
+    total_seconds = (assets["teacher_seconds"] + (teacher_pass_seconds or 0.0) + student_seconds
+                     + eval_seconds)
+    settings = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix() if argv is None
+                                         else "benchmarks/compare_methods.py",
+                                         *(sys.argv[1:] if argv is None else argv)]),
+        "seeds": args.seeds, "budget": budget,
+        "budget_conversations": budget["max_steps"] * budget["batch_size"],
+        "assets": DEFAULT_SETTINGS, "teacher_training_seconds": assets["teacher_seconds"],
+        "teacher_held_out_exact_match_at_build": assets["teacher_exact_match"],
+        "sequence_level_teacher_pass_seconds": teacher_pass_seconds,
+        "teacher_note": "one teacher, trained once and cached; its row repeats its evaluation "
+                        "in every seed's eval.py run, and its train_seconds is the one training",
+        "eval": {"dataset": "held-out test split, one eval.py run per task family, combined "
+                            "exactly", "families": list(toy_task.FAMILIES),
+                 "max_new_tokens": budget["max_new_tokens"], "decoding": "greedy"},
+        "machine": machine_description(),
+        "total_seconds": total_seconds,
+        "total_seconds_parts": {"teacher_training": assets["teacher_seconds"],
+                                "sequence_level_teacher_pass": teacher_pass_seconds,
+                                "student_training": student_seconds, "evaluation": eval_seconds},
+        "total_seconds_note": "sum of every stage's wall time (teacher training, teacher pass, "
+                              "all student runs, all eval.py runs), whether computed now or "
+                              "read from the cache; this invocation took wall_seconds",
+        "wall_seconds": wall_seconds,
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"primary_metric": PRIMARY_METRIC, "settings": settings,
+                                  "rows": rows}, indent=2) + "\n")
+    table = markdown_table(rows, toy_task.FAMILIES)
+    print(table)
+    print(f"\nresults written to {output} (the whole comparison: {total_seconds / 60:.1f} min of "
+          f"compute; this run: {wall_seconds / 60:.1f} min)")
+    try:
+        plot(rows, list(toy_task.FAMILIES), output.with_suffix(".png"))
+        print(f"chart written to {output.with_suffix('.png')}")
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install matplotlib)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
