@@ -25,6 +25,9 @@ def _check_exists(name, what):
 
 def _load_error(name, what, exc):
     first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if "trust_remote_code" in str(exc) or "contains custom code" in str(exc):
+        return UserError(f"{what} {name} ships its own Python code, which is not run by default; "
+                         f"pass --trust-remote-code only if you have read and trust that code")
     if Path(name).expanduser().is_dir():
         return UserError(f"{what} directory {name} could not be loaded ({first_line}); it should "
                          f"hold a Hugging Face model saved with save_pretrained")
