@@ -167,7 +167,8 @@ def backward_window(accelerator, model, window, loss_fn):
 class _StopFlag:
     """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and exits.
 
-    A second Ctrl-C does not wait for the checkpoint: it interrupts at once.
+    Repeated signals change nothing: a scheduler may signal every process while the launcher
+    forwards the same signal again, and the run must still end in a checkpoint.
     """
 
     def __init__(self):
@@ -178,9 +179,7 @@ class _StopFlag:
         previous = {}
 
         def handler(signum, _frame):
-            if signum == signal.SIGINT and self.signal_name == "SIGINT":
-                raise KeyboardInterrupt
-            self.signal_name = signal.Signals(signum).name
+            self.signal_name = self.signal_name or signal.Signals(signum).name
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
