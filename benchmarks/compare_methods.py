@@ -45,7 +45,7 @@ METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreem
            "tokens_per_second", "train_seconds")
 
 # The published comparison; the quickstart uses a smaller budget on the same assets.
-DEFAULT_BUDGET = {"max_steps": 400, "batch_size": 32, "learning_rate": 3e-3, "warmup_ratio": 0.03,
+DEFAULT_BUDGET = {"max_steps": 300, "batch_size": 32, "learning_rate": 3e-3, "warmup_ratio": 0.03,
                   "max_new_tokens": 24, "log_steps": 50}
 
 
@@ -193,6 +193,20 @@ def plot(rows, families, path):
 # ---------------------------------------------------------------------------------------------
 
 
+def code_version():
+    """The commit the scripts were at when this result was aggregated (+ whether it was dirty)."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit, "uncommitted_changes": bool(dirty)}
+
+
 def machine_description():
     import torch
 
@@ -235,7 +249,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from examples.toy_assets import DEFAULT_SETTINGS, build_assets, settings_hash
+    from examples.toy_assets import (DEFAULT_SETTINGS, build_assets, pretraining_seconds,
+                                     settings_hash)
     from examples.toy_pipeline import (METHODS, evaluate, generate_teacher_completions,
                                        train_methods)
 
@@ -288,8 +303,10 @@ def main(argv=None):
     # Every stage's own wall time, cached or not: what the whole comparison costs from scratch.
     student_seconds = sum(s["train_seconds"] for rows_of_seed in per_seed.values()
                           for name, s in rows_of_seed.items() if name != "teacher")
-    total_seconds = (assets["teacher_seconds"] + (teacher_pass_seconds or 0.0) + student_seconds
-                     + eval_seconds)
+    pretrain_seconds = sum(pretraining_seconds(assets, which, seed)
+                           for seed in args.seeds for which in ("bpe", "sp"))
+    total_seconds = (assets["teacher_seconds"] + (teacher_pass_seconds or 0.0) + pretrain_seconds
+                     + student_seconds + eval_seconds)
     settings = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix() if argv is None
                                          else "benchmarks/compare_methods.py",
@@ -304,14 +321,20 @@ def main(argv=None):
         "eval": {"dataset": "held-out test split, one eval.py run per task family, combined "
                             "exactly", "families": list(toy_task.FAMILIES),
                  "max_new_tokens": budget["max_new_tokens"], "decoding": "greedy"},
-        "machine": machine_description(),
+        "machine": machine_description(), "code": code_version(),
         "total_seconds": total_seconds,
         "total_seconds_parts": {"teacher_training": assets["teacher_seconds"],
                                 "sequence_level_teacher_pass": teacher_pass_seconds,
+                                "student_pretraining": pretrain_seconds,
                                 "student_training": student_seconds, "evaluation": eval_seconds},
         "total_seconds_note": "sum of every stage's wall time (teacher training, teacher pass, "
-                              "all student runs, all eval.py runs), whether computed now or "
-                              "read from the cache; this invocation took wall_seconds",
+                              "student pretraining, all student runs, all eval.py runs), whether "
+                              "computed now or read from the cache; this invocation took "
+                              "wall_seconds",
+        "student_note": "each seed's two students (one per tokenizer) are randomly initialised "
+                        "with that seed and pretrained on the raw training text (question and "
+                        "answer as plain text, no chat template) before any method; every row "
+                        "of that seed starts from them",
         "wall_seconds": wall_seconds,
     }
     output = Path(args.output)

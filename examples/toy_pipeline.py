@@ -94,7 +94,7 @@ def train_methods(assets, methods, seed, run_dir, completions, budget, log=print
     comparison resumes where it stopped.
     """
     run_dir = Path(run_dir)
-    students = {which: student_init(assets, which, seed) for which in ("bpe", "sp")}
+    students = {which: student_init(assets, which, seed, log=log) for which in ("bpe", "sp")}
     trained = {}
     for index, name in enumerate(methods, start=1):
         output_dir = run_dir / name
