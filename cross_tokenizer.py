@@ -52,6 +52,7 @@ from common.checkpoint import check_output_dir, clear_output_dir, export_student
 from common.errors import UserError, run_cli
 from common.losses import cross_entropy, shared_vocab_kl, uld_loss
 from common.models import check_vocab_fits, freeze, load_model, load_tokenizer, real_vocab_size
+from common.sharding import prepare_teacher
 
 
 @dataclass
@@ -232,7 +233,7 @@ def main(argv=None):
                           f"vocabularies")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    teacher.to(accelerator.device)
+    teacher = prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
 
     output_dir = Path(train_args.output_dir)
     if accelerator.is_main_process:

@@ -261,6 +261,11 @@ def prepare(cache_dir, examples, tokenizer, teacher_name, data_args, top_k, temp
         if teacher_name is None:
             raise UserError(f"--teacher-cache {cache_dir} holds no complete cache; pass --teacher "
                             f"to build it")
+        if accelerator.num_processes > 1:
+            # One process builds it, and a sharded (FSDP / ZeRO-3) teacher cannot run alone.
+            raise UserError(f"--teacher-cache {cache_dir} holds no complete cache; build it with a "
+                            f"single-process run first (e.g. the same command with plain python "
+                            f"and --max-steps 1), then launch the multi-process run")
         if accelerator.is_main_process:
             teacher = load_teacher()
             build_cache(cache_dir, teacher, examples, identity, len(tokenizer), batch_size,

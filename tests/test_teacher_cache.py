@@ -145,8 +145,11 @@ def test_two_processes_read_the_same_rows_as_one(tiny, tmp_path):
     cache = tmp_path / "cache"
     common = ["--teacher", tiny / "teacher", "--grad-accum", "1"]
     single, multi = tmp_path / "single", tmp_path / "multi"
+    refused = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                         *cli_args(tiny, tmp_path / "early", cache, *common), check=False)
+    assert refused.returncode != 0 and "single-process run first" in refused.stderr
     run_script(*cli_args(tiny, single, cache, *common))
     args = cli_args(tiny, multi, cache, *common, "--batch-size", "2")
-    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", *args)
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args)
     expected, got = load_file(single / "model.safetensors"), load_file(multi / "model.safetensors")
     assert all(torch.allclose(expected[n], got[n], atol=1e-6) for n in expected)
