@@ -144,3 +144,30 @@ def test_aggregate_rows_mean_std_order_and_seeds():
 def test_mean_std_edge_cases():
     assert mean_std([]) is None and mean_std([None, None]) is None
     assert mean_std([0.5]) == {"mean": 0.5, "std": 0.0}
+
+
+# --- the two tokenizers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["bpe", "sp"])
+def test_every_token_after_the_prompt_is_supervised(task, which):
+    """What the student must generate after the generation prompt is exactly what it is trained
+    on, for both tokenizers (a digit-initial reply is the case that once went wrong)."""
+    from common.chat import ChatEncoder
+    from examples import toy_assets
+
+    texts = list(toy_task.corpus(task[0]))
+    tokenizer = (toy_assets.build_bpe_tokenizer(texts, 400) if which == "bpe" else
+                 toy_assets.build_sentencepiece_tokenizer(texts, 300))
+    encoder = ChatEncoder(tokenizer, 128)
+    for row in task[1][:10]:
+        example = encoder.encode(row["messages"])
+        prompt = tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True,
+                                               tokenize=False)
+        prompt_length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert example["input_ids"][:prompt_length] == \
+            tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        supervised = [label != -100 for label in example["labels"]]
+        assert supervised == [False] * prompt_length + [True] * (len(supervised) - prompt_length)
+        reply_ids = example["input_ids"][prompt_length:-1]  # without the end-of-turn token
+        assert tokenizer.decode(reply_ids).strip() == row["messages"][1]["content"]
