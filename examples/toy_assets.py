@@ -58,8 +58,8 @@ SP_CHAT_TEMPLATE = (
 
 # The defaults of the comparison; the quickstart shrinks the budget, not the task.
 DEFAULT_SETTINGS = {
-    "version": 2,  # bump when the code that builds the assets changes what it builds
-    "task": {"seed": 0, "num_train": 10000, "num_test": 250, "max_digits": 3, "reverse_words": 4,
+    "version": 3,  # bump when the code that builds the assets changes what it builds
+    "task": {"seed": 0, "num_train": 10000, "num_test": 250, "max_digits": 4, "reverse_words": 4,
              "max_words": 6},
     "bpe_vocab_size": 512,
     "sp_vocab_size": 384,  # merges + characters, besides the 256 byte-fallback tokens

@@ -14,10 +14,10 @@ and two have many, so that a teacher's soft distribution carries information bey
     pick     "Pick a word that starts with s from: cat, sun, box, sea"  -> sun or sea
 
 Every row is {"messages": [user, assistant], "answers": [accepted replies], "family": ...}; eval.py
-scores exact match against `answers`. Train and test share no prompt text. For `name`, the
-(category, letter) facts live in a fixed lexicon, so a held-out prompt asks a known fact in a
-phrasing never seen with that (category, letter) in training; every other family is
-compositional (new numbers and word lists).
+scores exact match against `answers`. No prompt text appears twice, within or across the splits.
+For `name`, the (category, letter) facts live in a fixed lexicon, so a held-out prompt asks a
+known fact in a phrasing never seen with that (category, letter) in training; every other family
+is compositional (new numbers and word lists).
 """
 
 import argparse
@@ -53,6 +53,11 @@ LEXICON = {
 NAME_PHRASINGS = ("Name {article} {category} that starts with {letter}.",
                   "Give me {article} {category} beginning with the letter {letter}.",
                   "Which {category} starts with {letter}?")
+# Openers and closers make every training prompt distinct (as prompts of a real instruction set
+# are): sequence_level.py keeps one teacher completion per distinct prompt, so repeated prompts
+# would shrink this family in its data and nowhere else.
+NAME_OPENERS = ("", "Quick question: ", "Hi! ", "Please help. ", "Hello. ", "One more: ")
+NAME_CLOSERS = ("", " One word, please.", " Just one.", " Any will do.", " Keep it short.")
 
 # Short, common words for the list families (reverse, count, pick).
 WORDS = ["cat", "dog", "sun", "box", "sea", "map", "cup", "hat", "pen", "key", "bus", "bed",
@@ -125,23 +130,30 @@ def make_pick(rng, max_words):
                 rng.choice(answers), answers)
 
 
-def make_name(rng, prompts):
-    """A row for one of `prompts` [(category, letter, phrasing)], its reply drawn from the answers."""
-    facts = name_facts()
-    category, letter, phrasing = rng.choice(prompts)
-    answers = facts[(category, letter)]
+def make_name(rng, prompt):
+    """The row of one `prompt` (category, letter, phrasing, opener, closer), its reply drawn from
+    the accepted answers."""
+    category, letter, phrasing, opener, closer = prompt
+    answers = name_facts()[(category, letter)]
     article = "an" if category[0] in "aeiou" else "a"
-    question = NAME_PHRASINGS[phrasing].format(article=article, category=category, letter=letter)
+    question = NAME_OPENERS[opener] + NAME_PHRASINGS[phrasing].format(
+        article=article, category=category, letter=letter) + NAME_CLOSERS[closer]
     return _row("name", question, rng.choice(answers), answers)
 
 
 def split_name_prompts(rng):
-    """(train prompts, test prompts): each (category, letter) gets one phrasing held out."""
+    """(train prompts, test prompts), each shuffled: every (category, letter) has one phrasing
+    that only the test split uses, in one prompt with a random opener and closer."""
     train, test = [], []
     for category, letter in sorted(name_facts()):
         held_out = rng.randrange(len(NAME_PHRASINGS))
-        for phrasing in range(len(NAME_PHRASINGS)):
-            (test if phrasing == held_out else train).append((category, letter, phrasing))
+        test.append((category, letter, held_out, rng.randrange(len(NAME_OPENERS)),
+                     rng.randrange(len(NAME_CLOSERS))))
+        train += [(category, letter, phrasing, opener, closer)
+                  for phrasing in range(len(NAME_PHRASINGS)) if phrasing != held_out
+                  for opener in range(len(NAME_OPENERS)) for closer in range(len(NAME_CLOSERS))]
+    rng.shuffle(train)
+    rng.shuffle(test)
     return train, test
 
 
@@ -149,13 +161,13 @@ def prompt_text(row):
     return row["messages"][0]["content"]
 
 
-def generate_task(seed=0, num_train=10000, num_test=250, max_digits=3, reverse_words=4,
+def generate_task(seed=0, num_train=10000, num_test=250, max_digits=4, reverse_words=4,
                   max_words=6):
     """(train rows, test rows); the same arguments always give the same rows.
 
     Families are interleaved round-robin, so every split holds them in equal shares (except that
-    the test split has at most one `name` row per fact). Test prompts are unique; no training
-    prompt appears in the test split.
+    the test split has at most one `name` row per fact). Every prompt is distinct, within and
+    across the splits.
     """
     if max_digits < 2 or reverse_words < 3 or max_words < 4:
         raise ValueError("max_digits must be >= 2, reverse_words >= 3 and max_words >= 4")
@@ -171,7 +183,6 @@ def generate_task(seed=0, num_train=10000, num_test=250, max_digits=3, reverse_w
     test, test_prompts = [], set()
     # `name` has one held-out prompt per fact; once they are used up, the other families fill in.
     name_left = list(name_test)
-    rng.shuffle(name_left)
     turn, attempts = 0, 0
     while len(test) < num_test:
         family = FAMILIES[turn % len(FAMILIES)]
@@ -179,7 +190,7 @@ def generate_task(seed=0, num_train=10000, num_test=250, max_digits=3, reverse_w
         if family == "name":
             if not name_left:
                 continue
-            row = make_name(rng, [name_left.pop()])
+            row = make_name(rng, name_left.pop())
         else:
             row = makers[family]()
         attempts += 1
@@ -189,11 +200,23 @@ def generate_task(seed=0, num_train=10000, num_test=250, max_digits=3, reverse_w
             test_prompts.add(prompt_text(row))
             test.append(row)
 
-    train = []
+    train, seen = [], set(test_prompts)
+    attempts = 0
     while len(train) < num_train:
         family = FAMILIES[len(train) % len(FAMILIES)]
-        row = make_name(rng, name_train) if family == "name" else makers[family]()
-        if prompt_text(row) not in test_prompts:
+        if family == "name":
+            if not name_train:
+                raise ValueError(f"the name family has only {len(split_name_prompts(rng)[0])} "
+                                 f"distinct training prompts; lower num_train")
+            row = make_name(rng, name_train.pop())
+        else:
+            row = makers[family]()
+        attempts += 1
+        if attempts > 100 * num_train:
+            raise ValueError("could not draw enough distinct training prompts; lower num_train "
+                             "or raise max_digits / max_words")
+        if prompt_text(row) not in seen:
+            seen.add(prompt_text(row))
             train.append(row)
     return train, test
 
@@ -238,8 +261,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     parser.add_argument("--num-train", type=int, default=10000, help="training rows (default 10000)")
     parser.add_argument("--num-test", type=int, default=250, help="held-out rows (default 250)")
-    parser.add_argument("--max-digits", type=int, default=3,
-                        help="longest number of `arith`, in digits (default 3)")
+    parser.add_argument("--max-digits", type=int, default=4,
+                        help="longest number of `arith`, in digits (default 4)")
     parser.add_argument("--reverse-words", type=int, default=4,
                         help="longest list to reverse (default 4)")
     parser.add_argument("--max-words", type=int, default=6,
