@@ -2,7 +2,7 @@
 same student initialisation with the same budget on the toy task (examples/toy_task.py), for
 several seeds; every student is scored by eval.py; the table goes to JSON, a PNG and stdout.
 
-    python benchmarks/compare_methods.py                      # the published table (3 seeds)
+    python benchmarks/compare_methods.py                      # the published table (5 seeds)
     python benchmarks/compare_methods.py --seeds 0 --max-steps 50 --output /tmp/cmp.json
 
 Rows: teacher; baseline (the student fine-tuned on the ground-truth replies); sequence_level;
@@ -43,6 +43,10 @@ ROW_ORDER = ("teacher", "baseline", "sequence_level", "token_level_forward",
              "token_level_reverse", "on_policy", "cross_tokenizer", "cross_tokenizer_baseline")
 METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreement",
            "tokens_per_second", "train_seconds")
+# Each distilled row against the SFT baseline of the same student (same seed, same initialisation).
+REFERENCE_ROW = {"sequence_level": "baseline", "token_level_forward": "baseline",
+                 "token_level_reverse": "baseline", "on_policy": "baseline",
+                 "cross_tokenizer": "cross_tokenizer_baseline"}
 
 # The published comparison; the quickstart uses a smaller budget on the same assets.
 DEFAULT_BUDGET = {"max_steps": 300, "batch_size": 32, "learning_rate": 3e-3, "warmup_ratio": 0.03,
@@ -111,7 +115,9 @@ def aggregate_rows(per_seed):
     """{seed: {row name: metrics of that seed}} -> the JSON's "rows" list, in ROW_ORDER.
 
     Each row has one {"mean", "std"} per metric in METRICS (None where no seed has it), the
-    per-family exact match the same way, and "seeds": the per-seed metrics with their seed.
+    per-family exact match the same way, "seeds": the per-seed metrics with their seed, and for
+    a distilled row "exact_match_minus_<its SFT baseline>": the per-seed difference's mean, std
+    and the number of seeds where it is positive.
     """
     names = [n for n in ROW_ORDER if any(n in rows for rows in per_seed.values())]
     names += sorted({n for rows in per_seed.values() for n in rows} - set(names))
@@ -126,9 +132,25 @@ def aggregate_rows(per_seed):
         row["exact_match_by_family"] = {
             family: mean_std([s.get("exact_match_by_family", {}).get(family) for s in seeds])
             for family in families}
+        reference = REFERENCE_ROW.get(name)
+        if reference:
+            # Paired by seed: both rows start from the same student, so its luck cancels out.
+            paired = [rows[name][PRIMARY_METRIC] - rows[reference][PRIMARY_METRIC]
+                      for rows in per_seed.values() if reference in rows and name in rows]
+            row[f"{PRIMARY_METRIC}_minus_{reference}"] = {
+                **mean_std(paired), "wins": sum(d > 0 for d in paired),
+                "seeds": len(paired)} if paired else None
         row["seeds"] = seeds
         result.append(row)
     return result
+
+
+def paired_difference(row):
+    """(reference row name, {"mean", "std", "wins", "seeds"}) of a row, or (None, None)."""
+    for key, value in row.items():
+        if key.startswith(f"{PRIMARY_METRIC}_minus_"):
+            return key[len(f"{PRIMARY_METRIC}_minus_"):], value
+    return None, None
 
 
 def format_value(stat, digits=3):
@@ -139,13 +161,17 @@ def format_value(stat, digits=3):
 
 def markdown_table(rows, families):
     """The README table: mean ± std over seeds per row."""
-    header = ["row", "params", "exact match ↑", *[f"EM {f}" for f in families], "ROUGE-L ↑",
-              "perplexity ↓", "KL to teacher ↓", "top-1 agr. ↑", "train s"]
+    header = ["row", "params", "exact match ↑", "Δ vs its SFT baseline (wins)",
+              *[f"EM {f}" for f in families], "ROUGE-L ↑", "perplexity ↓", "KL to teacher ↓",
+              "top-1 agr. ↑", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for row in rows:
         by_family = row["exact_match_by_family"]
+        _, delta = paired_difference(row)
         cells = [row["name"], f"{row['parameters'] / 1e3:.0f}K" if row["parameters"] else "",
                  format_value(row["exact_match"]),
+                 f"{delta['mean']:+.3f} ± {delta['std']:.3f} ({delta['wins']}/{delta['seeds']})"
+                 if delta else "",
                  *[f"{by_family[f]['mean']:.2f}" if by_family.get(f) else "n/a"
                    for f in families],
                  format_value(row["rouge_l"]), format_value(row["perplexity"], 2),
@@ -156,36 +182,38 @@ def markdown_table(rows, families):
 
 
 def plot(rows, families, path):
-    """Exact match per row (mean ± std over seeds) and per family, side by side."""
+    """Exact match per row (mean ± std over seeds) and per task family; one colour per row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [row["name"] for row in rows]
+    palette = [plt.cm.tab10(k) for k in range(10) if k != 7]  # tab10's grey is the teacher's
+    students = iter(range(len(rows)))
+    colors = ["tab:gray" if name == "teacher" else palette[next(students) % len(palette)]
+              for name in names]
     figure, (overall, by_family) = plt.subplots(
-        1, 2, figsize=(14, 4.6), gridspec_kw={"width_ratios": [1, 2]})
-    means = [row["exact_match"]["mean"] for row in rows]
-    stds = [row["exact_match"]["std"] for row in rows]
-    colors = ["tab:gray" if n == "teacher" else
-              "tab:orange" if n.startswith("cross_tokenizer") else
-              "tab:green" if n == "baseline" else "tab:blue" for n in names]
-    overall.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=3)
+        1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [1, 2]})
+    overall.bar(range(len(rows)), [row["exact_match"]["mean"] for row in rows],
+                yerr=[row["exact_match"]["std"] for row in rows], color=colors, capsize=3)
     overall.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=8)
     overall.set_ylim(0, 1)
-    overall.set_title("held-out exact match (mean ± std over seeds)", fontsize=10)
+    overall.set_title(f"held-out exact match (mean ± std over {len(rows[0]['seeds'])} seeds)",
+                      fontsize=10)
     width = 0.8 / max(len(rows), 1)
     for index, row in enumerate(rows):
         values = [row["exact_match_by_family"].get(f) for f in families]
         by_family.bar([k + index * width for k in range(len(families))],
                       [v["mean"] if v else 0 for v in values], width,
                       yerr=[v["std"] if v else 0 for v in values], capsize=2,
-                      label=row["name"], color=plt.cm.tab10(index % 10))
+                      label=row["name"], color=colors[index])
     by_family.set_xticks([k + 0.4 - width / 2 for k in range(len(families))], families)
     by_family.set_ylim(0, 1)
     by_family.set_title("exact match per task family", fontsize=10)
-    by_family.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
+    figure.legend(*by_family.get_legend_handles_labels(), loc="lower center",
+                  ncol=len(rows), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
@@ -225,8 +253,9 @@ def machine_description():
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="student seeds (initialisation and data order); default 0 1 2")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                        help="student seeds (initialisation, pretraining and data order); "
+                             "default 0 1 2 3 4")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="rows to train (default: all); the teacher row is always there")
     parser.add_argument("--max-steps", type=int, default=DEFAULT_BUDGET["max_steps"],

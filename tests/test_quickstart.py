@@ -139,6 +139,19 @@ def test_aggregate_rows_mean_std_order_and_seeds():
     assert "| baseline | " in table and "0.300 ± 0.141" in table
 
 
+def test_paired_difference_against_the_same_seeds_baseline():
+    per_seed = {seed: {"baseline": {"exact_match": base}, "token_level_forward": {"exact_match": kd},
+                       "cross_tokenizer": {"exact_match": 0.1}}
+                for seed, (base, kd) in enumerate([(0.5, 0.6), (0.3, 0.35), (0.4, 0.38)])}
+    rows = {row["name"]: row for row in aggregate_rows(per_seed)}
+    delta = rows["token_level_forward"]["exact_match_minus_baseline"]
+    assert delta["mean"] == pytest.approx((0.1 + 0.05 - 0.02) / 3)
+    assert (delta["wins"], delta["seeds"]) == (2, 3)
+    assert "exact_match_minus_baseline" not in rows["baseline"]
+    # no cross_tokenizer_baseline row: nothing to pair with
+    assert rows["cross_tokenizer"]["exact_match_minus_cross_tokenizer_baseline"] is None
+
+
 def test_mean_std_edge_cases():
     assert mean_std([]) is None and mean_std([None, None]) is None
     assert mean_std([0.5]) == {"mean": 0.5, "std": 0.0}
