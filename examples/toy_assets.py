@@ -1,6 +1,6 @@
 """Everything the quickstart and the method comparison need before any distillation starts, built
 offline and cached: the toy task's data, two tokenizers trained on it, a teacher trained from
-scratch, and untrained student initialisations.
+scratch, and the students every method starts from.
 
     assets = build_assets(SETTINGS, "runs/toy_assets")   # reuses runs/toy_assets/<hash>/ if there
 
@@ -9,11 +9,12 @@ The cache directory is named by a hash of the settings that generate it, so chan
 
 - Byte-level BPE tokenizer (GPT-2 / Llama 3 style, digits split one by one as Llama's are) with a
   role-token chat template: the teacher's and the same-vocabulary students'.
-- SentencePiece-style tokenizer (Metaspace '▁', byte fallback, digits split) with a Llama-2-style
-  [INST] template: the cross-tokenizer student's.
+- SentencePiece-style tokenizer (Metaspace '▁', byte fallback, digits split) with a
+  Mistral-v3-like template ([INST]/[/INST] control tokens): the cross-tokenizer student's.
 - The teacher (Llama architecture) is trained by plain SFT through sequence_level.py itself (no
   teacher, `--completions train.jsonl`), exactly as a user would fine-tune a model with the suite.
-- Students are 4-10x smaller, random initialisations, one per tokenizer and per seed.
+- Students are 4x smaller: one per tokenizer and per seed, randomly initialised and then briefly
+  pretrained on the raw task text (a base model in miniature), in students-<hash>/.
 """
 
 import hashlib
@@ -107,9 +108,9 @@ def build_sentencepiece_tokenizer(texts, vocab_size):
     in Llama 2's), not special tokens: decode(skip_special_tokens=True) must keep them.
 
     Metaspace prepends '▁' to every section between special tokens (prepend_scheme="always", as
-    Llama 2's legacy SentencePiece does), so a reply "348" after [/INST] is '▁' '3' '4' '8' and the
-    '▁' overlaps the reply's first character: it is supervised like the digits. (With Llama 2's
-    own "[/INST] 348" the '▁' would be the template's space, outside the reply, and
+    Llama 2's legacy SentencePiece does), so a reply "348" after [/INST] is '▁' '3' '4' '8' and
+    the '▁' overlaps the reply's first character: it is supervised like the digits. (With
+    Llama 2's own "[/INST] 348" the '▁' would be the template's space, outside the reply, and
     common/chat.py would never train the model to write it.)"""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

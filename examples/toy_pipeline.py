@@ -12,7 +12,8 @@ would type it; nothing here re-implements a method:
     token_level_reverse       token_level.py --kl reverse
     on_policy                 on_policy.py  (GKD: --lmbda 0.5, reverse KL, the script's defaults)
     cross_tokenizer           cross_tokenizer.py  (ULD, a student with the other tokenizer)
-    cross_tokenizer_baseline  sequence_level.py on the ground truth, that same other-tokenizer student
+    cross_tokenizer_baseline  sequence_level.py on the ground truth, with that same
+                              other-tokenizer student
 
 All rows of one seed start from the same student initialisation (one per tokenizer) and get the
 same budget: --max-steps x --batch-size conversations, the same learning rate and schedule.

@@ -257,9 +257,11 @@ def write_task(out_dir, **task):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="directory for train.jsonl, test.jsonl, test_<family>.jsonl")
+    parser.add_argument("out_dir",
+                        help="directory for train.jsonl, test.jsonl, test_<family>.jsonl")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    parser.add_argument("--num-train", type=int, default=10000, help="training rows (default 10000)")
+    parser.add_argument("--num-train", type=int, default=10000,
+                        help="training rows (default 10000)")
     parser.add_argument("--num-test", type=int, default=250, help="held-out rows (default 250)")
     parser.add_argument("--max-digits", type=int, default=4,
                         help="longest number of `arith`, in digits (default 4)")

@@ -140,7 +140,8 @@ def test_aggregate_rows_mean_std_order_and_seeds():
 
 
 def test_paired_difference_against_the_same_seeds_baseline():
-    per_seed = {seed: {"baseline": {"exact_match": base}, "token_level_forward": {"exact_match": kd},
+    per_seed = {seed: {"baseline": {"exact_match": base},
+                       "token_level_forward": {"exact_match": kd},
                        "cross_tokenizer": {"exact_match": 0.1}}
                 for seed, (base, kd) in enumerate([(0.5, 0.6), (0.3, 0.35), (0.4, 0.38)])}
     rows = {row["name"]: row for row in aggregate_rows(per_seed)}
