@@ -6,7 +6,8 @@ then located in the rendered text, walking forward through the conversation, and
 overlap an assistant reply, plus the end-of-turn token right after it, are supervised; every other
 token gets label -100. A reply is searched for only after the template's opening of its turn (the
 conversation so far rendered with the generation prompt), so a short reply such as "a" is never
-mistaken for a letter of the role header before it.
+mistaken for a letter of the role header before it. Whitespace the template writes between that
+opening and the reply (Llama 2's "[/INST] reply") is supervised too: at inference the model writes it.
 
 This needs no `{% generation %}` markers, so it works with the templates real models ship:
 templates that inject a default system prompt or today's date (the injected text is simply not an
@@ -121,10 +122,13 @@ class ChatEncoder:
         spans, cursor = [], 0
         for index, message in enumerate(messages):
             content = message["content"]
+            reply_start = 0
             if message["role"] == "assistant":
                 # Search after the template's opening of this turn: a short reply ("a", "t",
                 # "assistant") would otherwise be found inside the role header before it.
-                cursor = max(cursor, self._reply_start(text, messages[:index]))
+                reply_start = self._reply_start(text, messages[:index])
+                reply_start = reply_start if reply_start >= cursor else 0
+                cursor = max(cursor, reply_start)
             candidates = [content, content.strip()] if content.strip() != content else [content]
             found = -1
             for candidate in candidates:
@@ -141,6 +145,10 @@ class ChatEncoder:
             if message["role"] == "assistant":
                 if self.end_of_turn and text.startswith(self.end_of_turn, end):
                     end += len(self.end_of_turn)
+                # Llama 2 renders "[/INST] reply": the space is not in the prompt, so at inference
+                # the model writes it, and a tokenizer may make it a token of its own ('▁').
+                if reply_start and not text[reply_start:found].strip():
+                    found = reply_start
                 spans.append((found, end))
             cursor = end
         if self.supervise == "last":

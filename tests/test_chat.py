@@ -145,3 +145,26 @@ def test_collate_right_pads_and_masks():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+LLAMA2_TEMPLATE = (  # the reply follows "[/INST] " after a space that the prompt does not hold
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST] {{ message['content'] | trim }} [/INST]"
+    "{% else %} {{ message['content'] | trim }} {{ eos_token }}{% endif %}{% endfor %}")
+
+
+def test_space_token_between_prompt_and_reply_is_supervised():
+    """Llama 2 renders "[/INST] 42": with a tokenizer that makes that space its own token ('▁'
+    before split digits), the model must generate the '▁' after the prompt, so it is labelled."""
+    from examples.toy_assets import build_sentencepiece_tokenizer
+
+    tokenizer = build_sentencepiece_tokenizer(["What is 12 + 30?", "12 + 30 = 42."], 40)
+    tokenizer.chat_template = LLAMA2_TEMPLATE
+    conversation = [{"role": "user", "content": "What is 12 + 30?"},
+                    {"role": "assistant", "content": "42"}]
+    example = ChatEncoder(tokenizer, 512).encode(conversation)
+    tokens = tokenizer.convert_ids_to_tokens(example["input_ids"])
+    supervised = [token for token, label in zip(tokens, example["labels"])
+                  if label != IGNORE_INDEX]
+    assert tokens[tokens.index("[/INST]") + 1] == "▁"  # the space is a token of its own
+    assert supervised == ["▁", "4", "2", "▁", "</s>"]
