@@ -121,7 +121,10 @@ def build_bpe_tokenizer(rows, vocab_size=400):
 
 
 def build_sentencepiece_tokenizer(rows, vocab_size=300):
-    """SentencePiece-style (Metaspace '▁', byte fallback) tokenizer with a different vocabulary."""
+    """SentencePiece-style (Metaspace '▁', byte fallback) tokenizer with a different vocabulary.
+
+    The 256 <0x..> byte tokens are ordinary vocabulary entries (as in Llama 2's), not special
+    tokens: decode(skip_special_tokens=True) must keep them, or non-ASCII text vanishes."""
     tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
@@ -131,6 +134,10 @@ def build_sentencepiece_tokenizer(rows, vocab_size=300):
                                   special_tokens=[SP_PAD, SP_BOS, SP_EOS] + byte_tokens,
                                   show_progress=False)
     tokenizer.train_from_iterator(_corpus(rows), trainer=trainer)
+    # The trainer registers every special token as an added token; demote the byte tokens.
+    spec = json.loads(tokenizer.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in byte_tokens]
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=SP_BOS, eos_token=SP_EOS, pad_token=SP_PAD,
         chat_template=SP_CHAT_TEMPLATE)
