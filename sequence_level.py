@@ -120,12 +120,13 @@ def load_prompts(data_args, num_samples, log=print):
     from common.data import describe_skips, load_conversations
 
     conversations, skipped = load_conversations(data_args, require_reply=False)
-    jobs, seen = [], set()
+    jobs, seen, repeated_rows = [], set(), 0
     for messages in conversations:
         prompt = prompt_of(messages)
         if prompt is None:
             skipped["no user turn to answer"] += 1
             continue
+        repeated_rows += completion_id(prompt, 0) in seen
         for sample_index in range(num_samples):
             key = completion_id(prompt, sample_index)
             if key not in seen:
@@ -133,6 +134,11 @@ def load_prompts(data_args, num_samples, log=print):
                 jobs.append((key, prompt, sample_index))
     if skipped:
         log(f"warning: {describe_skips(skipped, len(conversations) + sum(skipped.values()))}")
+    if repeated_rows:
+        # The cache key is (prompt, sample index), so a repeated row would get the same answer.
+        log(f"warning: {repeated_rows} rows repeat an earlier prompt; the teacher answers each "
+            f"distinct prompt once (use --num-completions-per-prompt N with --temperature > 0 "
+            f"for several completions per prompt)")
     if not jobs:
         raise UserError(f"no usable prompt in {data_args.dataset}; rows need a user turn")
     return jobs

@@ -195,3 +195,18 @@ def test_no_teacher_at_all(tiny, tmp_path):
                         tiny / "train.jsonl", "--output-dir", tmp_path / "out", check=False)
     assert result.returncode == 2
     assert "no teacher given" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_repeated_prompts_are_counted_in_one_warning(tmp_path):
+    from common.args import DataArguments
+    from sequence_level import load_prompts
+
+    rows = [{"prompt": question, "response": "x"} for question in ["a?", "b?", "a?", "a?", "c?"]]
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    logged = []
+    jobs = load_prompts(DataArguments(dataset=str(dataset)), num_samples=2, log=logged.append)
+    assert len(jobs) == 3 * 2  # one job per distinct prompt and sample index
+    assert logged == ["warning: 2 rows repeat an earlier prompt; the teacher answers each distinct "
+                      "prompt once (use --num-completions-per-prompt N with --temperature > 0 for "
+                      "several completions per prompt)"]
