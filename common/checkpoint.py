@@ -215,6 +215,19 @@ def truncate_metrics(output_dir, step):
     os.replace(tmp, path)
 
 
+def _save_tokenizer_as_given(tokenizer, directory):
+    """save_pretrained without the pad token load_tokenizer lent a padless tokenizer for batching."""
+    if not getattr(tokenizer, "pad_token_borrowed_from_eos", False):
+        tokenizer.save_pretrained(directory)
+        return
+    pad_token = tokenizer.pad_token
+    tokenizer.pad_token = None
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.pad_token = pad_token
+
+
 def export_student(accelerator, model, tokenizer, output_dir, run_config, end_of_turn_id=None):
     """Save the trained student as a plain `save_pretrained` directory with its tokenizer."""
     state_dict = accelerator.get_state_dict(model)
@@ -234,7 +247,7 @@ def export_student(accelerator, model, tokenizer, output_dir, run_config, end_of
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        _save_tokenizer_as_given(tokenizer, tmp)
         for item in tmp.iterdir():
             os.replace(item, output_dir / item.name)
         tmp.rmdir()

@@ -45,8 +45,10 @@ def load_tokenizer(name, trust_remote_code=False, what="model"):
     except Exception as exc:
         raise _load_error(name, f"{what} tokenizer", exc) from None
     if tokenizer.pad_token is None:
-        # Padding positions are masked out of every loss, so reusing EOS is safe.
+        # Padding positions are masked out of every loss, so reusing EOS is safe. Remembered so
+        # that the exported tokenizer is saved as the user gave it (export_student).
         tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token_borrowed_from_eos = True
     if tokenizer.pad_token is None:
         raise UserError(f"{what} tokenizer {name} has neither a pad nor an eos token; set one in "
                         f"its tokenizer_config.json")

@@ -12,3 +12,28 @@ def test_tiny_sentencepiece_tokenizer_keeps_non_ascii_text_when_decoding():
     assert "<0xE6>" in tokenizer.convert_ids_to_tokens(ids)  # the test goes through byte fallback
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
     assert "<0xE6>" not in tokenizer.all_special_tokens
+
+
+def test_padless_student_tokenizer_is_exported_without_the_borrowed_pad(tmp_path):
+    """Training pads with EOS when the student has no pad token; the exported tokenizer must
+    still be the user's own (pad None), or every tool reloading it sees a different tokenizer."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    from common.checkpoint import export_student
+    from common.models import load_tokenizer
+    from examples.tiny_setup import build_bpe_tokenizer, build_model
+
+    padless = build_bpe_tokenizer(toy_conversations(16))
+    padless.pad_token = None
+    padless.save_pretrained(tmp_path / "student")
+    tokenizer = load_tokenizer(str(tmp_path / "student"))
+    assert tokenizer.pad_token == tokenizer.eos_token  # batches can still be padded
+    model = build_model(tokenizer, hidden_size=32, num_layers=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    export_student(Accelerator(cpu=True), model, tokenizer, out, {"finished": True})
+    exported = AutoTokenizer.from_pretrained(out)
+    assert exported.pad_token is None
+    assert exported.get_vocab() == padless.get_vocab()
+    assert tokenizer.pad_token == tokenizer.eos_token  # the in-memory one is left as it was
