@@ -1,6 +1,10 @@
 """One-line errors for bad user input, and the CLI wrapper that prints them without a traceback."""
 
+import os
 import sys
+
+# Set by torchrun / accelerate launch, and by mpirun (Intel MPI / MVAPICH, Open MPI).
+_RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
 
 
 class UserError(Exception):
@@ -8,12 +12,26 @@ class UserError(Exception):
 
 
 def run_cli(main, *args):
-    """Call `main(*args)`; a UserError becomes `error: <message>` on stderr and exit status 2."""
+    """Call `main(*args)`; a UserError becomes `error: <message>` on stderr and exit status 2.
+
+    Under a multi-process launch, processes other than rank 0 prefix the message with their rank.
+    They are not silenced: an error only some processes raise (a dataset missing on one machine)
+    would then vanish. Errors known to hit every process are printed once by raising
+    `common.checkpoint.error_on_every_process`.
+    """
     try:
         return main(*args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _rank_prefix():
+    for name in _RANK_VARIABLES:
+        rank = os.environ.get(name, "")
+        if rank.isdigit():
+            return f"[rank {rank}] " if int(rank) > 0 else ""
+    return ""

@@ -1,5 +1,7 @@
 """Regression tests for reported bugs that have no better home."""
 
+import pytest
+
 from examples.tiny_setup import build_sentencepiece_tokenizer, toy_conversations
 
 
@@ -37,3 +39,23 @@ def test_padless_student_tokenizer_is_exported_without_the_borrowed_pad(tmp_path
     assert exported.pad_token is None
     assert exported.get_vocab() == padless.get_vocab()
     assert tokenizer.pad_token == tokenizer.eos_token  # the in-memory one is left as it was
+
+
+@pytest.mark.parametrize("rank, expected", [(None, "error: bad flag\n"), ("0", "error: bad flag\n"),
+                                            ("3", "error: [rank 3] bad flag\n")])
+def test_user_error_names_the_rank_that_raised_it(monkeypatch, capsys, rank, expected):
+    """Under torchrun every process that fails prints its error; ranks > 0 say who they are, so
+    copies are recognisable and an error raised on one rank only is never hidden."""
+    from common.errors import UserError, run_cli
+
+    def main():
+        raise UserError("bad flag")
+
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    if rank is not None:
+        monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == expected
