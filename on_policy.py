@@ -21,6 +21,11 @@ Examples:
     python on_policy.py --teacher runs/tiny/teacher --student runs/tiny/student \
         --dataset runs/tiny/train.jsonl --lmbda 1.0 --max-new-tokens 12 --max-steps 8 \
         --output-dir runs/tiny/gkd
+
+    # off-policy steps read an offline teacher cache (built on the first run, shareable with
+    # token_level.py runs over the same data); on-policy steps still run the teacher
+    python on_policy.py --teacher ... --student ... --dataset train.jsonl --kl forward \
+        --teacher-cache runs/cache --output-dir runs/gkd-cached
 """
 
 import dataclasses
@@ -32,6 +37,7 @@ from typing import Literal, Optional
 
 from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from common.chat import IGNORE_INDEX, ChatEncoder, collate, encode_dataset, use_teacher_template
+from common import teacher_cache
 from common.checkpoint import check_output_dir, clear_output_dir, export_student
 from common.distill import make_kd_loss_fn
 from common.errors import UserError, run_cli
@@ -60,6 +66,13 @@ class OnPolicyArguments:
     completions: Optional[str] = field(default=None, metadata={
         "help": "Teacher-written completions (a sequence_level.py cache) for the off-policy "
                 "steps instead of the dataset's replies (GKD's sequence-level mode)."})
+    teacher_cache: Optional[str] = field(default=None, metadata={
+        "help": "Directory of an offline teacher cache (token_level.py's format, built here on "
+                "the first run) read by the off-policy steps instead of running the teacher; "
+                "on-policy steps still score their samples with the live teacher. Needs --kl "
+                "forward."})
+    cache_top_k: int = field(default=32, metadata={
+        "help": "Teacher tokens kept per position in --teacher-cache (plus one tail bucket)."})
     loss_chunk_size: int = field(default=0, metadata={
         "help": "Supervised positions per chunk of the memory-bounded loss: both output layers "
                 "and the divergence run on this many positions at a time, so about one chunk of "
@@ -76,6 +89,10 @@ class OnPolicyArguments:
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
             (self.kl != "jsd" or 0 < self.beta < 1,
              f"--beta must be strictly between 0 and 1 for --kl jsd, got {self.beta}"),
+            (not self.teacher_cache or self.kl == "forward",
+             "--teacher-cache needs --kl forward: the cache keeps the teacher's top K per "
+             "position, which defines forward KL only (reverse KL and JSD need every token)"),
+            (self.cache_top_k >= 1, f"--cache-top-k must be >= 1, got {self.cache_top_k}"),
             (self.loss_chunk_size >= -1,
              f"--loss-chunk-size must be a number of positions >= 1, 0 (automatic) or -1 (no "
              f"chunking), got {self.loss_chunk_size}"),
@@ -192,6 +209,26 @@ def main(argv=None):
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     teacher = prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
+    vocab_size = real_vocab_size(tokenizer)
+    loss_fn = make_kd_loss_fn(accelerator, teacher, vocab_size, gkd_args.kl,
+                              gkd_args.loss_temperature, gkd_args.beta,
+                              loss_chunk_size=gkd_args.loss_chunk_size)
+    collate_fn = None
+    if gkd_args.teacher_cache:
+        for index, example in enumerate(examples):
+            example["example_index"] = index  # cache rows are found by example, never by step
+        cache = teacher_cache.prepare(
+            gkd_args.teacher_cache, examples, tokenizer, model_args.teacher, data_args,
+            gkd_args.cache_top_k, gkd_args.loss_temperature, accelerator, lambda: teacher,
+            train_args.batch_size)
+        collate_fn = cache.collate_fn(collate)
+        live_loss_fn = loss_fn
+        cached_loss_fn = teacher_cache.make_cached_loss_fn(vocab_size, gkd_args.loss_temperature)
+
+        def loss_fn(student, batch):
+            # Off-policy batches come from the dataset with their teacher rows; the sampler's
+            # on-policy batches are new text the cache cannot know, scored by the live teacher.
+            return (cached_loss_fn if "teacher_ids" in batch else live_loss_fn)(student, batch)
 
     output_dir = Path(train_args.output_dir)
     if accelerator.is_main_process:
@@ -206,12 +243,9 @@ def main(argv=None):
     stop_ids = {encoder.end_of_turn_token_id, tokenizer.eos_token_id}
     sampler = OnPolicySampler(accelerator, tokenizer, stop_ids, encoder.end_of_turn_token_id,
                               gkd_args, train_args.seed)
-    loss_fn = make_kd_loss_fn(accelerator, teacher, real_vocab_size(tokenizer), gkd_args.kl,
-                              gkd_args.loss_temperature, gkd_args.beta,
-                              loss_chunk_size=gkd_args.loss_chunk_size)
     student, state = train(accelerator, student, examples, train_args, loss_fn,
                            tokenizer.pad_token_id, run_config, prepare_fn=sampler,
-                           step_metrics=sampler.step_metrics)
+                           collate_fn=collate_fn, step_metrics=sampler.step_metrics)
     export_student(accelerator, student, tokenizer, output_dir,
                    {**run_config, "finished": True, "final_step": state["step"]},
                    end_of_turn_id=encoder.end_of_turn_token_id)

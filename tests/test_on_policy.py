@@ -140,3 +140,40 @@ def test_bad_input(tiny, tmp_path, extra, expected):
                         check=False)
     assert result.returncode == 2 and expected in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_off_policy_steps_read_the_teacher_cache(tiny, tmp_path):
+    """One cache serves token_level.py and on_policy.py; with K = the whole vocabulary the cached
+    off-policy steps equal live-teacher ones, so the rows line up with the examples."""
+    cache = tmp_path / "cache"
+    vocab = len(AutoTokenizer.from_pretrained(tiny / "student"))
+    common = ["--max-steps", "4", "--kl", "forward", "--seed", "5", "--cache-top-k", str(vocab)]
+    run_script("token_level.py", "--teacher", tiny / "teacher", "--student", tiny / "student",
+               "--dataset", tiny / "train.jsonl", "--output-dir", tmp_path / "kd",
+               "--batch-size", "4", "--log-steps", "1", "--teacher-cache", cache, *common)
+    # --lmbda 0: every step off-policy from the cache token_level.py built = token_level.py
+    result = run_script("on_policy.py", *args(tiny, tmp_path / "off", "--lmbda", "0",
+                                              "--teacher-cache", cache, *common))
+    assert "using the teacher cache" in result.stdout
+    kd, off = load_file(tmp_path / "kd" / "model.safetensors"), \
+        load_file(tmp_path / "off" / "model.safetensors")
+    assert all(torch.equal(kd[name], off[name]) for name in kd)
+    # mixed steps: cached off-policy steps follow a live-teacher run of the same seed
+    mixed = ["--lmbda", "0.5", "--seed", "1", "--max-steps", "6"]
+    run_script("on_policy.py", *args(tiny, tmp_path / "cached", "--teacher-cache", cache,
+                                     *common, *mixed))
+    run_script("on_policy.py", *args(tiny, tmp_path / "live", *common, *mixed))
+    cached, live = metrics(tmp_path / "cached"), metrics(tmp_path / "live")
+    assert {row["on_policy"] for row in cached} == {True, False}
+    for a, b in zip(cached, live):
+        assert a["on_policy"] == b["on_policy"]
+        # the cache stores fp16 log-probs: about three significant digits of the KL; a row
+        # misaligned with its example would be off by far more
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-5)
+
+
+def test_teacher_cache_needs_forward_kl(tiny, tmp_path):
+    result = run_script("on_policy.py", *args(tiny, tmp_path / "out", "--max-steps", "2",
+                                              "--teacher-cache", tmp_path / "cache"), check=False)
+    assert result.returncode == 2 and "--kl forward" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
