@@ -6,13 +6,16 @@ several seeds; every student is scored by eval.py; the table goes to JSON, a PNG
     python benchmarks/compare_methods.py --seeds 0 --max-steps 50 --output /tmp/cmp.json
 
 Rows: teacher; baseline (the student fine-tuned on the ground-truth replies); sequence_level;
-token_level_forward; token_level_reverse; on_policy; cross_tokenizer (ULD, the student with the
-SentencePiece-style tokenizer) and cross_tokenizer_baseline (that student fine-tuned on the ground
-truth). Each is trained by its own script as a subprocess (see examples/toy_pipeline.py).
+token_level_forward; token_level_cached (forward KL from an offline top-32 teacher cache, built
+once, no teacher loaded while training); token_level_reverse; on_policy; cross_tokenizer (ULD, the
+student with the SentencePiece-style tokenizer) and cross_tokenizer_baseline (that student
+fine-tuned on the ground truth). Each is trained by its own script as a subprocess (see
+examples/toy_pipeline.py).
 
 - Budget: --max-steps optimizer steps x --batch-size conversations, the same learning rate,
   warmup and cosine schedule for every row. The sequence-level teacher pass (the teacher answers
-  every training prompt once) is generated once and its time is reported separately.
+  every training prompt once) is generated once and its time is reported separately; so is the
+  teacher-cache build for token_level_cached.
 - Seeds: seed s gives a fresh student initialisation (shared by all rows of that seed) and the
   data order. The teacher is trained once and cached; its row repeats its evaluation per seed.
 - Scoring: eval.py on each task family's held-out prompts separately, combined exactly (exact
@@ -40,13 +43,16 @@ from examples import toy_task  # noqa: E402
 
 PRIMARY_METRIC = "exact_match"
 ROW_ORDER = ("teacher", "baseline", "sequence_level", "token_level_forward",
-             "token_level_reverse", "on_policy", "cross_tokenizer", "cross_tokenizer_baseline")
+             "token_level_cached", "token_level_reverse", "on_policy", "cross_tokenizer", "cross_tokenizer_baseline")
 METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreement",
            "tokens_per_second", "train_seconds")
 # Each distilled row against the SFT baseline of the same student (same seed, same initialisation).
 REFERENCE_ROW = {"sequence_level": "baseline", "token_level_forward": "baseline",
+                 "token_level_cached": "baseline",
                  "token_level_reverse": "baseline", "on_policy": "baseline",
                  "cross_tokenizer": "cross_tokenizer_baseline"}
+# Further paired differences reported in the JSON (not the table): what caching the teacher costs.
+EXTRA_PAIRED = {"token_level_cached": "token_level_forward"}
 
 # The published comparison; the quickstart uses a smaller budget on the same assets.
 DEFAULT_BUDGET = {"max_steps": 300, "batch_size": 32, "learning_rate": 3e-3, "warmup_ratio": 0.03,
@@ -132,8 +138,9 @@ def aggregate_rows(per_seed):
         row["exact_match_by_family"] = {
             family: mean_std([s.get("exact_match_by_family", {}).get(family) for s in seeds])
             for family in families}
-        reference = REFERENCE_ROW.get(name)
-        if reference:
+        for reference in [REFERENCE_ROW.get(name), EXTRA_PAIRED.get(name)]:
+            if not reference:
+                continue
             # Paired by seed: both rows start from the same student, so its luck cancels out.
             paired = [rows[name][PRIMARY_METRIC] - rows[reference][PRIMARY_METRIC]
                       for rows in per_seed.values() if reference in rows and name in rows]
@@ -146,11 +153,12 @@ def aggregate_rows(per_seed):
 
 
 def paired_difference(row):
-    """(reference row name, {"mean", "std", "wins", "seeds"}) of a row, or (None, None)."""
-    for key, value in row.items():
-        if key.startswith(f"{PRIMARY_METRIC}_minus_"):
-            return key[len(f"{PRIMARY_METRIC}_minus_"):], value
-    return None, None
+    """(reference row name, {"mean", "std", "wins", "seeds"}) of a row against its SFT baseline
+    (REFERENCE_ROW), or (None, None)."""
+    reference = REFERENCE_ROW.get(row["name"])
+    if reference is None:
+        return None, None
+    return reference, row.get(f"{PRIMARY_METRIC}_minus_{reference}")
 
 
 def format_value(stat, digits=3):
@@ -282,15 +290,16 @@ def parse_args(argv=None):
 def main(argv=None):
     from examples.toy_assets import (DEFAULT_SETTINGS, build_assets, pretraining_seconds,
                                      settings_hash)
-    from examples.toy_pipeline import (METHODS, evaluate, generate_teacher_completions,
-                                       train_methods)
+    from examples.toy_pipeline import (COMPARISON_METHODS, TEACHER_CACHE_DIR, build_teacher_cache,
+                                       evaluate, generate_teacher_completions, train_methods)
 
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    methods = args.methods or list(METHODS)
-    unknown = set(methods) - set(METHODS)
+    methods = args.methods or list(COMPARISON_METHODS)
+    unknown = set(methods) - set(COMPARISON_METHODS)
     if unknown:
-        raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from {list(METHODS)}")
+        raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from "
+                         f"{list(COMPARISON_METHODS)}")
     started = time.perf_counter()
     budget = {**DEFAULT_BUDGET, "max_steps": args.max_steps, "batch_size": args.batch_size,
               "learning_rate": args.learning_rate}
@@ -304,6 +313,14 @@ def main(argv=None):
         assets, completions, budget["max_new_tokens"],
         budget["max_steps"] * budget["batch_size"], echo=echo) \
         if "sequence_level" in methods else None
+    cache_seconds, cache_meta = None, None
+    if "token_level_cached" in methods:
+        from examples.toy_assets import student_init
+
+        cache_dir = runs / TEACHER_CACHE_DIR
+        cache_seconds = build_teacher_cache(
+            assets, cache_dir, student_init(assets, "bpe", args.seeds[0]), budget, echo=echo)
+        cache_meta = json.loads((cache_dir / "meta.json").read_text())
 
     per_seed, eval_seconds = {}, 0.0
     for seed in args.seeds:
@@ -336,8 +353,8 @@ def main(argv=None):
                           for name, s in rows_of_seed.items() if name != "teacher")
     pretrain_seconds = sum(pretraining_seconds(assets, which, seed)
                            for seed in args.seeds for which in ("bpe", "sp"))
-    total_seconds = (assets["teacher_seconds"] + (teacher_pass_seconds or 0.0) + pretrain_seconds
-                     + student_seconds + eval_seconds)
+    total_seconds = (assets["teacher_seconds"] + (teacher_pass_seconds or 0.0)
+                     + (cache_seconds or 0.0) + pretrain_seconds + student_seconds + eval_seconds)
     settings = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix() if argv is None
                                          else "benchmarks/compare_methods.py",
@@ -347,6 +364,13 @@ def main(argv=None):
         "assets": DEFAULT_SETTINGS, "teacher_training_seconds": assets["teacher_seconds"],
         "teacher_held_out_exact_match_at_build": assets["teacher_exact_match"],
         "sequence_level_teacher_pass_seconds": teacher_pass_seconds,
+        "teacher_cache": None if cache_meta is None else {
+            "build_seconds": cache_seconds, "top_k": cache_meta["identity"]["top_k"],
+            "supervised_positions": cache_meta["num_rows"], "bytes": cache_meta["bytes"],
+            "bytes_per_supervised_token": cache_meta["bytes_per_supervised_token"],
+            "note": "built once by a one-step token_level.py run (teacher load + one pass over "
+                    "the whole training set + one step), read by every seed's "
+                    "token_level_cached run, which never loads the teacher"},
         "teacher_note": "one teacher, trained once and cached; its row repeats its evaluation "
                         "in every seed's eval.py run, and its train_seconds is the one training",
         "eval": {"dataset": "held-out test split, one eval.py run per task family, combined "
@@ -356,6 +380,7 @@ def main(argv=None):
         "total_seconds": total_seconds,
         "total_seconds_parts": {"teacher_training": assets["teacher_seconds"],
                                 "sequence_level_teacher_pass": teacher_pass_seconds,
+                                "teacher_cache_build": cache_seconds,
                                 "student_pretraining": pretrain_seconds,
                                 "student_training": student_seconds, "evaluation": eval_seconds},
         "total_seconds_note": "sum of every stage's wall time (teacher training, teacher pass, "
@@ -374,6 +399,13 @@ def main(argv=None):
                                   "rows": rows}, indent=2) + "\n")
     table = markdown_table(rows, toy_task.FAMILIES)
     print(table)
+    for row in rows:
+        for reference in [EXTRA_PAIRED.get(row["name"])]:
+            delta = row.get(f"{PRIMARY_METRIC}_minus_{reference}") if reference else None
+            if delta:
+                print(f"{row['name']} - {reference}: {delta['mean']:+.3f} ± {delta['std']:.3f} "
+                      f"exact match, paired by seed ({delta['wins']}/{delta['seeds']} seeds "
+                      f"higher)")
     print(f"\nresults written to {output} (the whole comparison: {total_seconds / 60:.1f} min of "
           f"compute; this run: {wall_seconds / 60:.1f} min)")
     try:

@@ -10,6 +10,9 @@ would type it; nothing here re-implements a method:
                               teacher's greedy completions, generated once for every seed)
     token_level_forward       token_level.py --kl forward
     token_level_reverse       token_level.py --kl reverse
+    token_level_cached        token_level.py --teacher-cache DIR, no --teacher: forward KL from
+                              the teacher's top-32 per position, cached once for every seed
+                              (benchmarks/compare_methods.py only, not the quickstart)
     on_policy                 on_policy.py  (GKD: --lmbda 0.5, reverse KL, the script's defaults)
     cross_tokenizer           cross_tokenizer.py  (ULD, a student with the other tokenizer)
     cross_tokenizer_baseline  sequence_level.py on the ground truth, with that same
@@ -26,9 +29,13 @@ from examples.toy_assets import run_script, student_init
 
 METHODS = ("baseline", "sequence_level", "token_level_forward", "token_level_reverse",
            "on_policy", "cross_tokenizer", "cross_tokenizer_baseline")
+# The published comparison adds the offline-teacher row (its cache build would lengthen the
+# quickstart by a teacher pass over the whole training set).
+COMPARISON_METHODS = METHODS[:3] + ("token_level_cached",) + METHODS[3:]
 # Which student initialisation (tokenizer) each method trains.
 METHOD_TOKENIZER = {name: ("sp" if name.startswith("cross_tokenizer") else "bpe")
-                    for name in METHODS}
+                    for name in COMPARISON_METHODS}
+TEACHER_CACHE_DIR = "teacher_cache"  # under the runs directory, shared by every seed
 TIMING_FILE = "train_seconds.json"
 
 
@@ -40,7 +47,8 @@ def budget_flags(budget, seed):
             "--max-length", 128]
 
 
-def method_command(name, assets, students, completions, output_dir, budget, seed):
+def method_command(name, assets, students, completions, output_dir, budget, seed,
+                   teacher_cache=None):
     """The argument list (script first) that trains row `name` into `output_dir`."""
     train = assets["data"]["train"]
     teacher = assets["teacher"]
@@ -50,6 +58,9 @@ def method_command(name, assets, students, completions, output_dir, budget, seed
         return ["sequence_level.py", "--student", student, "--completions", train, *common]
     if name == "sequence_level":
         return ["sequence_level.py", "--student", student, "--completions", completions, *common]
+    if name == "token_level_cached":  # no --teacher: the run reads only the cache
+        return ["token_level.py", "--student", student, "--dataset", train, "--teacher-cache",
+                teacher_cache, *common]
     if name.startswith("token_level_"):
         return ["token_level.py", "--teacher", teacher, "--student", student, "--dataset", train,
                 "--kl", name.rsplit("_", 1)[1], *common]
@@ -88,14 +99,44 @@ def generate_teacher_completions(assets, path, max_new_tokens, num_prompts, log=
     return seconds
 
 
+def build_teacher_cache(assets, cache_dir, student, budget, log=print, echo="progress"):
+    """The offline teacher pass for token_level_cached, once (cached in `cache_dir`): the teacher's
+    top-32 log-probs at every supervised position of the training set, written by token_level.py
+    itself (a one-step run with --teacher-cache; only the student's tokenizer matters for the
+    cache). Returns its wall time in seconds, read back from a sidecar when already built."""
+    cache_dir = Path(cache_dir)
+    timing = cache_dir.parent / f"{cache_dir.name}.seconds.json"
+    meta = cache_dir / "meta.json"
+    if timing.is_file() and meta.is_file() and json.loads(meta.read_text()).get("complete"):
+        seconds = json.loads(timing.read_text())["seconds"]
+        log(f"[teacher cache] reusing {cache_dir} (built in {seconds:.0f} s)")
+        return seconds
+    log(f"[teacher cache] the teacher scores the whole training set once, for "
+        f"token_level_cached (log {cache_dir.parent / 'teacher_cache.log'})")
+    scratch = cache_dir.parent / "teacher_cache_build_run"
+    command = ["token_level.py", "--teacher", assets["teacher"], "--student", student,
+               "--dataset", assets["data"]["train"], "--teacher-cache", cache_dir,
+               "--output-dir", scratch, "--overwrite", *budget_flags(budget, 0),
+               "--max-steps", 1]
+    seconds = run_script(command, cache_dir.parent / "teacher_cache.log", echo=echo)
+    timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+    log(f"[teacher cache] done in {seconds:.0f} s "
+        f"({json.loads(meta.read_text())['bytes_per_supervised_token']} bytes per supervised token)")
+    return seconds
+
+
 def train_methods(assets, methods, seed, run_dir, completions, budget, log=print, echo="progress"):
     """Train every method of one seed; returns {method: (student dir, training seconds)}.
 
     A finished run (its run_config.json exists, plus our timing sidecar) is reused, so a killed
-    comparison resumes where it stopped.
+    comparison resumes where it stopped. token_level_cached reads the teacher cache of
+    `run_dir`'s parent (built by build_teacher_cache, once for every seed).
     """
     run_dir = Path(run_dir)
     students = {which: student_init(assets, which, seed, log=log) for which in ("bpe", "sp")}
+    teacher_cache = run_dir.parent / TEACHER_CACHE_DIR
+    if "token_level_cached" in methods:
+        build_teacher_cache(assets, teacher_cache, students["bpe"], budget, log=log, echo=echo)
     trained = {}
     for index, name in enumerate(methods, start=1):
         output_dir = run_dir / name
@@ -106,7 +147,8 @@ def train_methods(assets, methods, seed, run_dir, completions, budget, log=print
                 f"(trained in {seconds:.0f} s)")
             trained[name] = (str(output_dir), seconds)
             continue
-        command = method_command(name, assets, students, completions, output_dir, budget, seed)
+        command = method_command(name, assets, students, completions, output_dir, budget, seed,
+                                 teacher_cache)
         log(f"[seed {seed}] {index}/{len(methods)} {name}: python "
             f"{' '.join(map(str, command[:1]))} ... ({budget['max_steps']} steps x batch "
             f"{budget['batch_size']}; log {run_dir / (name + '.log')})")
@@ -120,11 +162,13 @@ def train_methods(assets, methods, seed, run_dir, completions, budget, log=print
 def evaluate(models, teacher, dataset, output, log_path, max_new_tokens, echo="none"):
     """eval.py on `models` (+ the teacher) over `dataset`; returns (its JSON, seconds).
 
-    Cached in `output` (and its wall time in a sidecar)."""
+    Cached in `output` (and its wall time in a sidecar) while it scored the same models."""
     output = Path(output)
     timing = output.with_suffix(".seconds.json")
     if output.is_file() and timing.is_file():
-        return json.loads(output.read_text()), json.loads(timing.read_text())["seconds"]
+        cached = json.loads(output.read_text())
+        if {r["model"] for r in cached["results"]} == {str(m) for m in [*models, teacher]}:
+            return cached, json.loads(timing.read_text())["seconds"]
     seconds = run_script(["eval.py", "--models", *models, "--teacher", teacher, "--dataset",
                           dataset, "--max-new-tokens", max_new_tokens, "--batch-size", 64,
                           "--output", output, "--no-progress"], log_path, echo=echo)

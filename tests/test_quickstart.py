@@ -153,6 +153,22 @@ def test_paired_difference_against_the_same_seeds_baseline():
     assert rows["cross_tokenizer"]["exact_match_minus_cross_tokenizer_baseline"] is None
 
 
+def test_cached_row_is_paired_with_its_baseline_and_the_live_teacher_row():
+    per_seed = {seed: {"baseline": {"exact_match": 0.5},
+                       "token_level_forward": {"exact_match": live},
+                       "token_level_cached": {"exact_match": cached}}
+                for seed, (live, cached) in enumerate([(0.6, 0.58), (0.5, 0.52)])}
+    rows = {row["name"]: row for row in aggregate_rows(per_seed)}
+    cached = rows["token_level_cached"]
+    assert cached["exact_match_minus_baseline"]["mean"] == pytest.approx(0.05)
+    gap = cached["exact_match_minus_token_level_forward"]
+    assert gap["mean"] == pytest.approx(0.0) and (gap["wins"], gap["seeds"]) == (1, 2)
+    # the table's delta column stays "vs its SFT baseline"
+    line = next(l for l in markdown_table(list(rows.values()), []).splitlines()
+                if l.startswith("| token_level_cached |"))
+    assert "+0.050" in line
+
+
 def test_mean_std_edge_cases():
     assert mean_std([]) is None and mean_std([None, None]) is None
     assert mean_std([0.5]) == {"mean": 0.5, "std": 0.0}
