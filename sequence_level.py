@@ -49,7 +49,8 @@ COMPLETIONS_FILE = "teacher_completions.jsonl"
 class SequenceLevelArguments:
     teacher_api_base: Optional[str] = field(default=None, metadata={
         "help": "Base URL of an OpenAI-compatible chat-completions API (e.g. "
-                "http://localhost:8000/v1); used instead of a local --teacher."})
+                "http://localhost:8000/v1); used instead of a local --teacher. Logs and saved "
+                "configs show it with user:password@ and query values as ***."})
     teacher_api_model: Optional[str] = field(default=None, metadata={
         "help": "Model name to request from --teacher-api-base."})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={
@@ -240,10 +241,28 @@ def generate_local(model_args, data_args, seq_args, jobs, writer, device):
 
 # --- generation: OpenAI-compatible API ------------------------------------------------------------
 
+def redact_url(url):
+    """`url` fit for logs and saved configs: user:password@ and every query value become ***.
+
+    The request itself uses the URL as given; only what is printed or written is redacted.
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(f"{name}=***" if sep else "***"
+                     for name, sep, _ in (item.partition("=")
+                                          for item in parts.query.split("&") if item))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 def _api_error(exc, seq_args):
     import openai
 
-    where = f"{seq_args.teacher_api_base} (model {seq_args.teacher_api_model})"
+    api_base = redact_url(seq_args.teacher_api_base)
+    where = f"{api_base} (model {seq_args.teacher_api_model})"
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
         return UserError(f"the API at {where} rejected the key ({exc.status_code}); put a valid "
                          f"key in ${seq_args.api_key_env}")
@@ -251,13 +270,14 @@ def _api_error(exc, seq_args):
         return UserError(f"the API at {where} answered 404: check --teacher-api-base (it usually "
                          f"ends in /v1) and --teacher-api-model")
     if isinstance(exc, openai.APIConnectionError):
-        return UserError(f"cannot reach the API at {seq_args.teacher_api_base} after "
+        return UserError(f"cannot reach the API at {api_base} after "
                          f"{seq_args.api_max_retries} retries; check the URL and that the server "
                          f"is up")
     if isinstance(exc, openai.APIStatusError):
         return UserError(f"the API at {where} kept failing ({exc.status_code}) after "
                          f"{seq_args.api_max_retries} retries; rerun later to continue")
-    return UserError(f"the API at {where} failed: {type(exc).__name__}: {exc}")
+    detail = str(exc).replace(seq_args.teacher_api_base, api_base)
+    return UserError(f"the API at {where} failed: {type(exc).__name__}: {detail}")
 
 
 def generate_api(seq_args, jobs, writer):
@@ -422,11 +442,17 @@ def main(argv=None):
             clear_output_dir(output_dir, keep=(COMPLETIONS_FILE,))
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    run_config = {"method": "sequence_level", "command": " ".join(sys.argv),
+    # run_config is saved in every checkpoint and the output: no credentials from the API URL.
+    command, logged_seq_args = " ".join(sys.argv), seq_args
+    if seq_args.teacher_api_base:
+        api_base = redact_url(seq_args.teacher_api_base)
+        command = command.replace(seq_args.teacher_api_base, api_base)
+        logged_seq_args = dataclasses.replace(seq_args, teacher_api_base=api_base)
+    run_config = {"method": "sequence_level", "command": command,
                   "completions": str(cache_path),
                   **{group: dataclasses.asdict(args) for group, args in [
                       ("model", model_args), ("data", data_args), ("training", train_args),
-                      ("sequence_level", seq_args)]}}
+                      ("sequence_level", logged_seq_args)]}}
     student, state = train(accelerator, student, examples, train_args, make_loss_fn(),
                            student_tokenizer.pad_token_id, run_config)
     export_student(accelerator, student, student_tokenizer, output_dir,

@@ -210,3 +210,34 @@ def test_repeated_prompts_are_counted_in_one_warning(tmp_path):
     assert logged == ["warning: 2 rows repeat an earlier prompt; the teacher answers each distinct "
                       "prompt once (use --num-completions-per-prompt N with --temperature > 0 for "
                       "several completions per prompt)"]
+
+
+def test_credentials_in_the_api_url_are_never_saved_or_printed(tiny, tmp_path):
+    from common.args import DataArguments
+    from sequence_level import load_prompts
+
+    # A filled cache: the run trains without sending a request, and writes run_config.json.
+    cache = tmp_path / "cache.jsonl"
+    jobs = load_prompts(DataArguments(dataset=str(tiny / "train.jsonl")), 1, log=lambda _: None)
+    cache.write_text("".join(json.dumps({"id": key, "messages": prompt + [
+        {"role": "assistant", "content": "ok"}], "finish_reason": "stop"}) + "\n"
+        for key, prompt, _ in jobs))
+    url = "http://user:secret@127.0.0.1:9/v1?api-key=secret&api-version=2024"
+    out = tmp_path / "out"
+    trained = run_script("sequence_level.py", "--teacher-api-base", url, "--teacher-api-model",
+                         "teacher-x", "--student", tiny / "student", "--dataset",
+                         tiny / "train.jsonl", "--completions", cache, "--output-dir", out,
+                         "--max-steps", "1", "--batch-size", "4")
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["sequence_level"]["teacher_api_base"] == \
+        "http://***@127.0.0.1:9/v1?api-key=***&api-version=***"
+    # unreachable, so the error message names the URL
+    failed = run_script("sequence_level.py", "--teacher-api-base", url, "--teacher-api-model",
+                        "teacher-x", "--dataset", tiny / "train.jsonl", "--output-dir",
+                        tmp_path / "gen", "--generate-only", "--api-max-retries", "0", check=False)
+    assert failed.returncode == 2 and "cannot reach the API at http://***@" in failed.stderr
+    for result in (trained, failed):
+        assert "secret" not in result.stdout + result.stderr
+    for path in [*out.rglob("*"), *(tmp_path / "gen").rglob("*")]:
+        if path.is_file():
+            assert b"secret" not in path.read_bytes(), path
