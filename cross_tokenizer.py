@@ -21,6 +21,10 @@ Loss per aligned student token = alpha * cross-entropy on the student's own repl
 "Paris" and one sure of "London" look the same), the exactness of the pairing (tokens that do not
 share boundaries are paired approximately) and the tail of the distributions beyond --top-k.
 
+The log's tok/s (tokens_per_second in metrics.jsonl) counts the student's input tokens only: the
+shared loop sums the batch's `attention_mask`, and the teacher's own rendering of each conversation
+(`teacher_attention_mask`, often longer or shorter) is not in it.
+
 Examples:
     python cross_tokenizer.py --teacher meta-llama/Llama-3.2-3B-Instruct \
         --student Qwen/Qwen2.5-0.5B-Instruct --dataset train.jsonl --output-dir runs/uld \
