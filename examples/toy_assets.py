@@ -110,8 +110,8 @@ def build_sentencepiece_tokenizer(texts, vocab_size):
     Metaspace prepends '▁' to every section between special tokens (prepend_scheme="always", as
     Llama 2's legacy SentencePiece does), so a reply "348" after [/INST] is '▁' '3' '4' '8' and
     the '▁' overlaps the reply's first character: it is supervised like the digits. (With
-    Llama 2's own "[/INST] 348" the '▁' would be the template's space, outside the reply, and
-    common/chat.py would never train the model to write it.)"""
+    Llama 2's own "[/INST] 348" the '▁' is the template's space, outside the reply; common/chat.py
+    supervises it too, as whitespace between the generation prompt and the reply.)"""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
