@@ -40,11 +40,9 @@ Examples:
         --dataset runs/tiny/train.jsonl --output-dir runs/tiny/uld --top-k 16 --max-steps 12
 """
 
-import dataclasses
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -52,7 +50,8 @@ import torch
 from common.align import (check_offsets, encode_pair, select_aligned_logits, shared_vocabulary)
 from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from common.chat import ChatEncoder, SkipRow, collate, ensure_chat_template
-from common.checkpoint import check_output_dir, clear_output_dir, export_student
+from common.checkpoint import (check_output_dir, finish_run, make_run_config,
+                               prepare_output_dir)
 from common.errors import UserError, run_cli
 from common.losses import cross_entropy, shared_vocab_kl, uld_loss
 from common.models import check_vocab_fits, freeze, load_model, load_tokenizer, real_vocab_size
@@ -239,27 +238,17 @@ def main(argv=None):
         student.gradient_checkpointing_enable()
     teacher = prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
 
-    output_dir = Path(train_args.output_dir)
-    if accelerator.is_main_process:
-        if train_args.overwrite:
-            clear_output_dir(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    run_config = {"method": "cross_tokenizer", "command": " ".join(sys.argv),
-                  **{group: dataclasses.asdict(args) for group, args in [
-                      ("model", model_args), ("data", data_args), ("training", train_args),
-                      ("cross_tokenizer", uld_args)]}}
+    output_dir = prepare_output_dir(accelerator, train_args.output_dir, train_args.overwrite)
+    run_config = make_run_config("cross_tokenizer", " ".join(sys.argv), model=model_args, data=data_args,
+                                 training=train_args, cross_tokenizer=uld_args)
     loss_fn = make_loss_fn(accelerator, teacher, real_vocab_size(tokenizer),
                            real_vocab_size(teacher_tokenizer), uld_args, shared)
     student, state = train(accelerator, student, examples, train_args, loss_fn,
                            tokenizer.pad_token_id, run_config,
                            collate_fn=partial(collate_pairs,
                                               teacher_pad_token_id=teacher_tokenizer.pad_token_id))
-    export_student(accelerator, student, tokenizer, output_dir,
-                   {**run_config, "finished": True, "final_step": state["step"]},
-                   end_of_turn_id=encoder.end_of_turn_token_id)
-    accelerator.print(f"student saved to {output_dir}")
-    accelerator.end_training()
+    finish_run(accelerator, student, tokenizer, output_dir, run_config, state,
+               end_of_turn_id=encoder.end_of_turn_token_id)
 
 
 if __name__ == "__main__":

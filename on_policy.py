@@ -32,13 +32,13 @@ import dataclasses
 import random
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Optional
 
 from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from common.chat import IGNORE_INDEX, ChatEncoder, collate, encode_dataset, use_teacher_template
 from common import teacher_cache
-from common.checkpoint import check_output_dir, clear_output_dir, export_student
+from common.checkpoint import (check_output_dir, finish_run, make_run_config,
+                               prepare_output_dir)
 from common.distill import make_kd_loss_fn
 from common.errors import UserError, run_cli
 from common.models import (check_same_tokenizer, check_vocab_fits, freeze, load_model,
@@ -230,27 +230,17 @@ def main(argv=None):
             # on-policy batches are new text the cache cannot know, scored by the live teacher.
             return (cached_loss_fn if "teacher_ids" in batch else live_loss_fn)(student, batch)
 
-    output_dir = Path(train_args.output_dir)
-    if accelerator.is_main_process:
-        if train_args.overwrite:
-            clear_output_dir(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    run_config = {"method": "on_policy", "command": " ".join(sys.argv),
-                  **{group: dataclasses.asdict(args) for group, args in [
-                      ("model", model_args), ("data", data_args), ("training", train_args),
-                      ("on_policy", gkd_args)]}}
+    output_dir = prepare_output_dir(accelerator, train_args.output_dir, train_args.overwrite)
+    run_config = make_run_config("on_policy", " ".join(sys.argv), model=model_args, data=data_args,
+                                 training=train_args, on_policy=gkd_args)
     stop_ids = {encoder.end_of_turn_token_id, tokenizer.eos_token_id}
     sampler = OnPolicySampler(accelerator, tokenizer, stop_ids, encoder.end_of_turn_token_id,
                               gkd_args, train_args.seed)
     student, state = train(accelerator, student, examples, train_args, loss_fn,
                            tokenizer.pad_token_id, run_config, prepare_fn=sampler,
                            collate_fn=collate_fn, step_metrics=sampler.step_metrics)
-    export_student(accelerator, student, tokenizer, output_dir,
-                   {**run_config, "finished": True, "final_step": state["step"]},
-                   end_of_turn_id=encoder.end_of_turn_token_id)
-    accelerator.print(f"student saved to {output_dir}")
-    accelerator.end_training()
+    finish_run(accelerator, student, tokenizer, output_dir, run_config, state,
+               end_of_turn_id=encoder.end_of_turn_token_id)
 
 
 if __name__ == "__main__":

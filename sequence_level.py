@@ -388,7 +388,8 @@ def main(argv=None):
     from accelerate.utils import set_seed
 
     from common.chat import ChatEncoder, ensure_chat_template
-    from common.checkpoint import check_output_dir, clear_output_dir, export_student
+    from common.checkpoint import (check_output_dir, finish_run, make_run_config,
+                                   prepare_output_dir)
     from common.models import check_vocab_fits, load_model, load_tokenizer
     from common.sharding import unsharded_loading
     from common.train import make_accelerator, train
@@ -437,29 +438,20 @@ def main(argv=None):
     check_vocab_fits(student, student_tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    if accelerator.is_main_process:
-        if train_args.overwrite:
-            clear_output_dir(output_dir, keep=(COMPLETIONS_FILE,))
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    prepare_output_dir(accelerator, output_dir, train_args.overwrite, keep=(COMPLETIONS_FILE,))
     # run_config is saved in every checkpoint and the output: no credentials from the API URL.
     command, logged_seq_args = " ".join(sys.argv), seq_args
     if seq_args.teacher_api_base:
         api_base = redact_url(seq_args.teacher_api_base)
         command = command.replace(seq_args.teacher_api_base, api_base)
         logged_seq_args = dataclasses.replace(seq_args, teacher_api_base=api_base)
-    run_config = {"method": "sequence_level", "command": command,
-                  "completions": str(cache_path),
-                  **{group: dataclasses.asdict(args) for group, args in [
-                      ("model", model_args), ("data", data_args), ("training", train_args),
-                      ("sequence_level", logged_seq_args)]}}
+    run_config = {**make_run_config("sequence_level", command, model=model_args, data=data_args,
+                                    training=train_args, sequence_level=logged_seq_args),
+                  "completions": str(cache_path)}
     student, state = train(accelerator, student, examples, train_args, make_loss_fn(),
                            student_tokenizer.pad_token_id, run_config)
-    export_student(accelerator, student, student_tokenizer, output_dir,
-                   {**run_config, "finished": True, "final_step": state["step"]},
-                   end_of_turn_id=encoder.end_of_turn_token_id)
-    accelerator.print(f"student saved to {output_dir}")
-    accelerator.end_training()
+    finish_run(accelerator, student, student_tokenizer, output_dir, run_config, state,
+               end_of_turn_id=encoder.end_of_turn_token_id)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,27 @@ def clear_output_dir(output_dir, keep=()):
             child.unlink()
 
 
+def prepare_output_dir(accelerator, output_dir, overwrite, keep=()):
+    """Clear it (--overwrite, see clear_output_dir) and create it, on the main process only; every
+    process waits, so none writes into a directory still being cleared. Returns it as a Path."""
+    output_dir = Path(output_dir)
+    if accelerator.is_main_process:
+        if overwrite:
+            clear_output_dir(output_dir, keep=keep)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return output_dir
+
+
+def make_run_config(method, command, **groups):
+    """What every checkpoint and the final output record about the run: the method, the command
+    line and each argument group (dataclasses) as a dict."""
+    import dataclasses
+
+    return {"method": method, "command": command,
+            **{name: dataclasses.asdict(args) for name, args in groups.items()}}
+
+
 def _fsync_dir(path):
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -226,6 +247,17 @@ def _save_tokenizer_as_given(tokenizer, directory):
         tokenizer.save_pretrained(directory)
     finally:
         tokenizer.pad_token = pad_token
+
+
+def finish_run(accelerator, student, tokenizer, output_dir, run_config, state,
+               end_of_turn_id=None):
+    """The end of every training script: export the student (with the run's final step) and
+    close the accelerator."""
+    export_student(accelerator, student, tokenizer, output_dir,
+                   {**run_config, "finished": True, "final_step": state["step"]},
+                   end_of_turn_id=end_of_turn_id)
+    accelerator.print(f"student saved to {output_dir}")
+    accelerator.end_training()
 
 
 def export_student(accelerator, model, tokenizer, output_dir, run_config, end_of_turn_id=None):
