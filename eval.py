@@ -35,6 +35,7 @@ Per model, on the held-out conversations:
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -297,13 +298,30 @@ def generate_replies(model, tokenizer, encoder, samples, eval_args):
     from common.generation import generate
 
     prompts = prompt_ids(tokenizer, samples)
+    refused = sum(p is None for p in prompts)
+    # A prompt that leaves no room for the reply inside the model's context cannot be answered
+    # (absolute position embeddings would even crash): left out and counted, like refused ones.
+    context = getattr(model.config, "max_position_embeddings", None)
+    too_long = 0
+    if context:
+        room = context - eval_args.max_new_tokens
+        too_long = sum(p is not None and len(p) > room for p in prompts)
+        prompts = [p if p is not None and len(p) <= room else None for p in prompts]
     usable = [i for i, p in enumerate(prompts) if p is not None]
     if not usable:
+        if too_long:
+            raise UserError(f"every prompt is longer than the model's context ({context} tokens) "
+                            f"minus --max-new-tokens {eval_args.max_new_tokens}; lower "
+                            f"--max-new-tokens or use shorter prompts")
         raise UserError("the chat template refused every prompt (the conversation up to its last "
                         "assistant turn); check the dataset's roles against the template")
-    if len(usable) < len(samples):
-        log(f"warning: the chat template refused {len(samples) - len(usable)} of {len(samples)} "
-            f"prompts; they are left out of rouge_l and exact_match")
+    if refused:
+        log(f"warning: the chat template refused {refused} of {len(samples)} prompts; they are "
+            f"left out of rouge_l and exact_match")
+    if too_long:
+        log(f"warning: {too_long} of {len(samples)} prompts leave less than --max-new-tokens "
+            f"{eval_args.max_new_tokens} tokens of the model's {context}-token context; they are "
+            f"left out of rouge_l and exact_match")
     stop_ids = [encoder.end_of_turn_token_id, tokenizer.eos_token_id]
     options = dict(max_new_tokens=eval_args.max_new_tokens, stop_token_ids=stop_ids,
                    batch_size=eval_args.batch_size)
@@ -483,6 +501,19 @@ def same_model(a, b):
     return a == b
 
 
+def write_results(path, settings, results):
+    """The --output JSON, written atomically (a crash never leaves half a file)."""
+    output = Path(path)
+    tmp = output.with_name(output.name + ".tmp")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
+        os.replace(tmp, output)
+    except OSError as exc:
+        raise UserError(f"could not write --output {output} ({exc.strerror or exc}); the table "
+                        f"above has the numbers") from None
+
+
 def main(argv=None):
     eval_args, data_args = parse_args((EvalArguments, EvalDataArguments), argv,
                                       description=__doc__.split("\n\n")[0])
@@ -527,13 +558,28 @@ def main(argv=None):
         teacher = TeacherContext(eval_args.teacher, teacher_model, teacher_tokenizer,
                                  teacher_examples)
 
+    settings = {**dataclasses.asdict(eval_args), **dataclasses.asdict(data_args),
+                "num_conversations": len(samples), "device": str(device), "decoding": "greedy",
+                "command": " ".join(sys.argv if argv is None else ["eval.py", *argv])}
     results = []
     for name, is_teacher in entries:
         log(f"scoring {name}{' (teacher)' if is_teacher else ''}")
-        model = teacher.model if is_teacher else \
-            freeze(load_model(name, eval_args.dtype, eval_args.trust_remote_code)).to(device)
-        results.append(evaluate_model(name, model, tokenizers[name], samples, eval_args,
-                                      data_args, teacher, is_teacher))
+        try:
+            model = teacher.model if is_teacher else \
+                freeze(load_model(name, eval_args.dtype, eval_args.trust_remote_code)).to(device)
+            results.append(evaluate_model(name, model, tokenizers[name], samples, eval_args,
+                                          data_args, teacher, is_teacher))
+        except BaseException as exc:
+            # Keep what the models before this one cost: their rows go out before the error.
+            if results:
+                partial = f"{name} failed ({type(exc).__name__}); rows of the models before it"
+                print(markdown_table(results))
+                if eval_args.output:  # beside --output, which keeps its earlier contents
+                    path = Path(eval_args.output)
+                    path = path.with_name(f"{path.stem}.partial{path.suffix or '.json'}")
+                    write_results(path, {**settings, "partial": partial}, results)
+                    log(f"partial results written to {path}: {partial}")
+            raise
         if not is_teacher:
             del model
             if device.type == "cuda":
@@ -541,19 +587,8 @@ def main(argv=None):
 
     print(markdown_table(results))
     if eval_args.output:
-        settings = {**dataclasses.asdict(eval_args), **dataclasses.asdict(data_args),
-                    "num_conversations": len(samples), "device": str(device),
-                    "decoding": "greedy",
-                    "command": " ".join(sys.argv if argv is None else ["eval.py", *argv])}
-        output = Path(eval_args.output)
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps({"settings": settings, "results": results}, indent=2)
-                              + "\n")
-        except OSError as exc:
-            raise UserError(f"could not write --output {output} ({exc.strerror or exc}); the "
-                            f"table above has the numbers") from None
-        log(f"results written to {output}")
+        write_results(eval_args.output, settings, results)
+        log(f"results written to {eval_args.output}")
     if eval_args.plot:
         plot_results(results, eval_args.plot)
         log(f"chart written to {eval_args.plot}")

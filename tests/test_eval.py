@@ -402,3 +402,44 @@ def test_cli_dataset_without_assistant_replies(tiny, tmp_path):
 def test_cli_max_samples_zero(tiny):
     assert_one_line_error(run_eval("--models", tiny / "student", "--dataset",
                                    tiny / "test.jsonl", "--max-samples", 0), "--max-samples")
+
+
+def test_prompts_beyond_the_context_are_left_out(tiny, student, capsys):
+    model, tokenizer = student
+    samples = tiny_samples(tiny)
+    lengths = [len(p) for p in eval_script.prompt_ids(tokenizer, samples)]
+    room = sorted(lengths)[len(lengths) // 2]
+    assert min(lengths) <= room < max(lengths)
+    eval_args = eval_script.EvalArguments(models=["m"], max_new_tokens=4, batch_size=8)
+    encoder = ChatEncoder(tokenizer, 1024)
+    original = model.config.max_position_embeddings
+    model.config.max_position_embeddings = room + 4
+    try:
+        replies, *_ = eval_script.generate_replies(model, tokenizer, encoder, samples, eval_args)
+        too_long = sum(length > room for length in lengths)
+        assert [r is None for r in replies] == [length > room for length in lengths]
+        assert f"warning: {too_long} of {len(samples)} prompts" in capsys.readouterr().err
+        model.config.max_position_embeddings = min(lengths) + 3  # no prompt fits
+        with pytest.raises(UserError, match="--max-new-tokens"):
+            eval_script.generate_replies(model, tokenizer, encoder, samples, eval_args)
+    finally:
+        model.config.max_position_embeddings = original
+
+
+def test_rows_scored_before_a_failing_model_are_kept(tiny, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny / "student", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    output = tmp_path / "r.json"
+    output.write_text("earlier results\n")
+    done = run_eval("--models", tiny / "student", broken, "--dataset", tiny / "test.jsonl",
+                    "--max-samples", 4, "--max-new-tokens", 4, "--output", output)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert output.read_text() == "earlier results\n"  # --output untouched
+    partial = json.loads((tmp_path / "r.partial.json").read_text())
+    assert [Path(r["model"]).name for r in partial["results"]] == ["student"]
+    assert "broken" in partial["settings"]["partial"]
+    assert any(line.startswith(f"| {tiny / 'student'} |") for line in done.stdout.splitlines())
