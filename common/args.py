@@ -106,6 +106,9 @@ class TrainingArguments:
                 "'no'). bf16 is the usual choice on recent GPUs."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute student activations in backward to save memory."})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "Batch conversations of similar length together (within shuffled groups of 64 "
+                "global batches) to cut padding; the batches' order stays shuffled."})
 
     def __post_init__(self):
         checks = [

@@ -110,23 +110,48 @@ class BatchOrder:
     global micro-batch of batch_size x num_processes rows is cut from it and each process takes its
     slice. The last, short batch of an epoch wraps around to the epoch's start, so every process
     always has a full batch. Position alone determines the batch, which makes resume exact.
+
+    With `lengths` (one per example; --group-by-length), each run of GROUP_BATCHES global batches
+    of the permutation is sorted by length and cut into batches, whose order is then shuffled:
+    rows of a batch have similar lengths (less padding), while which lengths come when stays
+    random. Still a function of (seed, epoch) alone.
     """
 
-    def __init__(self, num_examples, batch_size, num_processes=1, process_index=0, seed=0):
+    GROUP_BATCHES = 64
+
+    def __init__(self, num_examples, batch_size, num_processes=1, process_index=0, seed=0,
+                 lengths=None):
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.global_batch_size = batch_size * num_processes
         self.process_index = process_index
         self.seed = seed
+        self.lengths = lengths
         self.batches_per_epoch = math.ceil(num_examples / self.global_batch_size)
         self._epoch, self._permutation = None, None
 
     def permutation(self, epoch):
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._permutation = torch.randperm(self.num_examples, generator=generator).tolist()
-            self._epoch = epoch
+            permutation = torch.randperm(self.num_examples, generator=generator).tolist()
+            if self.lengths is not None:
+                permutation = self._grouped(permutation, generator)
+            self._permutation, self._epoch = permutation, epoch
         return self._permutation
+
+    def _grouped(self, permutation, generator):
+        size = self.global_batch_size
+        group = size * self.GROUP_BATCHES
+        batches = []
+        for start in range(0, len(permutation), group):
+            # sorted() is stable: equal lengths keep their shuffled order.
+            rows = sorted(permutation[start:start + group], key=lambda i: -self.lengths[i])
+            batches += [rows[k:k + size] for k in range(0, len(rows), size)]
+        # The one short batch (the epoch's tail) stays last: it wraps around as before.
+        full = [b for b in batches if len(b) == size]
+        short = [b for b in batches if len(b) < size]
+        order = torch.randperm(len(full), generator=generator).tolist()
+        return [i for k in order for i in full[k]] + [i for b in short for i in b]
 
     def indices(self, position):
         epoch, index = divmod(position, self.batches_per_epoch)
@@ -251,7 +276,9 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     order = BatchOrder(len(examples), args.batch_size, accelerator.num_processes,
-                       accelerator.process_index, args.seed)
+                       accelerator.process_index, args.seed,
+                       lengths=[len(e["input_ids"]) for e in examples]
+                       if getattr(args, "group_by_length", False) else None)
 
     step, bad_steps_in_row = 0, 0
     checkpoint = latest_checkpoint(output_dir) if args.resume else None

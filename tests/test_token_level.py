@@ -63,8 +63,9 @@ def final_weights(path):
 
 
 def test_killed_run_resumes_to_the_same_result(tiny, tmp_path):
+    # --group-by-length: its order, too, must follow from (seed, epoch) alone
     args = ["--max-steps", "120", "--save-steps", "10", "--learning-rate", "1e-3",
-            "--batch-size", "2", "--grad-accum", "2", "--log-steps", "10"]
+            "--batch-size", "2", "--grad-accum", "2", "--log-steps", "10", "--group-by-length"]
     uninterrupted = tmp_path / "uninterrupted"
     run_script("token_level.py", *base_args(tiny, uninterrupted, *args))
 

@@ -106,6 +106,29 @@ def test_batch_order_splits_the_global_batch_across_processes():
         assert ranks[0].indices(position) + ranks[1].indices(position) == single.indices(position)
 
 
+def test_group_by_length_keeps_a_permutation_and_cuts_padding():
+    generator = torch.Generator().manual_seed(0)
+    lengths = (torch.randn(3000, generator=generator) * 0.8 + 5).exp().long().add(1).tolist()
+    plain = BatchOrder(len(lengths), batch_size=8, seed=3)
+    grouped = BatchOrder(len(lengths), batch_size=8, seed=3, lengths=lengths)
+    epoch = range(grouped.batches_per_epoch)
+    rows = [i for position in epoch for i in grouped.indices(position)]
+    assert sorted(rows[:len(lengths)]) == list(range(len(lengths)))
+    assert BatchOrder(len(lengths), 8, seed=3, lengths=lengths).indices(7) == grouped.indices(7)
+    ranks = [BatchOrder(len(lengths), 4, num_processes=2, process_index=r, seed=3,
+                        lengths=lengths) for r in range(2)]
+    assert all(ranks[0].indices(p) + ranks[1].indices(p) == grouped.indices(p) for p in epoch)
+
+    def padding(order):
+        batches = [[lengths[i] for i in order.indices(p)] for p in epoch]
+        return sum(max(b) * len(b) - sum(b) for b in batches)
+
+    assert padding(grouped) < 0.25 * padding(plain)
+    # the order of lengths over the epoch stays shuffled, not longest first
+    firsts = [lengths[grouped.indices(p)[0]] for p in epoch]
+    assert firsts != sorted(firsts, reverse=True)
+
+
 def write_checkpoint(root, name, step):
     path = root / "checkpoints" / name
     path.mkdir(parents=True)
