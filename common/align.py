@@ -32,7 +32,7 @@ import json
 import re
 from bisect import bisect_left, bisect_right
 
-from common.chat import IGNORE_INDEX, SkipRow, render
+from common.chat import IGNORE_INDEX, SkipRow, is_supervised, render
 from common.errors import UserError
 
 _OFFSET_PROBE = "Offsets probe: héllo 東京 🙂 42"
@@ -60,14 +60,16 @@ def reply_regions(text, spans, messages):
     """(core_start, core_end) in `text` of each assistant reply's stripped content.
 
     `spans` are ChatEncoder.assistant_spans(text, messages) with supervise="all": one per assistant
-    message, starting where the content (or, for a template that trims, the stripped content) was
-    found.
+    message, whose content_start is where the content (or, for a template that trims, the stripped
+    content) was found. Not its start: that may include whitespace the template writes before the
+    reply, which is no part of the reply's own coordinates.
     """
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     if len(replies) != len(spans):
         raise SkipRow("assistant replies not all found in the rendered template")
     regions = []
-    for (start, _), content in zip(spans, replies):
+    for span, content in zip(spans, replies):
+        start = span.content_start
         lead = len(content) - len(content.lstrip()) if text.startswith(content, start) else 0
         regions.append((start + lead, start + lead + len(content.strip())))
     return regions
@@ -98,12 +100,11 @@ def encode_with_reply_offsets(encoder, messages):
     span_index = 0
     for position, (start, end) in enumerate(encoding["offset_mapping"][:encoder.max_length]):
         # Same walk as ChatEncoder.encode, so both agree on what is supervised.
-        while span_index < len(spans) and spans[span_index][1] <= start:
+        while span_index < len(spans) and spans[span_index].end <= start:
             span_index += 1
         if span_index == len(spans):
             break
-        span_start, span_end = spans[span_index]
-        if end > span_start and start < span_end and end > start:
+        if is_supervised(start, end, spans[span_index]):
             labels[position] = input_ids[position]
             reply_index[position] = span_index
             core_start, core_end = regions[span_index]

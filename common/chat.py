@@ -22,6 +22,7 @@ writes after an assistant reply, up to and including its first special token (`<
 
 import os
 from collections import Counter
+from typing import NamedTuple
 
 from common.errors import UserError
 
@@ -98,6 +99,24 @@ def end_of_turn_text(tokenizer):
     return suffix[:position + len(token)]
 
 
+class ReplySpan(NamedTuple):
+    """Character offsets of one assistant reply in the rendered text (see assistant_spans)."""
+    start: int
+    end: int
+    content_start: int
+    content_end: int
+
+
+def is_supervised(token_start, token_end, span):
+    """A token is trained on when it overlaps the reply or its end of turn (BPE may merge the
+    template's leading space into the first reply token), or lies in the whitespace between the
+    generation prompt and the reply; a token that also holds prompt text (":\n" after
+    "Assistant") and nothing of the reply is not: the model never writes the prompt."""
+    if not (token_end > span.start and token_start < span.end and token_end > token_start):
+        return False
+    return token_start >= span.start or token_end > span.content_start
+
+
 class ChatEncoder:
     """Turns conversations into `input_ids` and `labels` (-100 on tokens the assistant did not write).
 
@@ -118,7 +137,9 @@ class ChatEncoder:
         self.end_of_turn_token_id = end_ids[-1] if end_ids else tokenizer.eos_token_id
 
     def assistant_spans(self, text, messages):
-        """Character spans [start, end) of every assistant reply (+ end of turn) in `text`."""
+        """A ReplySpan per assistant reply in `text`: what is supervised, [start, end) (the reply,
+        its end of turn, and whitespace the template writes between the generation prompt and
+        the reply), and where the content itself was found, [content_start, content_end)."""
         spans, cursor = [], 0
         for index, message in enumerate(messages):
             content = message["content"]
@@ -143,13 +164,14 @@ class ChatEncoder:
                 continue  # templates may drop or rewrite system/tool messages
             end = found + len(candidate)
             if message["role"] == "assistant":
+                content_end = end
                 if self.end_of_turn and text.startswith(self.end_of_turn, end):
                     end += len(self.end_of_turn)
                 # Llama 2 renders "[/INST] reply": the space is not in the prompt, so at inference
                 # the model writes it, and a tokenizer may make it a token of its own ('▁').
-                if reply_start and not text[reply_start:found].strip():
-                    found = reply_start
-                spans.append((found, end))
+                start = reply_start if reply_start and not text[reply_start:found].strip() \
+                    else found
+                spans.append(ReplySpan(start, end, found, content_end))
             cursor = end
         if self.supervise == "last":
             spans = spans[-1:]
@@ -178,13 +200,11 @@ class ChatEncoder:
         labels = [IGNORE_INDEX] * len(input_ids)
         span_index = 0
         for position, (start, end) in enumerate(encoding["offset_mapping"]):
-            while span_index < len(spans) and spans[span_index][1] <= start:
+            while span_index < len(spans) and spans[span_index].end <= start:
                 span_index += 1
             if span_index == len(spans):
                 break
-            span_start, span_end = spans[span_index]
-            # A token that overlaps a reply is supervised (BPE may merge a leading space into it).
-            if end > span_start and start < span_end and end > start:
+            if is_supervised(start, end, spans[span_index]):
                 labels[position] = input_ids[position]
         input_ids, labels = input_ids[:self.max_length], labels[:self.max_length]
         if all(label == IGNORE_INDEX for label in labels):

@@ -168,3 +168,26 @@ def test_space_token_between_prompt_and_reply_is_supervised():
                   if label != IGNORE_INDEX]
     assert tokens[tokens.index("[/INST]") + 1] == "▁"  # the space is a token of its own
     assert supervised == ["▁", "4", "2", "▁", "</s>"]
+
+
+def test_a_token_holding_prompt_text_before_the_reply_is_not_supervised():
+    """Prompt "Assistant:" but the turn renders "Assistant:\n{reply}", with a pre-tokenizer that
+    merges ":\n" (as Llama 3's and Qwen's do with punctuation and newlines): the '\n' is the
+    model's to write, but the ':\n' token holds prompt text, so it stays unlabelled."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<s>", "</s>", "User", "Assistant", ":", ":\n", "\n", " ", "hi", "hello", "there"]
+    backend = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<s>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r":\n|\w+|\s|[^\w\s]"), "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                        eos_token="</s>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
+        "{% else %}Assistant:\n{{ m['content'] }}</s>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}")
+    example = ChatEncoder(tokenizer, 64).encode([{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "hello there"}])
+    tokens = tokenizer.convert_ids_to_tokens(example["input_ids"])
+    supervised = [t for t, label in zip(tokens, example["labels"]) if label != IGNORE_INDEX]
+    assert ":\n" in tokens and supervised == ["hello", " ", "there", "</s>"]

@@ -154,6 +154,29 @@ def test_replies_cut_differently_by_max_length(tokenizers):
     assert len(student_reply) > len(aligned)
 
 
+def test_whitespace_before_the_reply_does_not_shift_the_alignment(tiny):
+    """A Llama-2-style student template writes "[/INST] 42": its '▁' before the reply is
+    supervised (the model writes it), yet the reply's own tokens keep their partners: '4' with
+    the teacher's '4', never with the one after it."""
+    from examples.toy_assets import build_sentencepiece_tokenizer
+
+    student = build_sentencepiece_tokenizer(["What is 12 + 30?", "12 + 30 = 42."], 40)
+    student.chat_template = (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'user' %}[INST] {{ message['content'] | trim }} [/INST]"
+        "{% else %} {{ message['content'] | trim }} {{ eos_token }}{% endif %}{% endfor %}")
+    teacher = AutoTokenizer.from_pretrained(tiny / "teacher")
+    messages = [{"role": "user", "content": "What is 12 + 30?"},
+                {"role": "assistant", "content": "42"}]
+    pair = encode_pair(ChatEncoder(student, 512), ChatEncoder(teacher, 512), messages)
+    student_tokens = student.convert_ids_to_tokens(pair["input_ids"])
+    teacher_tokens = teacher.convert_ids_to_tokens(pair["teacher_input_ids"])
+    partners = {student_tokens[j]: teacher_tokens[pair["teacher_positions"][j]]
+                for j, label in enumerate(pair["labels"]) if label != IGNORE_INDEX}
+    digits = {k: v for k, v in partners.items() if k in ("4", "2")}
+    assert digits == {"4": "4", "2": "2"}, partners
+
+
 def test_align_spans_rules():
     # closest end among overlapping teacher tokens; ties broken by the closest start
     assert align_spans([(0, 2)], [(0, 1), (1, 3)]) == [0]
