@@ -214,16 +214,22 @@ def main(argv=None):
                               gkd_args.loss_temperature, gkd_args.beta,
                               loss_chunk_size=gkd_args.loss_chunk_size)
     collate_fn = None
-    if gkd_args.teacher_cache:
+    if gkd_args.teacher_cache and gkd_args.lmbda == 1.0:
+        accelerator.print("note: --lmbda 1 has no off-policy steps: --teacher-cache is not used "
+                          "(nor built)")
+    elif gkd_args.teacher_cache:
         for index, example in enumerate(examples):
             example["example_index"] = index  # cache rows are found by example, never by step
         cache = teacher_cache.prepare(
             gkd_args.teacher_cache, examples, tokenizer, model_args.teacher, data_args,
             gkd_args.cache_top_k, gkd_args.loss_temperature, accelerator, lambda: teacher,
-            train_args.batch_size)
+            train_args.batch_size, reuse_note="off-policy steps read it, on-policy steps run the "
+                                              "teacher")
         collate_fn = cache.collate_fn(collate)
         live_loss_fn = loss_fn
-        cached_loss_fn = teacher_cache.make_cached_loss_fn(vocab_size, gkd_args.loss_temperature)
+        cached_loss_fn = teacher_cache.make_cached_loss_fn(
+            vocab_size, gkd_args.loss_temperature, accelerator=accelerator,
+            loss_chunk_size=gkd_args.loss_chunk_size)
 
         def loss_fn(student, batch):
             # Off-policy batches come from the dataset with their teacher rows; the sampler's

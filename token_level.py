@@ -135,7 +135,8 @@ def main(argv=None):
             kd_args.cache_top_k, kd_args.temperature, accelerator, load_teacher,
             train_args.batch_size)
         collate_fn = cache.collate_fn(collate)
-        loss_fn = teacher_cache.make_cached_loss_fn(vocab_size, kd_args.temperature, kd_args.alpha)
+        loss_fn = teacher_cache.make_cached_loss_fn(vocab_size, kd_args.temperature, kd_args.alpha,
+                                                     accelerator, kd_args.loss_chunk_size)
     else:
         loss_fn = make_kd_loss_fn(accelerator, load_teacher(), vocab_size, kd_args.kl,
                                   kd_args.temperature, kd_args.beta, kd_args.alpha,

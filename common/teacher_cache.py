@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common.checkpoint import write_json_atomic
 from common.errors import UserError
@@ -228,11 +229,40 @@ def sparse_forward_kl(student_logits, teacher_ids, teacher_logprobs, teacher_tai
     return terms.sum(dim=-1)
 
 
-def make_cached_loss_fn(vocab_size, temperature=1.0, alpha=0.0):
-    """loss_fn(student, batch) for the shared loop, reading the teacher from the batch."""
+def _chunk_terms(hidden, weight, bias, teacher_ids, teacher_logprobs, teacher_tail, targets,
+                 temperature):
+    """Summed sparse KD and CE of one chunk of supervised positions, from the student's hidden
+    states: the chunk's logits exist only inside this call (and its recomputation in backward)."""
     from common.losses import cross_entropy
 
-    def loss_fn(student, batch):
+    logits = F.linear(hidden, weight, bias)
+    kd = sparse_forward_kl(logits, teacher_ids, teacher_logprobs, teacher_tail, temperature)
+    return kd.sum() * temperature ** 2, cross_entropy(logits, targets).sum()
+
+
+def make_cached_loss_fn(vocab_size, temperature=1.0, alpha=0.0, accelerator=None,
+                        loss_chunk_size=-1):
+    """loss_fn(student, batch) for the shared loop, reading the teacher from the batch.
+
+    With `accelerator` and loss_chunk_size >= 0 (0 = automatic) the student's output layer runs
+    only at supervised positions, loss_chunk_size of them at a time, each chunk recomputed in
+    backward (activation checkpointing), so about one chunk of logits is alive at once, as in the
+    live-teacher loss (common/distill.py). Full logits under FSDP / ZeRO-3, for output layers
+    that are not plain (soft-capping), and with loss_chunk_size = -1.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from common.chunked import auto_chunk_size
+    from common.distill import (output_layer_passes_hidden_states, weights_are_sharded,
+                                why_output_layer_is_not_plain)
+    from common.losses import cross_entropy
+
+    chunked = accelerator is not None and loss_chunk_size >= 0 \
+        and not weights_are_sharded(accelerator)
+    chunk_size = loss_chunk_size if loss_chunk_size > 0 else auto_chunk_size(vocab_size)
+    plain_output_layer = {}  # id(model) -> bool, probed on the model's first batch
+
+    def full_logits_loss_fn(student, batch):
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         selected, targets = shift_for_next_token(logits, batch["labels"])
         selected = selected[:, :vocab_size]
@@ -242,13 +272,46 @@ def make_cached_loss_fn(vocab_size, temperature=1.0, alpha=0.0):
         return (1.0 - alpha) * kd.sum() + alpha * ce.sum(), {"kd": kd.sum().detach(),
                                                              "ce": ce.sum().detach()}
 
+    def loss_fn(student, batch):
+        if not chunked:
+            return full_logits_loss_fn(student, batch)
+        model = accelerator.unwrap_model(student)
+        if id(model) not in plain_output_layer:
+            reason = why_output_layer_is_not_plain(model, batch["input_ids"],
+                                                   batch["attention_mask"])
+            plain_output_layer[id(model)] = reason is None
+            if reason is not None:
+                accelerator.print(f"warning: the student's output layer {reason}; computing its "
+                                  f"full logits at every position instead (no chunked loss)")
+        if not plain_output_layer[id(model)]:
+            return full_logits_loss_fn(student, batch)
+        supervised = batch["labels"][:, 1:] != -100  # position t predicts label t+1
+        with output_layer_passes_hidden_states(model):
+            hidden = student(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits[:, :-1][supervised]
+        targets = batch["labels"][:, 1:][supervised]
+        layer = model.get_output_embeddings()
+        weight = layer.weight[:vocab_size]
+        bias = None if layer.bias is None else layer.bias[:vocab_size]
+        kd_sum = ce_sum = hidden.sum() * 0.0  # in the graph even when nothing is supervised
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            kd, ce = checkpoint(_chunk_terms, hidden[rows], weight, bias,
+                                batch["teacher_ids"][rows], batch["teacher_logprobs"][rows],
+                                batch["teacher_tail"][rows], targets[rows], temperature,
+                                use_reentrant=False)
+            kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
+        return (1.0 - alpha) * kd_sum + alpha * ce_sum, {"kd": kd_sum.detach(),
+                                                         "ce": ce_sum.detach()}
+
     return loss_fn
 
 
 def prepare(cache_dir, examples, tokenizer, teacher_name, data_args, top_k, temperature,
-            accelerator, load_teacher, batch_size):
+            accelerator, load_teacher, batch_size, reuse_note="the teacher is not loaded"):
     """Reuse a matching complete cache, or build it with the teacher (main process); returns the
-    reader. `load_teacher()` is only called when the cache has to be built."""
+    reader. `load_teacher()` is only called when the cache has to be built; `reuse_note` ends the
+    line printed when a cache is reused."""
     identity = cache_identity(teacher_name, tokenizer, examples, data_args.dataset,
                               data_args.max_length, top_k, temperature)
     meta = read_meta(cache_dir)
@@ -256,7 +319,7 @@ def prepare(cache_dir, examples, tokenizer, teacher_name, data_args, top_k, temp
         check_identity(cache_dir, meta, identity, teacher_given=teacher_name is not None)
         accelerator.print(f"using the teacher cache in {cache_dir} "
                           f"({meta['bytes_per_supervised_token']} bytes per supervised token); "
-                          f"the teacher is not loaded")
+                          f"{reuse_note}")
     else:
         if teacher_name is None:
             raise UserError(f"--teacher-cache {cache_dir} holds no complete cache; pass --teacher "

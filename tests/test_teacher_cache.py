@@ -79,6 +79,32 @@ def test_rows_line_up_under_shuffling_and_accumulation(built):
         assert torch.allclose(batch["teacher_logprobs"], expected_log_probs, atol=2e-2)  # fp16
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_chunked_cached_loss_equals_full_logits(tiny, built, alpha):
+    """The memory-bounded path (output layer on supervised positions, a few at a time, recomputed
+    in backward) gives the full-logits loss and gradients."""
+    from accelerate import Accelerator
+
+    tokenizer, examples, _, cache_dir, _ = built
+    batch = teacher_cache.TeacherCache(cache_dir).collate_fn(collate)(examples[:5],
+                                                                      tokenizer.pad_token_id)
+    student = AutoModelForCausalLM.from_pretrained(tiny / "student")
+    results = []
+    for chunk_size in (-1, 3):
+        student.zero_grad()
+        loss_fn = teacher_cache.make_cached_loss_fn(len(tokenizer), 1.5, alpha,
+                                                    Accelerator(cpu=True), chunk_size)
+        loss, stats = loss_fn(student, batch)
+        loss.backward()
+        results.append((loss.detach(), stats, {n: p.grad.clone()
+                                               for n, p in student.named_parameters()}))
+    (full, full_stats, full_grads), (chunked, chunked_stats, chunked_grads) = results
+    assert torch.allclose(chunked, full, rtol=1e-5)
+    assert all(torch.allclose(chunked_stats[k], full_stats[k], rtol=1e-5) for k in ("kd", "ce"))
+    for name in full_grads:
+        assert torch.allclose(chunked_grads[name], full_grads[name], rtol=1e-4, atol=1e-7), name
+
+
 def test_interrupted_build_resumes_to_the_same_cache(built, tmp_path, monkeypatch):
     tokenizer, examples, teacher, cache_dir, identity = built
     monkeypatch.setattr(teacher_cache, "EXAMPLES_PER_SHARD", 16)
