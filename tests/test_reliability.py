@@ -49,7 +49,9 @@ def assert_same_trajectory(expected_rows, got_rows):
     assert [r["step"] for r in expected_rows] == [r["step"] for r in got_rows]
     for a, b in zip(expected_rows, got_rows):
         assert a["supervised_tokens"] == b["supervised_tokens"], a["step"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7), a["step"]
+        # metrics.jsonl rounds to 6 decimals: two processes sum in another order, and a 1e-12
+        # difference can land on either side of a rounding boundary (one unit of the last digit)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1.5e-6), a["step"]
 
 
 def start(command):
