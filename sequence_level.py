@@ -248,7 +248,10 @@ def redact_url(url):
     """
     from urllib.parse import urlsplit, urlunsplit
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # malformed (e.g. an unclosed IPv6 bracket): show nothing of it
+        return "<the --teacher-api-base URL>"
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
@@ -256,6 +259,25 @@ def redact_url(url):
                      for name, sep, _ in (item.partition("=")
                                           for item in parts.query.split("&") if item))
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_urls_in(text):
+    """Any user:password@ and query value of any URL in `text` (an exception's message may show
+    the client's own normalised form of the URL, or a request URL) becomes ***."""
+    import re
+
+    text = re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+    return re.sub(r"([?&][^=&\s/]+=)[^&\s'\"]+", r"\1***", text)
+
+
+def split_query(url):
+    """(URL without its query, {name: value}): the openai client appends paths to base_url, so a
+    query left in it would end up inside the path; it is sent as default_query instead."""
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return (urlunsplit((parts.scheme, parts.netloc, parts.path, "", parts.fragment)),
+            dict(parse_qsl(parts.query)))
 
 
 def _api_error(exc, seq_args):
@@ -276,7 +298,7 @@ def _api_error(exc, seq_args):
     if isinstance(exc, openai.APIStatusError):
         return UserError(f"the API at {where} kept failing ({exc.status_code}) after "
                          f"{seq_args.api_max_retries} retries; rerun later to continue")
-    detail = str(exc).replace(seq_args.teacher_api_base, api_base)
+    detail = redact_urls_in(str(exc).replace(seq_args.teacher_api_base, api_base))
     return UserError(f"the API at {where} failed: {type(exc).__name__}: {detail}")
 
 
@@ -289,7 +311,8 @@ def generate_api(seq_args, jobs, writer):
     api_key = os.environ.get(seq_args.api_key_env)
     if not api_key:
         print(f"warning: ${seq_args.api_key_env} is not set; sending requests without a key")
-    client = openai.OpenAI(base_url=seq_args.teacher_api_base, api_key=api_key or "EMPTY",
+    base_url, query = split_query(seq_args.teacher_api_base)  # e.g. Azure's ?api-version=...
+    client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", default_query=query,
                            max_retries=seq_args.api_max_retries, timeout=seq_args.api_timeout)
 
     def ask(job):

@@ -4,7 +4,7 @@ import os
 import sys
 
 # Set by torchrun / accelerate launch, and by mpirun (Intel MPI / MVAPICH, Open MPI).
-_RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+_RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 
 
 class UserError(Exception):

@@ -26,7 +26,7 @@ class FakeTeacherServer:
 
     def __init__(self, fail_every=3, delay=0.0):
         self.fail_every, self.delay = fail_every, delay
-        self.requests, self.answered = 0, Counter()
+        self.requests, self.answered, self.paths = 0, Counter(), []
         self.lock = threading.Lock()
         server = self
 
@@ -46,9 +46,11 @@ class FakeTeacherServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.paths.append(self.path)
                 if self.headers.get("Authorization") != f"Bearer {API_KEY}":
                     return self.reply(401, {"error": {"message": "bad key"}})
-                if not self.path.endswith("/chat/completions") or body["model"] != "teacher-x":
+                if not self.path.split("?")[0].endswith("/chat/completions") \
+                        or body["model"] != "teacher-x":
                     return self.reply(404, {"error": {"message": "no such model"}})
                 with server.lock:
                     server.requests += 1
@@ -241,3 +243,25 @@ def test_credentials_in_the_api_url_are_never_saved_or_printed(tiny, tmp_path):
     for path in [*out.rglob("*"), *(tmp_path / "gen").rglob("*")]:
         if path.is_file():
             assert b"secret" not in path.read_bytes(), path
+
+
+def test_query_in_the_api_url_is_sent_as_a_query(tiny, tmp_path):
+    """Azure-style endpoints need ?api-version=...: it must reach the server as a query, not be
+    glued into the path by the client."""
+    with FakeTeacherServer(fail_every=0) as server:
+        server.url += "?api-version=2024-06-01"
+        run_with_key(*api_args(tiny, server, tmp_path / "out", "--max-samples", "3",
+                               "--generate-only"))
+    assert server.paths and all(p == "/v1/chat/completions?api-version=2024-06-01"
+                                for p in server.paths), server.paths[:3]
+
+
+def test_urls_inside_error_text_are_redacted():
+    from sequence_level import redact_url, redact_urls_in
+
+    text = ("Connection error: https://u:pw@host/v1/?key=secret1&v=2 and "
+            "'http://x:secret2@h:8/v1/chat/completions?api-key=secret3'")
+    redacted = redact_urls_in(text)
+    assert not any(f"secret{k}" in redacted for k in (1, 2, 3)) and "pw" not in redacted
+    assert "https://***@host/v1/?key=***&v=***" in redacted
+    assert redact_url("http://[::1/v1?key=secret") == "<the --teacher-api-base URL>"
