@@ -21,7 +21,6 @@ printed is one JSON object.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,13 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-
-def rss_mb():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from benchmarks.memory import peak_rss_mb, rss_mb  # noqa: E402
 
 
 def build(args):
@@ -90,7 +83,7 @@ def worker(args):
         cpu_times.append(time.process_time() - cpu_start)
     if args.grads_out:
         torch.save({"weight": model.lm_head.weight.grad, "loss": loss.detach()}, args.grads_out)
-    print(json.dumps({"peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    print(json.dumps({"peak_mb": round(peak_rss_mb(), 1),
                       "inputs_mb": round(inputs_mb, 1),
                       "ms": round(statistics.median(times) * 1000, 1),
                       "cpu_ms": round(statistics.median(cpu_times) * 1000, 1),

@@ -25,7 +25,6 @@ The last line printed is one JSON object.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,20 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks.memory import peak_rss_mb, rss_mb  # noqa: E402
+
 from common.chunked import auto_chunk_size, chunked_kd_loss  # noqa: E402
 from common.losses import cross_entropy, distillation_loss  # noqa: E402
-
-
-def rss_mb():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def make_inputs(args):

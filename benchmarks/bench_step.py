@@ -34,7 +34,6 @@ medians over rounds are reported. The last line printed is one JSON object.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,21 +47,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks.memory import peak_rss_mb, rss_mb  # noqa: E402
+
 VOCAB, SEQ, PROMPT, BATCH = 32_000, 256, 128, 4
 LEARNING_RATE = 1e-4
 SIDES = ["token_level", "token_level_chunk128", "token_level_full", "trl_gkd", "floor"]
-
-
-def rss_mb():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def build_model(hidden, layers, seed):

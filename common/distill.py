@@ -44,17 +44,7 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
     if loss_chunk_size >= 0 and not chunked:
         accelerator.print("note: FSDP / ZeRO-3 shard the output layers, so the KD loss computes "
                           "full logits at every position (--loss-chunk-size has no effect)")
-    plain_output_layer = {}  # id(model) -> bool, probed once per model on its first batch
-
-    def has_plain_output_layer(model, batch, what):
-        if id(model) not in plain_output_layer:
-            reason = why_output_layer_is_not_plain(model, batch["input_ids"],
-                                                   batch["attention_mask"])
-            plain_output_layer[id(model)] = reason is None
-            if reason is not None:
-                accelerator.print(f"warning: the {what}'s output layer {reason}; computing its "
-                                  f"full logits at every position instead (no chunked loss)")
-        return plain_output_layer[id(model)]
+    has_plain_output_layer = OutputLayerCheck(accelerator)
 
     def full_logits_loss_fn(student, batch):
         student_logits = student(input_ids=batch["input_ids"],
@@ -102,6 +92,26 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
             teacher_compute_dtype=matmul_dtype)
 
     return loss_fn
+
+
+class OutputLayerCheck:
+    """check(model, batch, what) -> whether the chunked loss may apply `model`'s output layer
+    itself (see why_output_layer_is_not_plain): probed once per model, on its first batch, with a
+    one-time warning when it may not."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.plain = accelerator, {}
+
+    def __call__(self, model, batch, what):
+        if id(model) not in self.plain:
+            reason = why_output_layer_is_not_plain(model, batch["input_ids"],
+                                                   batch["attention_mask"])
+            self.plain[id(model)] = reason is None
+            if reason is not None:
+                self.accelerator.print(f"warning: the {what}'s output layer {reason}; computing "
+                                       f"its full logits at every position instead (no chunked "
+                                       f"loss)")
+        return self.plain[id(model)]
 
 
 def weights_are_sharded(accelerator):

@@ -19,7 +19,6 @@ a rerun continues after the last listed shard.
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 
@@ -253,14 +252,14 @@ def make_cached_loss_fn(vocab_size, temperature=1.0, alpha=0.0, accelerator=None
     from torch.utils.checkpoint import checkpoint
 
     from common.chunked import auto_chunk_size
-    from common.distill import (output_layer_passes_hidden_states, weights_are_sharded,
-                                why_output_layer_is_not_plain)
+    from common.distill import (OutputLayerCheck, output_layer_passes_hidden_states,
+                                weights_are_sharded)
     from common.losses import cross_entropy
 
     chunked = accelerator is not None and loss_chunk_size >= 0 \
         and not weights_are_sharded(accelerator)
     chunk_size = loss_chunk_size if loss_chunk_size > 0 else auto_chunk_size(vocab_size)
-    plain_output_layer = {}  # id(model) -> bool, probed on the model's first batch
+    has_plain_output_layer = OutputLayerCheck(accelerator)
 
     def full_logits_loss_fn(student, batch):
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -276,14 +275,7 @@ def make_cached_loss_fn(vocab_size, temperature=1.0, alpha=0.0, accelerator=None
         if not chunked:
             return full_logits_loss_fn(student, batch)
         model = accelerator.unwrap_model(student)
-        if id(model) not in plain_output_layer:
-            reason = why_output_layer_is_not_plain(model, batch["input_ids"],
-                                                   batch["attention_mask"])
-            plain_output_layer[id(model)] = reason is None
-            if reason is not None:
-                accelerator.print(f"warning: the student's output layer {reason}; computing its "
-                                  f"full logits at every position instead (no chunked loss)")
-        if not plain_output_layer[id(model)]:
+        if not has_plain_output_layer(model, batch, "student"):
             return full_logits_loss_fn(student, batch)
         supervised = batch["labels"][:, 1:] != -100  # position t predicts label t+1
         with output_layer_passes_hidden_states(model):

@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from common.chat import IGNORE_INDEX, collate
 from common.checkpoint import (METRICS_FILE, error_on_every_process, latest_checkpoint,
-                               load_trainer_state, save_checkpoint, truncate_metrics,
-                               write_json_atomic)
+                               load_trainer_state, save_checkpoint, truncate_metrics)
 from common.sharding import check_sharding_settings
 
 

@@ -1,7 +1,6 @@
 """on_policy.py: the on/off-policy draw, what on-policy steps supervise, and end-to-end runs."""
 
 import json
-import random
 from types import SimpleNamespace
 
 import pytest

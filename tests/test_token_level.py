@@ -1,7 +1,6 @@
 """token_level.py as a user runs it: end to end per --kl, resume, and every bad input."""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
