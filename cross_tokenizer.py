@@ -48,7 +48,8 @@ from typing import Literal
 import torch
 
 from common.align import (check_offsets, encode_pair, select_aligned_logits, shared_vocabulary)
-from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
+                         parse_args)
 from common.chat import ChatEncoder, SkipRow, collate, ensure_chat_template
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
@@ -114,7 +115,7 @@ def encode_pairs(data_args, student_encoder, teacher_encoder, log=print, progres
         hint = (f"raise --max-length (now {data_args.max_length})"
                 if any("max-length" in reason for reason in skipped) else
                 "check that rows hold non-empty assistant replies")
-        raise UserError(f"no usable training example in {data_args.dataset} "
+        raise UserError(f"no usable example in {data_args.dataset} "
                         f"({describe_skips(skipped, total) or 'empty'}); {hint}")
     return examples
 
@@ -211,6 +212,9 @@ def main(argv=None):
     with accelerator.main_process_first():
         examples = encode_pairs(data_args, encoder, teacher_encoder, log=accelerator.print,
                                 progress=accelerator.is_local_main_process)
+        eval_examples = encode_pairs(eval_data_args(data_args), encoder, teacher_encoder,
+                                     log=accelerator.print, progress=False) \
+            if data_args.eval_dataset else None
     aligned = sum(sum(1 for label in e["labels"] if label != -100) for e in examples)
     reply_tokens = sum(e["num_reply_tokens"] for e in examples)
     accelerator.print(f"{len(examples)} training conversations, {aligned} of {reply_tokens} "
@@ -246,7 +250,8 @@ def main(argv=None):
     student, state = train(accelerator, student, examples, train_args, loss_fn,
                            tokenizer.pad_token_id, run_config,
                            collate_fn=partial(collate_pairs,
-                                              teacher_pad_token_id=teacher_tokenizer.pad_token_id))
+                                              teacher_pad_token_id=teacher_tokenizer.pad_token_id),
+                           eval_examples=eval_examples)
     finish_run(accelerator, student, tokenizer, output_dir, run_config, state,
                end_of_turn_id=encoder.end_of_turn_token_id)
 

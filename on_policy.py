@@ -34,7 +34,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
+                         parse_args)
 from common.chat import IGNORE_INDEX, ChatEncoder, collate, encode_dataset, use_teacher_template
 from common import teacher_cache
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
@@ -199,6 +200,8 @@ def main(argv=None):
     encoder = ChatEncoder(tokenizer, data_args.max_length)
     with accelerator.main_process_first():
         examples = encode_dataset(data_args, encoder, log=accelerator.print)
+        eval_examples = encode_dataset(eval_data_args(data_args), encoder, log=accelerator.print) \
+            if data_args.eval_dataset else None
 
     teacher = freeze(load_model(model_args.teacher, model_args.dtype,
                                 model_args.trust_remote_code, "teacher"))
@@ -213,7 +216,7 @@ def main(argv=None):
     loss_fn = make_kd_loss_fn(accelerator, teacher, vocab_size, gkd_args.kl,
                               gkd_args.loss_temperature, gkd_args.beta,
                               loss_chunk_size=gkd_args.loss_chunk_size)
-    collate_fn = None
+    collate_fn, live_loss_fn = None, loss_fn
     if gkd_args.teacher_cache and gkd_args.lmbda == 1.0:
         accelerator.print("note: --lmbda 1 has no off-policy steps: --teacher-cache is not used "
                           "(nor built)")
@@ -226,9 +229,8 @@ def main(argv=None):
             train_args.batch_size, reuse_note="off-policy steps read it, on-policy steps run the "
                                               "teacher")
         collate_fn = cache.collate_fn(collate)
-        live_loss_fn = loss_fn
         cached_loss_fn = teacher_cache.make_cached_loss_fn(
-            vocab_size, gkd_args.loss_temperature, accelerator=accelerator,
+            accelerator, vocab_size, gkd_args.loss_temperature,
             loss_chunk_size=gkd_args.loss_chunk_size)
 
         def loss_fn(student, batch):
@@ -242,9 +244,12 @@ def main(argv=None):
     stop_ids = {encoder.end_of_turn_token_id, tokenizer.eos_token_id}
     sampler = OnPolicySampler(accelerator, tokenizer, stop_ids, encoder.end_of_turn_token_id,
                               gkd_args, train_args.seed)
+    # Held-out data is scored off-policy (the teacher on its replies), with the live teacher.
     student, state = train(accelerator, student, examples, train_args, loss_fn,
                            tokenizer.pad_token_id, run_config, prepare_fn=sampler,
-                           collate_fn=collate_fn, step_metrics=sampler.step_metrics)
+                           collate_fn=collate_fn, step_metrics=sampler.step_metrics,
+                           eval_examples=eval_examples, eval_loss_fn=live_loss_fn,
+                           eval_collate_fn=collate)
     finish_run(accelerator, student, tokenizer, output_dir, run_config, state,
                end_of_turn_id=encoder.end_of_turn_token_id)
 

@@ -75,6 +75,10 @@ class SequenceLevelArguments:
     drop_truncated: bool = field(default=False, metadata={
         "help": "Leave out of training the completions cut off by --max-new-tokens (kept by "
                 "default; they teach the student to end its turn where the cut fell)."})
+    loss_chunk_size: int = field(default=0, metadata={
+        "help": "Supervised positions per chunk of the memory-bounded cross-entropy: the output "
+                "layer runs on this many positions at a time (recomputed in backward). 0 = "
+                "automatic, ~128 MiB of float32 logits per chunk; -1 = full logits."})
 
     def __post_init__(self):
         if (self.teacher_api_base is None) != (self.teacher_api_model is None):
@@ -91,6 +95,8 @@ class SequenceLevelArguments:
              "--num-completions-per-prompt > 1 needs --temperature > 0 (greedy decoding gives "
              "the same completion every time)"),
             (self.generation_batch_size >= 1, "--generation-batch-size must be >= 1"),
+            (self.loss_chunk_size >= -1, f"--loss-chunk-size must be >= 1, 0 (automatic) or -1 "
+                                         f"(full logits), got {self.loss_chunk_size}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -395,25 +401,15 @@ def encode_rows(rows, encoder, log=print):
     return examples
 
 
-def make_loss_fn():
-    from common.losses import cross_entropy, shift_for_next_token
-
-    def loss_fn(student, batch):
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        selected, targets = shift_for_next_token(logits, batch["labels"])
-        ce = cross_entropy(selected, targets)
-        return ce.sum(), {}
-
-    return loss_fn
-
-
 def main(argv=None):
     from accelerate.utils import set_seed
 
-    from common.chat import ChatEncoder, ensure_chat_template
+    from common.args import eval_data_args
+    from common.chat import ChatEncoder, encode_dataset, ensure_chat_template
+    from common.distill import make_ce_loss_fn
     from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                    prepare_output_dir)
-    from common.models import check_vocab_fits, load_model, load_tokenizer
+    from common.models import check_vocab_fits, load_model, load_tokenizer, real_vocab_size
     from common.sharding import unsharded_loading
     from common.train import make_accelerator, train
 
@@ -456,6 +452,11 @@ def main(argv=None):
     # Only the last turn is the teacher's; earlier assistant turns came with the dataset.
     encoder = ChatEncoder(student_tokenizer, data_args.max_length, supervise="last")
     examples = encode_rows(rows, encoder, accelerator.print)
+    eval_examples = None
+    if data_args.eval_dataset:  # held-out conversations with their own (reference) replies
+        with accelerator.main_process_first():
+            eval_examples = encode_dataset(eval_data_args(data_args), encoder,
+                                           log=accelerator.print)
     student = load_model(model_args.student, model_args.student_dtype,
                          model_args.trust_remote_code, "student")
     check_vocab_fits(student, student_tokenizer, "student")
@@ -471,8 +472,10 @@ def main(argv=None):
     run_config = {**make_run_config("sequence_level", command, model=model_args, data=data_args,
                                     training=train_args, sequence_level=logged_seq_args),
                   "completions": str(cache_path)}
-    student, state = train(accelerator, student, examples, train_args, make_loss_fn(),
-                           student_tokenizer.pad_token_id, run_config)
+    loss_fn = make_ce_loss_fn(accelerator, real_vocab_size(student_tokenizer),
+                              seq_args.loss_chunk_size)
+    student, state = train(accelerator, student, examples, train_args, loss_fn,
+                           student_tokenizer.pad_token_id, run_config, eval_examples=eval_examples)
     finish_run(accelerator, student, student_tokenizer, output_dir, run_config, state,
                end_of_turn_id=encoder.end_of_turn_token_id)
 

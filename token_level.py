@@ -28,12 +28,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
+                         parse_args)
 from common import teacher_cache
 from common.chat import ChatEncoder, collate, encode_dataset, use_teacher_template
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
-from common.distill import make_kd_loss_fn
+from common.distill import make_ce_loss_fn, make_kd_loss_fn
 from common.errors import UserError, run_cli
 from common.models import (check_same_tokenizer, check_vocab_fits, freeze, load_model,
                            load_tokenizer, real_vocab_size)
@@ -114,6 +115,8 @@ def main(argv=None):
     encoder = ChatEncoder(tokenizer, data_args.max_length)
     with accelerator.main_process_first():
         examples = encode_dataset(data_args, encoder, log=accelerator.print)
+        eval_examples = encode_dataset(eval_data_args(data_args), encoder, log=accelerator.print) \
+            if data_args.eval_dataset else None
     accelerator.print(f"{len(examples)} training conversations, "
                       f"{sum(sum(1 for l in e['labels'] if l != -100) for e in examples)} "
                       f"supervised tokens")
@@ -126,7 +129,7 @@ def main(argv=None):
         check_vocab_fits(teacher, tokenizer, "teacher")
         return prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
 
-    collate_fn = None
+    collate_fn, eval_loss_fn, eval_collate_fn = None, None, None
     if kd_args.teacher_cache:
         for index, example in enumerate(examples):
             example["example_index"] = index  # cache rows are found by example, never by step
@@ -135,8 +138,11 @@ def main(argv=None):
             kd_args.cache_top_k, kd_args.temperature, accelerator, load_teacher,
             train_args.batch_size)
         collate_fn = cache.collate_fn(collate)
-        loss_fn = teacher_cache.make_cached_loss_fn(vocab_size, kd_args.temperature, kd_args.alpha,
-                                                     accelerator, kd_args.loss_chunk_size)
+        loss_fn = teacher_cache.make_cached_loss_fn(accelerator, vocab_size, kd_args.temperature,
+                                                     kd_args.alpha, kd_args.loss_chunk_size)
+        # The cache has no rows for held-out data: those are scored by cross-entropy alone.
+        eval_loss_fn = make_ce_loss_fn(accelerator, vocab_size, kd_args.loss_chunk_size)
+        eval_collate_fn = collate
     else:
         loss_fn = make_kd_loss_fn(accelerator, load_teacher(), vocab_size, kd_args.kl,
                                   kd_args.temperature, kd_args.beta, kd_args.alpha,
@@ -151,7 +157,9 @@ def main(argv=None):
     run_config = make_run_config("token_level", " ".join(sys.argv), model=model_args, data=data_args,
                                  training=train_args, token_level=kd_args)
     student, state = train(accelerator, student, examples, train_args, loss_fn,
-                           tokenizer.pad_token_id, run_config, collate_fn=collate_fn)
+                           tokenizer.pad_token_id, run_config, collate_fn=collate_fn,
+                           eval_examples=eval_examples, eval_loss_fn=eval_loss_fn,
+                           eval_collate_fn=eval_collate_fn)
     finish_run(accelerator, student, tokenizer, output_dir, run_config, state,
                end_of_turn_id=encoder.end_of_turn_token_id)
 

@@ -1,7 +1,9 @@
-"""Peak memory and time of the teacher-cache loss at a real vocabulary: full logits against the
-chunked path (common/teacher_cache.make_cached_loss_fn, --loss-chunk-size).
+"""Peak memory and time of the teacher-cache loss (or, with --loss ce, sequence_level.py's
+cross-entropy) at a real vocabulary: full logits against the chunked path
+(common/distill.make_head_loss_fn, --loss-chunk-size).
 
     python benchmarks/bench_cached_loss.py --vocab 128256 --seq 2048 --hidden 256
+    python benchmarks/bench_cached_loss.py --loss ce
 
 Both sides run the same loss function the scripts run (`token_level.py --teacher-cache`, and
 `on_policy.py --teacher-cache` on its off-policy steps), forward and backward, on a real
@@ -65,13 +67,15 @@ def build(args):
 def worker(args):
     from accelerate import Accelerator
 
+    from common.distill import make_ce_loss_fn
     from common.teacher_cache import make_cached_loss_fn
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, batch = build(args)
     chunk = -1 if args.worker == "full" else args.chunk_size
-    loss_fn = make_cached_loss_fn(args.vocab, 1.0, 0.0, Accelerator(cpu=True), chunk)
+    loss_fn = make_cached_loss_fn(Accelerator(cpu=True), args.vocab, 1.0, 0.0, chunk) \
+        if args.loss == "cached" else make_ce_loss_fn(Accelerator(cpu=True), args.vocab, chunk)
     inputs_mb = rss_mb()
     times, cpu_times = [], []
     for _ in range(args.iters):
@@ -96,6 +100,8 @@ def main():
     parser.add_argument("--seq", type=int, default=2048, help="tokens (all supervised)")
     parser.add_argument("--hidden", type=int, default=256, help="student hidden size")
     parser.add_argument("--top-k", type=int, default=32, help="cached teacher tokens per row")
+    parser.add_argument("--loss", choices=["cached", "ce"], default="cached",
+                        help="the teacher-cache KD loss, or plain cross-entropy")
     parser.add_argument("--chunk-size", type=int, default=0, help="positions (0 = automatic)")
     parser.add_argument("--iters", type=int, default=2, help="losses timed per process")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = default)")

@@ -52,6 +52,12 @@ class DataArguments:
         "help": "Column holding the assistant reply (used with --prompt-field)."})
     max_samples: int = field(default=-1, metadata={
         "help": "Use only the first N rows of the dataset (-1 = all)."})
+    eval_dataset: Optional[str] = field(default=None, metadata={
+        "help": "Held-out conversations (same formats as --dataset) scored during training: the "
+                "method's loss per supervised token on their replies, every --eval-steps and at "
+                "the end, as eval_* rows of metrics.jsonl."})
+    eval_dataset_split: str = field(default="test", metadata={
+        "help": "Split of a Hub --eval-dataset (ignored for a local file)."})
     max_length: int = field(default=1024, metadata={
         "help": "Maximum tokens per conversation; longer ones are cut at the end and rows left "
                 "with no assistant token are skipped (counted in a warning)."})
@@ -91,6 +97,8 @@ class TrainingArguments:
                 "student is always saved)."})
     save_total_limit: int = field(default=2, metadata={
         "help": "Keep only the newest N checkpoints (0 = keep all)."})
+    eval_steps: int = field(default=0, metadata={
+        "help": "Score --eval-dataset every N optimizer steps (0 = only at the end)."})
     log_steps: int = field(default=10, metadata={
         "help": "Print a log line and append a metrics.jsonl row every N optimizer steps."})
     resume: bool = field(default=False, metadata={
@@ -125,12 +133,22 @@ class TrainingArguments:
             (self.save_total_limit >= 0, f"--save-total-limit must be >= 0, got {self.save_total_limit}"),
             (self.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {self.max_bad_steps}"),
             (self.log_steps >= 1, f"--log-steps must be >= 1, got {self.log_steps}"),
+            (self.eval_steps >= 0, f"--eval-steps must be >= 0 (0 = only at the end), got "
+                                   f"{self.eval_steps}"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other: "
                                                    "pick one"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+
+def eval_data_args(data_args):
+    """The DataArguments that load --eval-dataset (every row; the same columns and max length)."""
+    import dataclasses
+
+    return dataclasses.replace(data_args, dataset=data_args.eval_dataset,
+                               dataset_split=data_args.eval_dataset_split, max_samples=-1)
 
 
 def parse_args(dataclass_types, argv=None, description=None):

@@ -260,6 +260,6 @@ def encode_dataset(data_args, encoder, log=print):
         hint = (f"raise --max-length (now {data_args.max_length})"
                 if "too long for --max-length" in skipped else
                 "check that rows hold non-empty assistant replies")
-        raise UserError(f"no usable training example in {data_args.dataset} "
+        raise UserError(f"no usable example in {data_args.dataset} "
                         f"({describe_skips(skipped, total) or 'empty'}); {hint}")
     return examples

@@ -75,6 +75,9 @@ def chunked_kd_loss(student_hidden, student_weight, target_ids, vocab_size, *, s
     settings = {"vocab_size": vocab_size, "kind": kind, "temperature": temperature, "beta": beta,
                 "alpha": alpha, "chunk_size": chunk_size if chunk_size > 0
                 else auto_chunk_size(vocab_size),
+                # Inside forward() grad mode is always off; whether the caller wants gradients
+                # (not under torch.no_grad: evaluation) must be read here.
+                "grad_enabled": torch.is_grad_enabled(),
                 "compute_dtype": compute_dtype or student_weight.dtype,
                 "teacher_compute_dtype": teacher_compute_dtype or (
                     teacher_weight.dtype if teacher_weight is not None else None)}
@@ -96,7 +99,8 @@ class _ChunkedKDLoss(torch.autograd.Function):
                 teacher_bias, teacher_logits, target_ids, settings):
         vocab_size, alpha = settings["vocab_size"], settings["alpha"]
         dtype, chunk_size = settings["compute_dtype"], settings["chunk_size"]
-        needs_hidden_grad, needs_weight_grad, needs_bias_grad = ctx.needs_input_grad[:3]
+        needs_hidden_grad, needs_weight_grad, needs_bias_grad = (
+            needed and settings["grad_enabled"] for needed in ctx.needs_input_grad[:3])
         needs_grad = needs_hidden_grad or needs_weight_grad or needs_bias_grad
         weight, bias = _output_layer(student_weight, student_bias, vocab_size, dtype)
         teacher_layer = None if teacher_logits is not None else _output_layer(

@@ -17,7 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from common.chunked import chunked_kd_loss
+from common.chunked import auto_chunk_size, chunked_kd_loss
 from common.losses import cross_entropy, distillation_loss, shift_for_next_token
 
 # The dtype autocast gives an output layer's matmul under accelerate's mixed precision.
@@ -112,6 +112,66 @@ class OutputLayerCheck:
                                        f"its full logits at every position instead (no chunked "
                                        f"loss)")
         return self.plain[id(model)]
+
+
+def make_head_loss_fn(accelerator, vocab_size, terms, loss_chunk_size=0, row_keys=()):
+    """loss_fn(student, batch) -> terms(...) for a loss that needs only the student's logits at
+    supervised positions (cross-entropy; KD against a cached teacher).
+
+    terms(logits (n, vocab_size), targets (n,), *rows) -> (summed loss, {name: summed stat}),
+    where rows are batch[key] for key in row_keys, one row per supervised position, cut like the
+    logits. With loss_chunk_size >= 0 (0 = automatic) the output layer runs on loss_chunk_size
+    supervised positions at a time and each chunk is recomputed in backward (activation
+    checkpointing): about one chunk of logits is alive at once. Full logits under FSDP / ZeRO-3,
+    for output layers that are not plain, and with loss_chunk_size = -1.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    chunked = loss_chunk_size >= 0 and not weights_are_sharded(accelerator)
+    chunk_size = loss_chunk_size if loss_chunk_size > 0 else auto_chunk_size(vocab_size)
+    has_plain_output_layer = OutputLayerCheck(accelerator)
+
+    def on_chunk(hidden, weight, bias, targets, *rows):
+        return terms(F.linear(hidden, weight, bias), targets, *rows)
+
+    def loss_fn(student, batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        rows = [batch[key] for key in row_keys]
+        model = accelerator.unwrap_model(student)
+        if not chunked or not has_plain_output_layer(model, batch, "student"):
+            selected, targets = shift_for_next_token(student(**inputs).logits, batch["labels"])
+            return terms(selected[:, :vocab_size], targets, *rows)
+        supervised = batch["labels"][:, 1:] != -100  # position t predicts label t+1
+        with output_layer_passes_hidden_states(model):
+            hidden = student(**inputs).logits[:, :-1][supervised]
+        targets = batch["labels"][:, 1:][supervised]
+        layer = model.get_output_embeddings()
+        weight = layer.weight[:vocab_size]
+        bias = None if layer.bias is None else layer.bias[:vocab_size]
+        loss, stats = hidden.sum() * 0.0, {}  # in the graph even when nothing is supervised
+        # At least one (possibly empty) chunk: every process must log the same stat names.
+        for start in range(0, max(hidden.shape[0], 1), chunk_size):
+            chunk = (hidden[start:start + chunk_size], weight, bias,
+                     targets[start:start + chunk_size], *(r[start:start + chunk_size] for r in rows))
+            chunk_loss, chunk_stats = checkpoint(on_chunk, *chunk, use_reentrant=False) \
+                if torch.is_grad_enabled() else on_chunk(*chunk)
+            loss = loss + chunk_loss
+            for name, value in chunk_stats.items():
+                stats[name] = stats.get(name, 0.0) + value
+        return loss, stats
+
+    return loss_fn
+
+
+def make_ce_loss_fn(accelerator, vocab_size, loss_chunk_size=0):
+    """loss_fn(student, batch) -> (Σ cross-entropy over supervised tokens, {"ce": Σ}): fine-tuning
+    (sequence-level KD) and held-out scoring, memory-bounded like the KD losses."""
+
+    def terms(logits, targets):
+        ce = cross_entropy(logits, targets).sum()
+        return ce, {"ce": ce.detach()}
+
+    return make_head_loss_fn(accelerator, vocab_size, terms, loss_chunk_size)
 
 
 def weights_are_sharded(accelerator):

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.checkpoint import write_json_atomic
 from common.errors import UserError
@@ -228,75 +227,21 @@ def sparse_forward_kl(student_logits, teacher_ids, teacher_logprobs, teacher_tai
     return terms.sum(dim=-1)
 
 
-def _chunk_terms(hidden, weight, bias, teacher_ids, teacher_logprobs, teacher_tail, targets,
-                 temperature):
-    """Summed sparse KD and CE of one chunk of supervised positions, from the student's hidden
-    states: the chunk's logits exist only inside this call (and its recomputation in backward)."""
+def make_cached_loss_fn(accelerator, vocab_size, temperature=1.0, alpha=0.0, loss_chunk_size=0):
+    """loss_fn(student, batch) for the shared loop, reading the teacher from the batch's cache rows:
+    (1 - alpha) * T² * sparse forward KL + alpha * CE, summed over supervised positions. Memory-
+    bounded like the live-teacher loss (see common.distill.make_head_loss_fn, loss_chunk_size)."""
+    from common.distill import make_head_loss_fn
     from common.losses import cross_entropy
 
-    logits = F.linear(hidden, weight, bias)
-    kd = sparse_forward_kl(logits, teacher_ids, teacher_logprobs, teacher_tail, temperature)
-    return kd.sum() * temperature ** 2, cross_entropy(logits, targets).sum()
+    def terms(logits, targets, teacher_ids, teacher_logprobs, teacher_tail):
+        kd = sparse_forward_kl(logits, teacher_ids, teacher_logprobs, teacher_tail,
+                               temperature).sum() * temperature ** 2
+        ce = cross_entropy(logits, targets).sum()
+        return (1.0 - alpha) * kd + alpha * ce, {"kd": kd.detach(), "ce": ce.detach()}
 
-
-def make_cached_loss_fn(vocab_size, temperature=1.0, alpha=0.0, accelerator=None,
-                        loss_chunk_size=-1):
-    """loss_fn(student, batch) for the shared loop, reading the teacher from the batch.
-
-    With `accelerator` and loss_chunk_size >= 0 (0 = automatic) the student's output layer runs
-    only at supervised positions, loss_chunk_size of them at a time, each chunk recomputed in
-    backward (activation checkpointing), so about one chunk of logits is alive at once, as in the
-    live-teacher loss (common/distill.py). Full logits under FSDP / ZeRO-3, for output layers
-    that are not plain (soft-capping), and with loss_chunk_size = -1.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    from common.chunked import auto_chunk_size
-    from common.distill import (OutputLayerCheck, output_layer_passes_hidden_states,
-                                weights_are_sharded)
-    from common.losses import cross_entropy
-
-    chunked = accelerator is not None and loss_chunk_size >= 0 \
-        and not weights_are_sharded(accelerator)
-    chunk_size = loss_chunk_size if loss_chunk_size > 0 else auto_chunk_size(vocab_size)
-    has_plain_output_layer = OutputLayerCheck(accelerator)
-
-    def full_logits_loss_fn(student, batch):
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        selected, targets = shift_for_next_token(logits, batch["labels"])
-        selected = selected[:, :vocab_size]
-        kd = sparse_forward_kl(selected, batch["teacher_ids"], batch["teacher_logprobs"],
-                               batch["teacher_tail"], temperature) * temperature ** 2
-        ce = cross_entropy(selected, targets)
-        return (1.0 - alpha) * kd.sum() + alpha * ce.sum(), {"kd": kd.sum().detach(),
-                                                             "ce": ce.sum().detach()}
-
-    def loss_fn(student, batch):
-        if not chunked:
-            return full_logits_loss_fn(student, batch)
-        model = accelerator.unwrap_model(student)
-        if not has_plain_output_layer(model, batch, "student"):
-            return full_logits_loss_fn(student, batch)
-        supervised = batch["labels"][:, 1:] != -100  # position t predicts label t+1
-        with output_layer_passes_hidden_states(model):
-            hidden = student(input_ids=batch["input_ids"],
-                             attention_mask=batch["attention_mask"]).logits[:, :-1][supervised]
-        targets = batch["labels"][:, 1:][supervised]
-        layer = model.get_output_embeddings()
-        weight = layer.weight[:vocab_size]
-        bias = None if layer.bias is None else layer.bias[:vocab_size]
-        kd_sum = ce_sum = hidden.sum() * 0.0  # in the graph even when nothing is supervised
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            kd, ce = checkpoint(_chunk_terms, hidden[rows], weight, bias,
-                                batch["teacher_ids"][rows], batch["teacher_logprobs"][rows],
-                                batch["teacher_tail"][rows], targets[rows], temperature,
-                                use_reentrant=False)
-            kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
-        return (1.0 - alpha) * kd_sum + alpha * ce_sum, {"kd": kd_sum.detach(),
-                                                         "ce": ce_sum.detach()}
-
-    return loss_fn
+    return make_head_loss_fn(accelerator, vocab_size, terms, loss_chunk_size,
+                             row_keys=("teacher_ids", "teacher_logprobs", "teacher_tail"))
 
 
 def prepare(cache_dir, examples, tokenizer, teacher_name, data_args, top_k, temperature,

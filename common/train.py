@@ -188,6 +188,37 @@ def backward_window(accelerator, model, window, loss_fn):
     return sums, global_tokens
 
 
+def evaluate(accelerator, model, examples, batch_size, loss_fn, collate_fn, pad_token_id):
+    """The loss and its statistics per supervised token over held-out `examples`, all processes
+    together: ({name: mean}, supervised tokens). No gradients; the model is left in train mode.
+
+    Process p scores examples p, p + P, ...; every process runs the same number of batches (a
+    DDP or sharded forward holds collectives that must pair up), the shortfall filled with a copy
+    of an example whose labels are all masked, which adds nothing.
+    """
+    processes = accelerator.num_processes
+    mine = examples[accelerator.process_index::processes]
+    filler = {**examples[0], "labels": [IGNORE_INDEX] * len(examples[0]["labels"])}
+    mine += [filler] * (math.ceil(len(examples) / processes) - len(mine))
+    sums, tokens = {}, torch.zeros((), device=accelerator.device)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(mine), batch_size):
+                batch = collate_fn(mine[start:start + batch_size], pad_token_id)
+                batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
+                loss_sum, stats = loss_fn(model, batch)
+                for name, value in {"loss": loss_sum, **stats}.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float()
+                tokens += count_supervised(batch)
+    finally:
+        model.train()
+    names = sorted(sums)
+    totals = accelerator.reduce(torch.stack([*(sums[n] for n in names), tokens.float()]), "sum")
+    return ({n: (totals[i] / totals[-1].clamp(min=1)).item() for i, n in enumerate(names)},
+            int(totals[-1]))
+
+
 class _StopFlag:
     """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and exits.
 
@@ -254,7 +285,8 @@ def total_optimizer_steps(args, num_examples, num_processes):
 
 
 def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config, prepare_fn=None,
-          collate_fn=None, step_metrics=None):
+          collate_fn=None, step_metrics=None, eval_examples=None, eval_loss_fn=None,
+          eval_collate_fn=None):
     """Train `model` on encoded `examples`; returns the model (still wrapped) and the final state.
 
     `collate_fn(examples, pad_token_id) -> dict of tensors` builds a micro-batch (default:
@@ -263,6 +295,10 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
     supervised tokens are counted (`step` = 0-based index of the optimizer step); on-policy
     sampling happens there. `step_metrics(step) -> dict` adds method-specific fields to that
     step's metrics row.
+
+    `eval_examples` (held-out, encoded like `examples`) are scored every `args.eval_steps` and at
+    the end with `eval_loss_fn` (default: loss_fn) and `eval_collate_fn` (default: collate_fn), never
+    through `prepare_fn`; the result is a metrics row of eval_* fields.
 
     Checkpoints go to OUTPUT_DIR/checkpoints every `args.save_steps`; with `args.resume` the newest
     one is loaded first and the run continues exactly where it stopped.
@@ -384,6 +420,20 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                                    + f" | tok/s {row['tokens_per_second']:.0f}")
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
                 last_time, tokens_since_log = time.perf_counter(), 0
+
+            if eval_examples and not interrupted and (
+                    step == total_steps or (args.eval_steps and step % args.eval_steps == 0)):
+                means, eval_tokens = evaluate(accelerator, model, eval_examples, args.batch_size,
+                                              eval_loss_fn or loss_fn,
+                                              eval_collate_fn or collate_fn or collate,
+                                              pad_token_id)
+                if accelerator.is_main_process:
+                    row = {"step": step, **{f"eval_{n}": round(v, 6) for n, v in means.items()},
+                           "eval_supervised_tokens": eval_tokens}
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    progress.write(f"step {step:05d}/{total_steps} | " + " | ".join(
+                        f"eval {n} {v:.4f}" for n, v in means.items()))
 
             # No periodic checkpoint inside a run of bad steps: the newest one stays the last
             # good state (--save-total-limit would otherwise rotate good ones out).

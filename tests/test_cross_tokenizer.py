@@ -372,7 +372,8 @@ def test_end_to_end_across_vocabularies(tiny, chatml_student, tmp_path):
 
     out = tmp_path / "out"
     result = run_script("cross_tokenizer.py", *base_args(tiny, chatml_student, out, "--top-k", "16",
-                                                         "--max-steps", "12"))
+                                                         "--max-steps", "12", "--eval-dataset",
+                                                         tiny / "test.jsonl", "--eval-steps", "6"))
     assert "student saved to" in result.stdout
     assert "100.0%" in result.stdout  # every student reply token of the toy data has a partner
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -385,6 +386,9 @@ def test_end_to_end_across_vocabularies(tiny, chatml_student, tmp_path):
     for text in [HARD_REPLY, "What is 3 + 4?"]:
         assert saved(text)["input_ids"] == original(text)["input_ids"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "eval_loss" in row]
+    rows = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in evals] == [6, 12] and all(row["eval_uld"] >= 0 for row in evals)
     assert [row["step"] for row in rows] == [4, 8, 12]
     assert all(math.isfinite(row["loss"]) and row["uld"] >= 0 for row in rows)
     run_config = json.loads((out / "run_config.json").read_text())

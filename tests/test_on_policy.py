@@ -121,8 +121,11 @@ def test_end_to_end_lmbda_one_and_half(tiny, tmp_path):
     run_script("on_policy.py", *args(tiny, tmp_path / "b", "--lmbda", "0.5", "--max-steps", "8"))
     rows = metrics(tmp_path / "b")
     assert [row["on_policy"] for row in rows] == [is_on_policy_step(42, s, 0.5) for s in range(8)]
-    # same seed, same run (sampling included)
-    run_script("on_policy.py", *args(tiny, tmp_path / "c", "--lmbda", "0.5", "--max-steps", "8"))
+    # same seed, same run (sampling included), and held-out scoring does not perturb it
+    run_script("on_policy.py", *args(tiny, tmp_path / "c", "--lmbda", "0.5", "--max-steps", "8",
+                                     "--eval-dataset", tiny / "test.jsonl", "--eval-steps", "4"))
+    evals = [row for row in metrics(tmp_path / "c") if "eval_loss" in row]
+    assert [row["step"] for row in evals] == [4, 8] and all(row["eval_kd"] > 0 for row in evals)
     first, second = load_file(tmp_path / "b" / "model.safetensors"), \
         load_file(tmp_path / "c" / "model.safetensors")
     assert all(torch.equal(first[name], second[name]) for name in first)

@@ -104,7 +104,10 @@ def test_local_teacher(tiny, tmp_path):
     out = tmp_path / "out"
     run_script("sequence_level.py", "--teacher", tiny / "teacher", "--student", tiny / "student",
                "--dataset", tiny / "train.jsonl", "--max-samples", "24", "--max-new-tokens", "12",
-               "--max-steps", "4", "--output-dir", out)
+               "--max-steps", "4", "--output-dir", out, "--eval-dataset", tiny / "test.jsonl")
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [4]  # --eval-steps 0: at the end
+    assert metrics[-1]["eval_ce"] == metrics[-1]["eval_loss"] > 0
     rows = cache_rows(out / "teacher_completions.jsonl")
     assert len(rows) == 24 and len({row["id"] for row in rows}) == 24
     assert all(row["messages"][-1]["role"] == "assistant" for row in rows)

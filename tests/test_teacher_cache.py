@@ -92,8 +92,8 @@ def test_chunked_cached_loss_equals_full_logits(tiny, built, alpha):
     results = []
     for chunk_size in (-1, 3):
         student.zero_grad()
-        loss_fn = teacher_cache.make_cached_loss_fn(len(tokenizer), 1.5, alpha,
-                                                    Accelerator(cpu=True), chunk_size)
+        loss_fn = teacher_cache.make_cached_loss_fn(Accelerator(cpu=True), len(tokenizer), 1.5,
+                                                    alpha, chunk_size)
         loss, stats = loss_fn(student, batch)
         loss.backward()
         results.append((loss.detach(), stats, {n: p.grad.clone()
@@ -148,8 +148,13 @@ def test_second_run_trains_without_the_teacher(tiny, tmp_path):
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["complete"] and meta["bytes_per_supervised_token"] <= 200
     shutil.rmtree(teacher)  # proof that the second run never loads it
-    result = run_script(*cli_args(tiny, tmp_path / "second", cache))
+    # held-out scoring (cross-entropy: the cache has no rows for it) leaves training untouched
+    result = run_script(*cli_args(tiny, tmp_path / "second", cache, "--eval-dataset",
+                                  tiny / "test.jsonl", "--eval-steps", "3"))
     assert "the teacher is not loaded" in result.stdout
+    evals = [json.loads(l) for l in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()
+             if "eval_loss" in l]
+    assert [r["step"] for r in evals] == [3, 6] and all(r["eval_ce"] > 0 for r in evals)
     first, second = load_file(tmp_path / "first" / "model.safetensors"), \
         load_file(tmp_path / "second" / "model.safetensors")
     assert all(torch.equal(first[name], second[name]) for name in first)

@@ -197,14 +197,23 @@ def test_help_documents_every_flag():
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny, tmp_path):
     """2 processes x batch 2 (gloo, CPU) must follow 1 process x batch 4: same data, same updates."""
-    common = ["--max-steps", "6", "--learning-rate", "1e-3", "--log-steps", "2"]
+    common = ["--max-steps", "6", "--learning-rate", "1e-3", "--log-steps", "2",
+              "--eval-dataset", tiny / "test.jsonl", "--eval-steps", "3"]
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_script("token_level.py", *base_args(tiny, single, *common, "--batch-size", "4"))
     run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "token_level.py",
                *base_args(tiny, multi, *common, "--batch-size", "2"))
     rows = {name: [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines()]
             for name, path in [("single", single), ("multi", multi)]}
+    evals = {name: [r for r in rows[name] if "eval_loss" in r] for name in rows}
+    rows = {name: [r for r in rows[name] if "loss" in r] for name in rows}
     assert len(rows["multi"]) == 3  # only the main process writes metrics
+    # held-out scoring: each process scores its share, the sums are the single process's
+    assert [r["step"] for r in evals["multi"]] == [r["step"] for r in evals["single"]] == [3, 6]
+    for a, b in zip(evals["single"], evals["multi"]):
+        assert a["eval_supervised_tokens"] == b["eval_supervised_tokens"] > 0
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4, abs=1.5e-6)
+        assert a["eval_kd"] == pytest.approx(b["eval_kd"], rel=1e-4, abs=1.5e-6)
     for a, b in zip(rows["single"], rows["multi"]):
         assert a["supervised_tokens"] == b["supervised_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1.5e-6)  # 6-decimal rounding

@@ -163,3 +163,36 @@ def test_truncate_metrics_drops_rows_after_the_checkpoint(tmp_path):
     truncate_metrics(tmp_path, 10)
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10]
+
+
+def test_evaluate_is_the_per_token_mean_over_held_out_examples(setup, tiny):
+    """evaluate() with the chunked cross-entropy = a hand sum over single unpadded forwards, for
+    any batch size; the all-masked filler that evens out processes adds nothing."""
+    from common.distill import make_ce_loss_fn
+    from common.train import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
+    encoder = ChatEncoder(tokenizer, 512)
+    examples = [encoder.encode(row["messages"]) for row in toy_conversations(7, seed=11)]
+    student = AutoModelForCausalLM.from_pretrained(tiny / "student")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            logits = student(torch.tensor([example["input_ids"]])).logits[0, :-1]
+            targets = torch.tensor(example["labels"][1:])
+            keep = targets != -100
+            total += torch.nn.functional.cross_entropy(
+                logits[keep][:, :len(tokenizer)].double(), targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    accelerator = make_accelerator(1)
+    loss_fn = make_ce_loss_fn(accelerator, len(tokenizer), loss_chunk_size=5)
+    for batch_size in (1, 3, 8):
+        means, tokens = evaluate(accelerator, student, examples, batch_size, loss_fn, collate,
+                                 tokenizer.pad_token_id)
+        assert tokens == count and means["loss"] == pytest.approx(total / count, rel=1e-5)
+        assert means["ce"] == pytest.approx(means["loss"])
+    assert student.training  # left in train mode
+    filler = {**examples[0], "labels": [-100] * len(examples[0]["labels"])}
+    means, tokens = evaluate(accelerator, student, examples + [filler], 4, loss_fn, collate,
+                             tokenizer.pad_token_id)
+    assert tokens == count and means["loss"] == pytest.approx(total / count, rel=1e-5)
