@@ -25,7 +25,9 @@ def run_cli(main, *args):
         print(f"error: {_rank_prefix()}{exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        # Ctrl-C reaches every process of the launch at once: one line is enough.
+        if not _rank_prefix():
+            print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 

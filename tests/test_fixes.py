@@ -51,7 +51,7 @@ def test_user_error_names_the_rank_that_raised_it(monkeypatch, capsys, rank, exp
     def main():
         raise UserError("bad flag")
 
-    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
         monkeypatch.delenv(name, raising=False)
     if rank is not None:
         monkeypatch.setenv("RANK", rank)
@@ -59,3 +59,11 @@ def test_user_error_names_the_rank_that_raised_it(monkeypatch, capsys, rank, exp
         run_cli(main)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == expected
+
+    def interrupted():
+        raise KeyboardInterrupt  # Ctrl-C hits every process at once: only rank 0 says so
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(interrupted)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == ("" if rank == "3" else "interrupted\n")
