@@ -212,9 +212,9 @@ def main(argv=None):
     with accelerator.main_process_first():
         examples = encode_pairs(data_args, encoder, teacher_encoder, log=accelerator.print,
                                 progress=accelerator.is_local_main_process)
-        eval_examples = encode_pairs(eval_data_args(data_args), encoder, teacher_encoder,
-                                     log=accelerator.print, progress=False) \
-            if data_args.eval_dataset else None
+        eval_examples = encode_pairs(eval_data_args(data_args, train_args), encoder,
+                                     teacher_encoder, log=accelerator.print, progress=False) \
+            if train_args.eval_dataset else None
     aligned = sum(sum(1 for label in e["labels"] if label != -100) for e in examples)
     reply_tokens = sum(e["num_reply_tokens"] for e in examples)
     accelerator.print(f"{len(examples)} training conversations, {aligned} of {reply_tokens} "

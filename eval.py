@@ -221,6 +221,19 @@ def score_references(model, examples, vocab_size, batch_size, pad_token_id, teac
     return totals
 
 
+def context_length(model):
+    """The model's context in tokens (max_position_embeddings), or None when it does not say."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def scoring_length(model, max_length):
+    """--max-length, cut to the model's context: longer inputs crash absolute-position models."""
+    context = context_length(model)
+    return min(max_length, context) if context else max_length
+
+
 def encode_for(tokenizer, samples, max_length, name):
     """ChatEncoder examples of every sample that fits; the encoder (for its end-of-turn id)."""
     from common.chat import ChatEncoder
@@ -301,7 +314,7 @@ def generate_replies(model, tokenizer, encoder, samples, eval_args):
     refused = sum(p is None for p in prompts)
     # A prompt that leaves no room for the reply inside the model's context cannot be answered
     # (absolute position embeddings would even crash): left out and counted, like refused ones.
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = context_length(model)
     too_long = 0
     if context:
         room = context - eval_args.max_new_tokens
@@ -350,7 +363,8 @@ def evaluate_model(name, model, tokenizer, samples, eval_args, data_args, teache
     from common.models import check_vocab_fits, count_parameters, real_vocab_size
 
     check_vocab_fits(model, tokenizer, name)
-    encoder, examples = encode_for(tokenizer, samples, data_args.max_length, name)
+    encoder, examples = encode_for(tokenizer, samples,
+                                   scoring_length(model, data_args.max_length), name)
     comparable = teacher is not None and not is_teacher
     mismatch = tokenizer_mismatch(name, tokenizer, teacher) if comparable else None
     # When the model renders conversations exactly as the teacher does, one pass gives both.
@@ -501,6 +515,12 @@ def same_model(a, b):
     return a == b
 
 
+def partial_path(output):
+    """Where the rows of a run that failed part-way go: NAME.partial.json beside --output."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.partial{output.suffix or '.json'}")
+
+
 def write_results(path, settings, results):
     """The --output JSON, written atomically (a crash never leaves half a file)."""
     output = Path(path)
@@ -553,7 +573,8 @@ def main(argv=None):
         teacher_model = freeze(load_model(eval_args.teacher, eval_args.dtype,
                                           eval_args.trust_remote_code, "teacher")).to(device)
         check_vocab_fits(teacher_model, teacher_tokenizer, f"teacher {eval_args.teacher}")
-        _, teacher_examples = encode_for(teacher_tokenizer, samples, data_args.max_length,
+        _, teacher_examples = encode_for(teacher_tokenizer, samples,
+                                         scoring_length(teacher_model, data_args.max_length),
                                          eval_args.teacher)
         teacher = TeacherContext(eval_args.teacher, teacher_model, teacher_tokenizer,
                                  teacher_examples)
@@ -575,10 +596,13 @@ def main(argv=None):
                 partial = f"{name} failed ({type(exc).__name__}); rows of the models before it"
                 print(markdown_table(results))
                 if eval_args.output:  # beside --output, which keeps its earlier contents
-                    path = Path(eval_args.output)
-                    path = path.with_name(f"{path.stem}.partial{path.suffix or '.json'}")
-                    write_results(path, {**settings, "partial": partial}, results)
-                    log(f"partial results written to {path}: {partial}")
+                    try:
+                        write_results(partial_path(eval_args.output),
+                                      {**settings, "partial": partial}, results)
+                        log(f"partial results written to {partial_path(eval_args.output)}: "
+                            f"{partial}")
+                    except UserError as write_error:  # the model's failure is the one to report
+                        log(f"warning: {write_error}")
             raise
         if not is_teacher:
             del model
@@ -588,6 +612,7 @@ def main(argv=None):
     print(markdown_table(results))
     if eval_args.output:
         write_results(eval_args.output, settings, results)
+        partial_path(eval_args.output).unlink(missing_ok=True)  # an earlier failed run's rows
         log(f"results written to {eval_args.output}")
     if eval_args.plot:
         plot_results(results, eval_args.plot)

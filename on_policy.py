@@ -181,6 +181,7 @@ def main(argv=None):
     model_args, data_args, train_args, gkd_args = parse_args(
         (ModelArguments, DataArguments, TrainingArguments, OnPolicyArguments), argv,
         description=__doc__.split("\n\n")[0])
+    held_out_data_args = data_args  # --eval-dataset keeps the user's column names
     if gkd_args.completions:
         data_args = dataclasses.replace(data_args, dataset=gkd_args.completions,
                                         messages_field="messages")
@@ -200,8 +201,8 @@ def main(argv=None):
     encoder = ChatEncoder(tokenizer, data_args.max_length)
     with accelerator.main_process_first():
         examples = encode_dataset(data_args, encoder, log=accelerator.print)
-        eval_examples = encode_dataset(eval_data_args(data_args), encoder, log=accelerator.print) \
-            if data_args.eval_dataset else None
+        eval_examples = encode_dataset(eval_data_args(held_out_data_args, train_args), encoder,
+                                       log=accelerator.print) if train_args.eval_dataset else None
 
     teacher = freeze(load_model(model_args.teacher, model_args.dtype,
                                 model_args.trust_remote_code, "teacher"))

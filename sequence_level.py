@@ -453,9 +453,9 @@ def main(argv=None):
     encoder = ChatEncoder(student_tokenizer, data_args.max_length, supervise="last")
     examples = encode_rows(rows, encoder, accelerator.print)
     eval_examples = None
-    if data_args.eval_dataset:  # held-out conversations with their own (reference) replies
+    if train_args.eval_dataset:  # held-out conversations with their own (reference) replies
         with accelerator.main_process_first():
-            eval_examples = encode_dataset(eval_data_args(data_args), encoder,
+            eval_examples = encode_dataset(eval_data_args(data_args, train_args), encoder,
                                            log=accelerator.print)
     student = load_model(model_args.student, model_args.student_dtype,
                          model_args.trust_remote_code, "student")

@@ -113,10 +113,11 @@ def main(argv=None):
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
     encoder = ChatEncoder(tokenizer, data_args.max_length)
+    held_out_data_args = data_args
     with accelerator.main_process_first():
         examples = encode_dataset(data_args, encoder, log=accelerator.print)
-        eval_examples = encode_dataset(eval_data_args(data_args), encoder, log=accelerator.print) \
-            if data_args.eval_dataset else None
+        eval_examples = encode_dataset(eval_data_args(held_out_data_args, train_args), encoder,
+                                       log=accelerator.print) if train_args.eval_dataset else None
     accelerator.print(f"{len(examples)} training conversations, "
                       f"{sum(sum(1 for l in e['labels'] if l != -100) for e in examples)} "
                       f"supervised tokens")

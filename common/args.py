@@ -52,12 +52,6 @@ class DataArguments:
         "help": "Column holding the assistant reply (used with --prompt-field)."})
     max_samples: int = field(default=-1, metadata={
         "help": "Use only the first N rows of the dataset (-1 = all)."})
-    eval_dataset: Optional[str] = field(default=None, metadata={
-        "help": "Held-out conversations (same formats as --dataset) scored during training: the "
-                "method's loss per supervised token on their replies, every --eval-steps and at "
-                "the end, as eval_* rows of metrics.jsonl."})
-    eval_dataset_split: str = field(default="test", metadata={
-        "help": "Split of a Hub --eval-dataset (ignored for a local file)."})
     max_length: int = field(default=1024, metadata={
         "help": "Maximum tokens per conversation; longer ones are cut at the end and rows left "
                 "with no assistant token are skipped (counted in a warning)."})
@@ -97,6 +91,12 @@ class TrainingArguments:
                 "student is always saved)."})
     save_total_limit: int = field(default=2, metadata={
         "help": "Keep only the newest N checkpoints (0 = keep all)."})
+    eval_dataset: Optional[str] = field(default=None, metadata={
+        "help": "Held-out conversations (same formats as --dataset) scored during training: the "
+                "method's loss per supervised token on their replies, every --eval-steps and at "
+                "the end, as eval_* rows of metrics.jsonl."})
+    eval_dataset_split: str = field(default="test", metadata={
+        "help": "Split of a Hub --eval-dataset (ignored for a local file)."})
     eval_steps: int = field(default=0, metadata={
         "help": "Score --eval-dataset every N optimizer steps (0 = only at the end)."})
     log_steps: int = field(default=10, metadata={
@@ -143,12 +143,12 @@ class TrainingArguments:
                 raise UserError(message)
 
 
-def eval_data_args(data_args):
+def eval_data_args(data_args, train_args):
     """The DataArguments that load --eval-dataset (every row; the same columns and max length)."""
     import dataclasses
 
-    return dataclasses.replace(data_args, dataset=data_args.eval_dataset,
-                               dataset_split=data_args.eval_dataset_split, max_samples=-1)
+    return dataclasses.replace(data_args, dataset=train_args.eval_dataset,
+                               dataset_split=train_args.eval_dataset_split, max_samples=-1)
 
 
 def parse_args(dataclass_types, argv=None, description=None):

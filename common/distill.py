@@ -105,7 +105,8 @@ class OutputLayerCheck:
     def __call__(self, model, batch, what):
         if id(model) not in self.plain:
             reason = why_output_layer_is_not_plain(model, batch["input_ids"],
-                                                   batch["attention_mask"])
+                                                   batch["attention_mask"],
+                                                   self.accelerator.autocast)
             self.plain[id(model)] = reason is None
             if reason is not None:
                 self.accelerator.print(f"warning: the {what}'s output layer {reason}; computing "
@@ -128,11 +129,16 @@ def make_head_loss_fn(accelerator, vocab_size, terms, loss_chunk_size=0, row_key
     from torch.utils.checkpoint import checkpoint
 
     chunked = loss_chunk_size >= 0 and not weights_are_sharded(accelerator)
+    if loss_chunk_size >= 0 and not chunked:
+        accelerator.print("note: FSDP / ZeRO-3 shard the output layer, so the loss computes full "
+                          "logits at every position (--loss-chunk-size has no effect)")
     chunk_size = loss_chunk_size if loss_chunk_size > 0 else auto_chunk_size(vocab_size)
     has_plain_output_layer = OutputLayerCheck(accelerator)
 
     def on_chunk(hidden, weight, bias, targets, *rows):
-        return terms(F.linear(hidden, weight, bias), targets, *rows)
+        with accelerator.autocast():  # the output layer's precision, as in the model's forward
+            logits = F.linear(hidden, weight, bias)
+        return terms(logits, targets, *rows)
 
     def loss_fn(student, batch):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -210,7 +216,7 @@ def output_layer_passes_hidden_states(model):
             layer.forward = own_forward
 
 
-def why_output_layer_is_not_plain(model, input_ids, attention_mask):
+def why_output_layer_is_not_plain(model, input_ids, attention_mask, autocast=None):
     """None if logits == output_layer(final hidden states) for this model, else the reason.
 
     Checked on the model itself, not by architecture name: one short probe (first row, first 16
@@ -218,7 +224,9 @@ def why_output_layer_is_not_plain(model, input_ids, attention_mask):
     layer applied to the second must give the first. A constant logit scale (Granite, Cohere)
     passes, rightly: with the pass-through it lands on the hidden states, and scaling commutes
     with a bias-free linear layer. Soft-capping, a head that is not the output embedding module,
-    or any other non-linear post-processing of the logits fails.
+    or any other non-linear post-processing of the logits fails. `autocast`: the context the
+    model's forward runs under (accelerate's mixed precision), so the rebuilt logits are made in
+    the same precision as the model's own.
     """
     layer = model.get_output_embeddings()
     if not isinstance(layer, torch.nn.Linear):
@@ -239,7 +247,8 @@ def why_output_layer_is_not_plain(model, input_ids, attention_mask):
         model.train(training)
     if hidden.shape != (*logits.shape[:-1], layer.in_features):
         return "is not what turns the final hidden states into the returned logits"
-    rebuilt = F.linear(hidden.to(layer.weight.dtype), layer.weight, layer.bias).float()
+    with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
+        rebuilt = F.linear(hidden.to(layer.weight.dtype), layer.weight, layer.bias).float()
     logits = logits.float()
     scale = max(1.0, logits.abs().max().item())
     if not torch.allclose(rebuilt, logits, rtol=1e-3, atol=1e-4 * scale):

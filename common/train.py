@@ -200,7 +200,7 @@ def evaluate(accelerator, model, examples, batch_size, loss_fn, collate_fn, pad_
     mine = examples[accelerator.process_index::processes]
     filler = {**examples[0], "labels": [IGNORE_INDEX] * len(examples[0]["labels"])}
     mine += [filler] * (math.ceil(len(examples) / processes) - len(mine))
-    sums, tokens = {}, torch.zeros((), device=accelerator.device)
+    sums, tokens = {}, torch.zeros((), dtype=torch.long, device=accelerator.device)
     model.eval()
     try:
         with torch.no_grad():
@@ -209,14 +209,14 @@ def evaluate(accelerator, model, examples, batch_size, loss_fn, collate_fn, pad_
                 batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
                 loss_sum, stats = loss_fn(model, batch)
                 for name, value in {"loss": loss_sum, **stats}.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float()
-                tokens += count_supervised(batch)
+                    sums[name] = sums.get(name, 0.0) + value.detach().double()
+                tokens += count_supervised(batch).to(tokens.device)
     finally:
         model.train()
     names = sorted(sums)
-    totals = accelerator.reduce(torch.stack([*(sums[n] for n in names), tokens.float()]), "sum")
-    return ({n: (totals[i] / totals[-1].clamp(min=1)).item() for i, n in enumerate(names)},
-            int(totals[-1]))
+    totals = accelerator.reduce(torch.stack([sums[n] for n in names]), "sum")
+    tokens = int(accelerator.reduce(tokens, "sum"))  # an integer: exact past 2^24 tokens
+    return {n: totals[i].item() / max(tokens, 1) for i, n in enumerate(names)}, tokens
 
 
 class _StopFlag:
@@ -421,6 +421,13 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
                 last_time, tokens_since_log = time.perf_counter(), 0
 
+            # No periodic checkpoint inside a run of bad steps: the newest one stays the last
+            # good state (--save-total-limit would otherwise rotate good ones out).
+            periodic = args.save_steps and step % args.save_steps == 0 and bad_steps_in_row == 0
+            if step < total_steps and (periodic or interrupted):
+                save_checkpoint(accelerator, output_dir, step, trainer_state(),
+                                args.save_total_limit)
+            # Scored after that step's checkpoint: a failure here cannot cost the weights.
             if eval_examples and not interrupted and (
                     step == total_steps or (args.eval_steps and step % args.eval_steps == 0)):
                 means, eval_tokens = evaluate(accelerator, model, eval_examples, args.batch_size,
@@ -434,13 +441,6 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                         f.write(json.dumps(row) + "\n")
                     progress.write(f"step {step:05d}/{total_steps} | " + " | ".join(
                         f"eval {n} {v:.4f}" for n, v in means.items()))
-
-            # No periodic checkpoint inside a run of bad steps: the newest one stays the last
-            # good state (--save-total-limit would otherwise rotate good ones out).
-            periodic = args.save_steps and step % args.save_steps == 0 and bad_steps_in_row == 0
-            if step < total_steps and (periodic or interrupted):
-                save_checkpoint(accelerator, output_dir, step, trainer_state(),
-                                args.save_total_limit)
             if interrupted and step < total_steps:
                 progress.close()
                 raise error_on_every_process(accelerator, (

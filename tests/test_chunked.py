@@ -362,3 +362,33 @@ def test_loss_chunk_size_is_validated():
         arguments(loss_chunk_size=-1)
         with pytest.raises(UserError, match="--loss-chunk-size"):
             arguments(loss_chunk_size=-2)
+
+
+def test_bf16_mixed_precision_keeps_the_chunked_path(tiny, capsys):
+    """Under accelerate's bf16 autocast the output-layer probe must still accept a plain Llama
+    head (a reference rebuilt in float32 would never match bf16 logits), and the chunked
+    cross-entropy must follow the full-logits one within bf16 precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.chat import ChatEncoder, collate
+    from common.distill import make_ce_loss_fn
+    from examples.tiny_setup import toy_conversations
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
+    encoder = ChatEncoder(tokenizer, 256)
+    batch = collate([encoder.encode(row["messages"]) for row in toy_conversations(4, seed=2)],
+                    tokenizer.pad_token_id)
+    model = accelerator.prepare(AutoModelForCausalLM.from_pretrained(tiny / "student"))
+    losses = {}
+    for chunk_size in (-1, 4):
+        loss, _ = make_ce_loss_fn(accelerator, len(tokenizer), chunk_size)(model, batch)
+        losses[chunk_size] = loss.item()
+    assert "output layer" not in capsys.readouterr().out  # no fallback warning
+    assert losses[4] == pytest.approx(losses[-1], rel=2e-2)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -443,3 +443,18 @@ def test_rows_scored_before_a_failing_model_are_kept(tiny, tmp_path):
     assert [Path(r["model"]).name for r in partial["results"]] == ["student"]
     assert "broken" in partial["settings"]["partial"]
     assert any(line.startswith(f"| {tiny / 'student'} |") for line in done.stdout.splitlines())
+    # a later run that completes removes the stale partial rows
+    assert run_eval("--models", tiny / "student", "--dataset", tiny / "test.jsonl",
+                    "--max-samples", 4, "--max-new-tokens", 4, "--output", output).returncode == 0
+    assert not (tmp_path / "r.partial.json").exists() and json.loads(output.read_text())["results"]
+
+
+def test_scoring_is_cut_to_the_model_context(student):
+    model, _ = student
+    original = model.config.max_position_embeddings
+    try:
+        model.config.max_position_embeddings = 16
+        assert eval_script.scoring_length(model, 1024) == 16
+        assert eval_script.scoring_length(model, 8) == 8
+    finally:
+        model.config.max_position_embeddings = original
