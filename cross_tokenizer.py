@@ -243,8 +243,8 @@ def main(argv=None):
     teacher = prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
 
     output_dir = prepare_output_dir(accelerator, train_args.output_dir, train_args.overwrite)
-    run_config = make_run_config("cross_tokenizer", " ".join(sys.argv), model=model_args, data=data_args,
-                                 training=train_args, cross_tokenizer=uld_args)
+    run_config = make_run_config("cross_tokenizer", " ".join(sys.argv), model=model_args,
+                                 data=data_args, training=train_args, cross_tokenizer=uld_args)
     loss_fn = make_loss_fn(accelerator, teacher, real_vocab_size(tokenizer),
                            real_vocab_size(teacher_tokenizer), uld_args, shared)
     student, state = train(accelerator, student, examples, train_args, loss_fn,

@@ -33,9 +33,7 @@ Per model, on the held-out conversations:
 """
 
 import dataclasses
-import json
 import math
-import os
 import re
 import sys
 import time
@@ -523,12 +521,12 @@ def partial_path(output):
 
 def write_results(path, settings, results):
     """The --output JSON, written atomically (a crash never leaves half a file)."""
+    from common.checkpoint import write_json_atomic
+
     output = Path(path)
-    tmp = output.with_name(output.name + ".tmp")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
-        os.replace(tmp, output)
+        write_json_atomic(output, {"settings": settings, "results": results})
     except OSError as exc:
         raise UserError(f"could not write --output {output} ({exc.strerror or exc}); the table "
                         f"above has the numbers") from None

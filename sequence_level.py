@@ -133,12 +133,13 @@ def load_prompts(data_args, num_samples, log=print):
         if prompt is None:
             skipped["no user turn to answer"] += 1
             continue
-        repeated_rows += completion_id(prompt, 0) in seen
+        if completion_id(prompt, 0) in seen:  # all of its samples are already listed
+            repeated_rows += 1
+            continue
         for sample_index in range(num_samples):
             key = completion_id(prompt, sample_index)
-            if key not in seen:
-                seen.add(key)
-                jobs.append((key, prompt, sample_index))
+            seen.add(key)
+            jobs.append((key, prompt, sample_index))
     if skipped:
         log(f"warning: {describe_skips(skipped, len(conversations) + sum(skipped.values()))}")
     if repeated_rows:

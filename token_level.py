@@ -113,10 +113,9 @@ def main(argv=None):
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
     encoder = ChatEncoder(tokenizer, data_args.max_length)
-    held_out_data_args = data_args
     with accelerator.main_process_first():
         examples = encode_dataset(data_args, encoder, log=accelerator.print)
-        eval_examples = encode_dataset(eval_data_args(held_out_data_args, train_args), encoder,
+        eval_examples = encode_dataset(eval_data_args(data_args, train_args), encoder,
                                        log=accelerator.print) if train_args.eval_dataset else None
     accelerator.print(f"{len(examples)} training conversations, "
                       f"{sum(sum(1 for l in e['labels'] if l != -100) for e in examples)} "
@@ -155,8 +154,8 @@ def main(argv=None):
         student.gradient_checkpointing_enable()
 
     output_dir = prepare_output_dir(accelerator, train_args.output_dir, train_args.overwrite)
-    run_config = make_run_config("token_level", " ".join(sys.argv), model=model_args, data=data_args,
-                                 training=train_args, token_level=kd_args)
+    run_config = make_run_config("token_level", " ".join(sys.argv), model=model_args,
+                                 data=data_args, training=train_args, token_level=kd_args)
     student, state = train(accelerator, student, examples, train_args, loss_fn,
                            tokenizer.pad_token_id, run_config, collate_fn=collate_fn,
                            eval_examples=eval_examples, eval_loss_fn=eval_loss_fn,
