@@ -55,8 +55,28 @@ REFERENCE_ROW = {"sequence_level": "baseline", "token_level_forward": "baseline"
 EXTRA_PAIRED = {"token_level_cached": "token_level_forward"}
 
 # The published comparison; the quickstart uses a smaller budget on the same assets.
-DEFAULT_BUDGET = {"max_steps": 300, "batch_size": 32, "learning_rate": 3e-3, "warmup_ratio": 0.03,
-                  "max_new_tokens": 24, "log_steps": 50}
+# learning_rate is stage 1's (the shared SFT warm start); each row's stage-2 rate is selected.
+DEFAULT_BUDGET = {"max_steps": 300, "warm_steps": 150, "batch_size": 32, "learning_rate": 3e-3,
+                  "warmup_ratio": 0.03, "max_new_tokens": 24, "log_steps": 50}
+
+# Stage-2 settings tried per row on the validation split (selection seed): the learning rate for
+# every row (the baselines get the same search), plus the method's own knob where it has one.
+LEARNING_RATES = (3e-4, 1e-3, 3e-3)
+METHOD_KNOBS = {
+    "token_level_forward": [[], ["--alpha", 0.5]],
+    "token_level_reverse": [[], ["--alpha", 0.5]],
+    # GKD's λ (all steps on-policy) and its often-best divergence, JSD(β = 0.9)
+    "on_policy": [[], ["--lmbda", 1.0], ["--kl", "jsd", "--beta", 0.9]],
+    "cross_tokenizer": [[], ["--hybrid"]],
+}
+VALIDATION_ROWS = 250
+SELECTION_SEED = 100
+
+
+def selection_grid(name):
+    """[{"learning_rate", "flags"}] tried for row `name`."""
+    return [{"learning_rate": rate, "flags": flags}
+            for flags in METHOD_KNOBS.get(name, [[]]) for rate in LEARNING_RATES]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +281,131 @@ def machine_description():
             "threads_per_run": os.environ.get("OMP_NUM_THREADS", "torch default")}
 
 
+def validation_files(assets, runs):
+    """{family or "all": path} of the validation split (written once under `runs`)."""
+    paths = {family: runs / "validation" / f"val_{family}.jsonl" for family in toy_task.FAMILIES}
+    paths["all"] = runs / "validation" / "val.jsonl"
+    if not all(path.is_file() for path in paths.values()):
+        rows = toy_task.generate_validation(VALIDATION_ROWS, **assets["settings"]["task"])
+        for family in toy_task.FAMILIES:
+            toy_task.write_jsonl(paths[family], [row for row in rows if row["family"] == family])
+        toy_task.write_jsonl(paths["all"], rows)
+    return paths
+
+
+def validation_score(student_dir, validation_file, budget):
+    """(exact match of one student on the whole validation split, eval.py's seconds); cached in
+    the student's directory, so a grid that grows scores only its new students."""
+    from examples.toy_assets import run_script
+
+    output = Path(student_dir) / "validation_eval.json"
+    timing = output.with_suffix(".seconds.json")
+    if not (output.is_file() and timing.is_file()):
+        seconds = run_script(["eval.py", "--models", student_dir, "--dataset", validation_file,
+                              "--max-new-tokens", budget["max_new_tokens"], "--batch-size", 64,
+                              "--output", output, "--no-progress"],
+                             output.with_suffix(".log"), echo="none")
+        timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+    result = json.loads(output.read_text())["results"][0]
+    return result[PRIMARY_METRIC], json.loads(timing.read_text())["seconds"]
+
+
+def select_settings(assets, methods, runs, completions, budget, echo):
+    """Each row's stage-2 settings, chosen on the validation split with the selection seed.
+
+    Returns ({row: {"grid": [{"settings", "validation_exact_match"}], "chosen",
+    "validation_exact_match"}}, eval seconds). Trained students are cached like every row."""
+    from examples.toy_pipeline import train_methods
+
+    files = validation_files(assets, runs)
+    select_dir = runs / f"select_seed{SELECTION_SEED}"
+    selection, seconds = {}, 0.0
+    for name in methods:
+        trained = {}
+        for settings in selection_grid(name):
+            path, _ = train_methods(assets, [name], SELECTION_SEED, select_dir, completions,
+                                    budget, row_settings={name: settings}, echo=echo)[name]
+            trained[json.dumps(settings)] = path
+        scores = {}
+        for key, path in trained.items():
+            scores[key], spent = validation_score(path, files["all"], budget)
+            seconds += spent
+        grid = [{"settings": settings,
+                 "validation_exact_match": scores[json.dumps(settings)]}
+                for settings in selection_grid(name)]
+        best = max(grid, key=lambda entry: entry["validation_exact_match"])  # first of ties
+        selection[name] = {"grid": grid, "chosen": best["settings"],
+                           "validation_exact_match": best["validation_exact_match"]}
+        print(f"[select] {name}: " + ", ".join(
+            f"{json.dumps(e['settings'])} {e['validation_exact_match']:.3f}" for e in grid)
+            + f" -> {json.dumps(best['settings'])}", flush=True)
+    return selection, seconds
+
+
+def training_diagnostics(student_dir):
+    """What a run's metrics.jsonl says about its optimisation: the gradient norm before clipping
+    (first and last fifth of the logged steps), the loss terms, and for on-policy runs the sampled
+    length and how often a sample reached end of turn (first and last fifth)."""
+    path = Path(student_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [row for row in steps if "loss" in row and "step" in row]
+    fifth = max(1, len(steps) // 5)
+
+    def average(key, part):
+        values = [row[key] for row in part if row.get(key) is not None]
+        return round(statistics.fmean(values), 4) if values else None
+
+    result = {}
+    for key in ("grad_norm", "loss", "kd", "ce", "uld", "sampled_length", "reached_end_of_turn"):
+        first, last = average(key, steps[:fifth]), average(key, steps[-fifth:])
+        if first is not None or last is not None:
+            result[key] = {"first_fifth": first, "last_fifth": last}
+    return result
+
+
+def warm_start_seconds(seed_dir):
+    total = 0.0
+    for timing in Path(seed_dir).glob("warm_*/train_seconds.json"):
+        total += json.loads(timing.read_text())["seconds"]
+    return total
+
+
+def diagnose_first_seed(assets, seed_dir, methods, chosen, budget):
+    """benchmarks/diagnose_students.py on the first seed's same-tokenizer students (the stage-1
+    student and every bpe row) over 100 validation prompts: what on-policy training sees."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.diagnose_students import diagnose
+    from common.models import load_model, load_tokenizer
+    from examples.toy_pipeline import METHOD_TOKENIZER, settings_key
+
+    rows = toy_task.read_jsonl(Path(seed_dir).parent / "validation" / "val.jsonl")[:100] \
+        if (Path(seed_dir).parent / "validation" / "val.jsonl").is_file() else \
+        toy_task.generate_validation(100, **assets["settings"]["task"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    try:
+        tokenizer = load_tokenizer(assets["teacher"], what="teacher")
+        teacher = load_model(assets["teacher"], "float32", what="teacher").eval()
+        options = SimpleNamespace(samples_per_prompt=2, max_new_tokens=budget["max_new_tokens"],
+                                  seed=0)
+        students = {}
+        if budget.get("warm_steps"):
+            students["stage1"] = Path(seed_dir) / "warm_bpe"
+        for name in methods:
+            if METHOD_TOKENIZER[name] == "bpe":
+                settings = chosen[name]
+                students[name] = Path(seed_dir) / f"{name}-{settings_key(settings)}"
+        return {name: diagnose(path, teacher, tokenizer, rows, options)
+                for name, path in students.items() if (path / "config.json").is_file()}
+    finally:
+        torch.set_num_threads(threads)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
@@ -275,6 +420,12 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float, default=DEFAULT_BUDGET["learning_rate"],
                         help=f"peak learning rate, every row (default "
                              f"{DEFAULT_BUDGET['learning_rate']})")
+    parser.add_argument("--warm-steps", type=int, default=DEFAULT_BUDGET["warm_steps"],
+                        help=f"stage 1: steps of SFT on the ground truth shared by every row "
+                             f"before its method (default {DEFAULT_BUDGET['warm_steps']}; 0 = none: "
+                             f"every row trains the pretrained student)")
+    parser.add_argument("--no-select", action="store_true",
+                        help="skip the validation search; use examples/toy_pipeline.ROW_SETTINGS")
     parser.add_argument("--workdir", default="runs/compare",
                         help="cache for assets, students and eval outputs (default runs/compare)")
     parser.add_argument("--output", default="benchmarks/results/compare_methods.json",
@@ -301,17 +452,17 @@ def main(argv=None):
         raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from "
                          f"{list(COMPARISON_METHODS)}")
     started = time.perf_counter()
-    budget = {**DEFAULT_BUDGET, "max_steps": args.max_steps, "batch_size": args.batch_size,
-              "learning_rate": args.learning_rate}
+    budget = {**DEFAULT_BUDGET, "max_steps": args.max_steps, "warm_steps": args.warm_steps,
+              "batch_size": args.batch_size, "learning_rate": args.learning_rate}
+    if not 0 <= budget["warm_steps"] < budget["max_steps"]:
+        raise SystemExit("--warm-steps must be in [0, --max-steps)")
     workdir = Path(args.workdir)
     echo = "all" if args.verbose else "progress"
     assets = build_assets(DEFAULT_SETTINGS, workdir / "assets", echo=echo)
     # Students and evals depend on the assets and the budget: key their directory by both.
     runs = workdir / f"runs-{settings_hash({'assets': DEFAULT_SETTINGS, 'budget': budget})}"
     completions = runs / "teacher_completions.jsonl"
-    teacher_pass_seconds = generate_teacher_completions(
-        assets, completions, budget["max_new_tokens"],
-        budget["max_steps"] * budget["batch_size"], echo=echo) \
+    teacher_pass_seconds = generate_teacher_completions(assets, completions, budget, echo=echo) \
         if "sequence_level" in methods else None
     cache_seconds, cache_meta = None, None
     if "token_level_cached" in methods:
@@ -322,10 +473,22 @@ def main(argv=None):
             assets, cache_dir, student_init(assets, "bpe", args.seeds[0]), budget, echo=echo)
         cache_meta = json.loads((cache_dir / "meta.json").read_text())
 
-    per_seed, eval_seconds = {}, 0.0
+    selection, eval_seconds = None, 0.0
+    if args.no_select:
+        from examples.toy_pipeline import ROW_SETTINGS
+
+        chosen = {name: ROW_SETTINGS[name] for name in methods}
+    else:
+        selection, seconds = select_settings(assets, methods, runs, completions, budget, echo)
+        eval_seconds += seconds
+        chosen = {name: entry["chosen"] for name, entry in selection.items()}
+
+    per_seed, diagnostics = {}, {}
     for seed in args.seeds:
         seed_dir = runs / f"seed{seed}"
-        trained = train_methods(assets, methods, seed, seed_dir, completions, budget, echo=echo)
+        trained = train_methods(assets, methods, seed, seed_dir, completions, budget,
+                                row_settings=chosen, echo=echo)
+        diagnostics[seed] = {name: training_diagnostics(path) for name, (path, _) in trained.items()}
         print(f"[seed {seed}] scoring {len(trained)} students and the teacher with eval.py, "
               f"one task family at a time (logs in {seed_dir / 'eval'})", flush=True)
         per_family = {}
@@ -347,6 +510,16 @@ def main(argv=None):
             f"{name} {metrics['exact_match']:.3f}" for name, metrics in rows.items()), flush=True)
 
     rows = aggregate_rows(per_seed)
+    for row in rows:
+        if row["name"] == "teacher":
+            continue
+        row["stage2_settings"] = chosen[row["name"]]
+        if selection:
+            row["selection"] = selection[row["name"]]
+        row["training_diagnostics"] = {seed: diagnostics[seed][row["name"]] for seed in args.seeds}
+    warm_seconds = sum(warm_start_seconds(runs / f"seed{seed}") for seed in args.seeds)
+    student_diagnosis = diagnose_first_seed(assets, runs / f"seed{args.seeds[0]}", methods,
+                                            chosen, budget)
     wall_seconds = time.perf_counter() - started
     # Every stage's own wall time, cached or not: what the whole comparison costs from scratch.
     student_seconds = sum(s["train_seconds"] for rows_of_seed in per_seed.values()
@@ -354,7 +527,8 @@ def main(argv=None):
     pretrain_seconds = sum(pretraining_seconds(assets, which, seed)
                            for seed in args.seeds for which in ("bpe", "sp"))
     total_seconds = (assets["teacher_seconds"] + (teacher_pass_seconds or 0.0)
-                     + (cache_seconds or 0.0) + pretrain_seconds + student_seconds + eval_seconds)
+                     + (cache_seconds or 0.0) + pretrain_seconds + warm_seconds + student_seconds
+                     + eval_seconds)
     settings = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix() if argv is None
                                          else "benchmarks/compare_methods.py",
@@ -382,6 +556,7 @@ def main(argv=None):
                                 "sequence_level_teacher_pass": teacher_pass_seconds,
                                 "teacher_cache_build": cache_seconds,
                                 "student_pretraining": pretrain_seconds,
+                                "stage1_warm_start": warm_seconds,
                                 "student_training": student_seconds, "evaluation": eval_seconds},
         "total_seconds_note": "sum of every stage's wall time (teacher training, teacher pass, "
                               "student pretraining, all student runs, all eval.py runs), whether "
@@ -392,6 +567,21 @@ def main(argv=None):
                         "answer as plain text, no chat template) before any method; every row "
                         "of that seed starts from them",
         "wall_seconds": wall_seconds,
+        "protocol": {
+            "stage1": f"SFT on the ground truth of the training set's first half, "
+                      f"{budget['warm_steps']} steps at learning rate {budget['learning_rate']}, "
+                      f"shared by every row of a seed and tokenizer",
+            "stage2": f"the row's method on the second half, "
+                      f"{budget['max_steps'] - budget['warm_steps']} steps; baselines continue SFT",
+            "selection": None if args.no_select else {
+                "seed": SELECTION_SEED, "validation_rows": VALIDATION_ROWS,
+                "learning_rates": list(LEARNING_RATES), "method_knobs": METHOD_KNOBS,
+                "criterion": "highest validation exact match; ties go to the first setting "
+                             "of the grid",
+                "validation": "generated after the training and test rows from the same task "
+                              "seed (examples/toy_task.generate_validation): disjoint from both"},
+        },
+        "student_diagnosis": student_diagnosis,
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

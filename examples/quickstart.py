@@ -36,8 +36,8 @@ from examples.toy_pipeline import (METHODS, generate_teacher_completions,  # noq
 QUICKSTART_SETTINGS = {**DEFAULT_SETTINGS,
                        "teacher_training": {**DEFAULT_SETTINGS["teacher_training"],
                                             "max_steps": 1000}}
-QUICKSTART_BUDGET = {"max_steps": 150, "batch_size": 32, "learning_rate": 3e-3,
-                     "warmup_ratio": 0.03, "max_new_tokens": 24, "log_steps": 50}
+QUICKSTART_BUDGET = {"max_steps": 150, "warm_steps": 75, "batch_size": 32, "learning_rate": 3e-3,
+                     "warmup_ratio": 0.03, "max_new_tokens": 24, "log_steps": 25}
 
 
 def main():
@@ -66,8 +66,7 @@ def main():
 
     log("step 2/4: the sequence-level teacher pass")
     completions = run_dir / "teacher_completions.jsonl"
-    generate_teacher_completions(assets, completions, budget["max_new_tokens"],
-                                 budget["max_steps"] * budget["batch_size"], log=log, echo=echo)
+    generate_teacher_completions(assets, completions, budget, log=log, echo=echo)
 
     log(f"step 3/4: one student per method, same initialisation, {budget['max_steps']} steps x "
         f"batch {budget['batch_size']} each")

@@ -169,6 +169,21 @@ def generate_task(seed=0, num_train=10000, num_test=250, max_digits=4, reverse_w
     the test split has at most one `name` row per fact). Every prompt is distinct, within and
     across the splits.
     """
+    train, test, _ = _generate(seed, num_train, num_test, 0, max_digits, reverse_words, max_words)
+    return train, test
+
+
+def generate_validation(num_val, seed=0, num_train=10000, num_test=250, max_digits=4,
+                        reverse_words=4, max_words=6):
+    """`num_val` rows for choosing hyper-parameters, disjoint from generate_task's train and test
+    rows for the same arguments (which they leave unchanged: they are drawn after both).
+
+    Their `name` prompts use training phrasings with an opener and closer no training row has.
+    """
+    return _generate(seed, num_train, num_test, num_val, max_digits, reverse_words, max_words)[2]
+
+
+def _generate(seed, num_train, num_test, num_val, max_digits, reverse_words, max_words):
     if max_digits < 2 or reverse_words < 3 or max_words < 4:
         raise ValueError("max_digits must be >= 2, reverse_words >= 3 and max_words >= 4")
     rng = random.Random(seed)
@@ -218,7 +233,23 @@ def generate_task(seed=0, num_train=10000, num_test=250, max_digits=4, reverse_w
         if prompt_text(row) not in seen:
             seen.add(prompt_text(row))
             train.append(row)
-    return train, test
+
+    val, attempts = [], 0
+    while len(val) < num_val:
+        family = FAMILIES[len(val) % len(FAMILIES)]
+        if family == "name":
+            if not name_train:
+                raise ValueError("no name prompts are left for validation; lower num_train")
+            row = make_name(rng, name_train.pop())
+        else:
+            row = makers[family]()
+        attempts += 1
+        if attempts > 100 * num_val:
+            raise ValueError("could not draw enough distinct validation prompts; lower num_val")
+        if prompt_text(row) not in seen:
+            seen.add(prompt_text(row))
+            val.append(row)
+    return train, test, val
 
 
 def corpus(rows):

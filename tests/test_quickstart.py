@@ -83,6 +83,73 @@ def test_write_task_files(tmp_path):
     assert sorted(map(json.dumps, sum(per_family, []))) == sorted(map(json.dumps, test))
 
 
+def test_validation_rows_are_new_prompts_and_leave_train_and_test_unchanged(task):
+    validation = toy_task.generate_validation(40, seed=3, num_train=600, num_test=120)
+    assert toy_task.generate_task(seed=3, num_train=600, num_test=120) == task
+    assert len(validation) == 40
+    assert {row["family"] for row in validation} == set(toy_task.FAMILIES)
+    seen = {toy_task.prompt_text(row) for row in task[0] + task[1]}
+    prompts = [toy_task.prompt_text(row) for row in validation]
+    assert len(set(prompts)) == len(prompts) and not seen & set(prompts)
+
+
+def test_stage_halves_split_the_training_set_once_with_every_family(tmp_path):
+    from examples.toy_pipeline import method_steps, training_data
+
+    paths = toy_task.write_task(tmp_path, seed=1, num_train=50, num_test=25)
+    assets = {"data": {"train": str(paths["train"])}}
+    assert training_data(assets, 0) == {"warm": None, "method": str(paths["train"])}
+    halves = training_data(assets, 10)
+    first, second = (toy_task.read_jsonl(halves[k]) for k in ("warm", "method"))
+    assert first + second == toy_task.read_jsonl(paths["train"]) and len(first) == 25
+    for rows in (first, second):
+        assert {row["family"] for row in rows} == set(toy_task.FAMILIES)
+    assert method_steps({"max_steps": 300, "warm_steps": 120}) == 180
+    assert method_steps({"max_steps": 300}) == 300
+
+
+def test_stage_two_command_carries_the_rows_settings_and_the_remaining_steps(tmp_path):
+    from examples.toy_pipeline import method_command, settings_key
+
+    paths = toy_task.write_task(tmp_path, seed=1, num_train=50, num_test=25)
+    assets = {"data": {"train": str(paths["train"])}, "teacher": "T"}
+    budget = {"max_steps": 30, "warm_steps": 10, "batch_size": 4, "warmup_ratio": 0.0,
+              "log_steps": 5, "max_new_tokens": 8}
+    settings = {"learning_rate": 1e-3, "flags": ["--lmbda", 1.0]}
+    command = [str(a) for a in method_command("on_policy", assets, "S", None, "out", budget, 7,
+                                              settings)]
+    assert command[0] == "on_policy.py"
+    assert command[command.index("--max-steps") + 1] == "20"
+    assert command[command.index("--learning-rate") + 1] == "0.001"
+    assert command[command.index("--lmbda") + 1] == "1.0"
+    assert command[command.index("--dataset") + 1].endswith("train_half2.jsonl")
+    assert settings_key(settings) == "lr1e-03_lmbda1.0"
+    assert settings_key({"learning_rate": 3e-3, "flags": ["--hybrid"]}) == "lr3e-03_hybridon"
+
+
+def test_selection_grid_gives_every_row_the_same_learning_rates():
+    from benchmarks.compare_methods import LEARNING_RATES, selection_grid
+    from examples.toy_pipeline import COMPARISON_METHODS
+
+    for name in COMPARISON_METHODS:
+        grid = selection_grid(name)
+        assert sorted({entry["learning_rate"] for entry in grid}) == sorted(LEARNING_RATES)
+        assert len(grid) % len(LEARNING_RATES) == 0
+
+
+def test_training_diagnostics_read_the_first_and_last_fifth(tmp_path):
+    from benchmarks.compare_methods import training_diagnostics
+
+    rows = [{"step": step, "loss": float(step), "grad_norm": 10.0 if step <= 2 else 1.0}
+            for step in range(1, 11)] + [{"step": 10, "eval_loss": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = training_diagnostics(tmp_path)
+    assert result["grad_norm"] == {"first_fifth": 10.0, "last_fifth": 1.0}
+    assert result["loss"] == {"first_fifth": 1.5, "last_fifth": 9.5}
+    assert "sampled_length" not in result
+    assert training_diagnostics(tmp_path / "missing") is None
+
+
 # --- aggregation ------------------------------------------------------------------------------
 
 
@@ -199,3 +266,22 @@ def test_every_token_after_the_prompt_is_supervised(task, which):
         assert supervised == [False] * prompt_length + [True] * (len(supervised) - prompt_length)
         reply_ids = example["input_ids"][prompt_length:-1]  # without the end-of-turn token
         assert tokenizer.decode(reply_ids).strip() == row["messages"][1]["content"]
+
+
+def test_diagnosis_divergences_against_a_float64_reference():
+    import torch
+
+    from benchmarks.diagnose_students import per_token_divergences
+
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=generator, dtype=torch.float64)
+    values = per_token_divergences(student.float(), teacher.float())
+    log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
+    expected = {"forward_kl": (log_t.exp() * (log_t - log_s)).sum(-1),
+                "reverse_kl": (log_s.exp() * (log_s - log_t)).sum(-1),
+                "student_entropy": -(log_s.exp() * log_s).sum(-1)}
+    # float32 softmax over 11 entries: a few units of 2**-24 relative error per term
+    for name, reference in expected.items():
+        assert torch.allclose(values[name].double(), reference, rtol=1e-5, atol=1e-6), name
+    same = per_token_divergences(student.float(), student.float())
+    assert same["forward_kl"].abs().max() < 1e-6 and same["reverse_kl_grad_norm"].max() < 1e-6
