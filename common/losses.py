@@ -9,8 +9,9 @@ Directions, with p_t the teacher's and p_s the student's next-token distribution
 - reverse KL = KL(p_s ‖ p_t) = Σ_v p_s(v) (log p_s(v) − log p_t(v))   mode-seeking (MiniLLM)
 - generalized JSD(β) = β KL(p_t ‖ m) + (1−β) KL(p_s ‖ m), m = β p_t + (1−β) p_s   (GKD)
 
-All work in float32 whatever the logits' dtype, and tokens a model gives probability 0 (a -inf
-logit, e.g. a masked vocabulary entry) contribute 0 instead of NaN.
+All work in float32 whatever the logits' dtype (float64 logits stay float64: references in tests),
+and tokens a model gives probability 0 (a -inf logit, e.g. a masked vocabulary entry) contribute 0
+instead of NaN.
 """
 
 import math
@@ -21,9 +22,13 @@ import torch.nn.functional as F
 KL_KINDS = ("forward", "reverse", "jsd")
 
 
+def _at_least_float32(tensor):
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def log_probs(logits, temperature=1.0):
-    """float32 log-softmax of logits / temperature over the last dimension."""
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    """float32 (or float64) log-softmax of logits / temperature over the last dimension."""
+    return F.log_softmax(_at_least_float32(logits) / temperature, dim=-1)
 
 
 def _kl_from_log_probs(log_p, log_q):
@@ -75,8 +80,8 @@ def distillation_loss(student_logits, teacher_logits, kind="forward", temperatur
 
 
 def cross_entropy(student_logits, target_ids):
-    """Next-token cross-entropy per token, shape (N,), in float32."""
-    return F.cross_entropy(student_logits.float(), target_ids, reduction="none")
+    """Next-token cross-entropy per token, shape (N,), in float32 (or float64)."""
+    return F.cross_entropy(_at_least_float32(student_logits), target_ids, reduction="none")
 
 
 def masked_mean(values, mask):
