@@ -10,8 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from common.chunked import auto_chunk_size, chunked_kd_loss
 from common.errors import UserError
-from common.losses import cross_entropy, distillation_loss, shift_for_next_token
-from float32_error import assert_close, decoder_roundings, log_prob_scale, loss_roundings
+from common.losses import KL_KINDS, cross_entropy, distillation_loss, shift_for_next_token
+from float32_error import (MASKED_COLUMNS, assert_close, decoder_roundings, is_infinite,
+                           kd_loss_float64, large_logits, log_prob_scale, loss_roundings)
 
 NUM_POSITIONS, HIDDEN, TEACHER_HIDDEN, VOCAB = 23, 12, 20, 97
 
@@ -154,6 +155,77 @@ def test_teacher_logits_of_minus_infinity_give_no_nan(kind):
     for got, want in zip(grads_of(loss, inputs), grads_of(expected, reference)):
         assert torch.isfinite(got).all()
         assert_close(got, want, 2 * forward + VOCAB, what="gradient")
+
+
+def chunked_on_exact_logits(student_logits, teacher_logits, target_ids, student_bias=None,
+                            **settings):
+    """chunked_kd_loss whose student logits are exactly student_logits (+ student_bias): one-hot
+    hidden states pick one column of the weight each, so the output layer only adds zeros, and
+    d loss / d weight is d loss / d logits transposed. Returns (loss, stats, d loss / d logits)."""
+    num_positions, vocab = student_logits.shape
+    weight = student_logits.T.contiguous().requires_grad_()
+    loss, stats = chunked_kd_loss(torch.eye(num_positions), weight, target_ids, vocab,
+                                  student_bias=student_bias, teacher_logits=teacher_logits,
+                                  chunk_size=3, **settings)
+    (grad,) = torch.autograd.grad(loss, weight)
+    return loss, stats, grad.T
+
+
+def assert_chunked_matches_float64(got, student_logits, teacher_logits, target_ids, **settings):
+    """got = chunked_on_exact_logits(...) within float32 error of kd_loss_float64: exact logits
+    into the loss (plus a bias add), then the way back through the loss."""
+    loss, stats, grad = got
+    expected_loss, expected_kd, expected_ce, _, expected_grad = kd_loss_float64(
+        student_logits, teacher_logits, target_ids, **settings)
+    num_positions, vocab = student_logits.shape
+    scales = stat_scales(student_logits, teacher_logits, num_positions,
+                         settings["temperature"], settings["alpha"])
+    forward = 1 + loss_roundings(vocab, num_positions)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_close(loss, expected_loss, forward, scales["loss"], "loss")
+    assert_close(stats["kd"], expected_kd, forward, scales["kd"], "kd")
+    assert_close(stats["ce"], expected_ce, forward, scales["ce"], "ce")
+    assert_close(grad, expected_grad, 2 * forward, what="gradient")
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+@pytest.mark.parametrize("masked", list(MASKED_COLUMNS))
+def test_minus_inf_logits_give_finite_gradients_equal_to_float64(kind, masked):
+    """As on the full-logits path (tests/test_losses.py): a -inf logit, the teacher's or the
+    student's (here through the output layer's bias), is a token of probability 0."""
+    generator = torch.Generator().manual_seed(6)
+    student_logits = torch.randn(8, 11, generator=generator) * 2
+    teacher_logits = torch.randn(8, 11, generator=generator) * 2
+    teacher_columns, student_columns = MASKED_COLUMNS[masked]
+    teacher_logits[:, teacher_columns] = float("-inf")
+    bias = torch.zeros(11)
+    bias[student_columns] = float("-inf")
+    target_ids = torch.randint(2, 8, (8,), generator=generator)  # never a masked column
+    settings = {"kind": kind, "temperature": 0.7, "beta": 0.3, "alpha": 0.2}
+    got = chunked_on_exact_logits(student_logits, teacher_logits, target_ids, bias, **settings)
+    if is_infinite(kind, teacher_columns, student_columns):
+        assert torch.isposinf(got[0]) and torch.isposinf(got[1]["kd"])
+        return
+    assert_chunked_matches_float64(got, student_logits + bias, teacher_logits, target_ids,
+                                   **settings)
+    assert (got[2][:, student_columns] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+@pytest.mark.parametrize("student_shift, teacher_shift", [(0, 0), (1000, 0), (0, -1000)])
+def test_large_logits_and_shifts_keep_float32_precision(kind, student_shift, teacher_shift):
+    """As on the full-logits path (tests/test_losses.py): at logits of 1e4 and T = 0.05, and with
+    a constant added to every student logit (through the bias) or every teacher logit, the loss,
+    both statistics and the gradient stay within float32 error of float64 on the unshifted
+    logits."""
+    temperature, generator = 0.05, torch.Generator().manual_seed(8)
+    student_logits = large_logits(generator, 8, 11, temperature)
+    teacher_logits = large_logits(generator, 8, 11, temperature)
+    target_ids = torch.randint(0, 11, (8,), generator=generator)
+    settings = {"kind": kind, "temperature": temperature, "beta": 0.3, "alpha": 0.3}
+    got = chunked_on_exact_logits(student_logits, teacher_logits + teacher_shift, target_ids,
+                                  torch.full((11,), float(student_shift)), **settings)
+    assert_chunked_matches_float64(got, student_logits, teacher_logits, target_ids, **settings)
 
 
 def test_all_masked_batch_is_zero_with_zero_gradients():

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.losses import (cross_entropy, distillation_loss, forward_kl, generalized_jsd,
-                           masked_mean, reverse_kl, shift_for_next_token)
-from float32_error import UNIT_ROUNDOFF, assert_close, log_prob_scale, loss_roundings
+from common.losses import (KL_KINDS, cross_entropy, distillation_loss, forward_kl,
+                           generalized_jsd, masked_mean, reverse_kl, shift_for_next_token)
+from float32_error import (MASKED_COLUMNS, UNIT_ROUNDOFF, assert_close, is_infinite,
+                           kd_loss_float64, large_logits, log_prob_scale, loss_roundings)
 
 
 def naive_kl(p, q):
@@ -124,6 +125,53 @@ def test_gradients_are_finite_with_masked_entries(logits):
     student = student.clone().requires_grad_(True)
     distillation_loss(student, teacher, "forward").sum().backward()
     assert torch.isfinite(student.grad).all()
+
+
+def masked_logits(logits, masked):
+    student, teacher = (x.clone() for x in logits)
+    teacher_columns, student_columns = MASKED_COLUMNS[masked]
+    teacher[:, teacher_columns] = float("-inf")
+    student[:, student_columns] = float("-inf")
+    return student, teacher
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+@pytest.mark.parametrize("masked", list(MASKED_COLUMNS))
+def test_minus_inf_logits_give_finite_gradients_equal_to_float64(logits, kind, masked):
+    """A -inf logit is a token of probability 0: its terms are 0 (0·log 0 = 0), so are the
+    gradients through them, and everything else is the loss over the other tokens."""
+    temperature, beta = 0.7, 0.3
+    student, teacher = masked_logits(logits, masked)
+    student.requires_grad_()
+    loss = distillation_loss(student, teacher, kind, temperature, beta)
+    if is_infinite(kind, *MASKED_COLUMNS[masked]):
+        assert torch.isposinf(loss).all()
+        return
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    _, _, _, expected, expected_grad = kd_loss_float64(student, teacher, kind=kind,
+                                                       temperature=temperature, beta=beta)
+    assert_close_per_token(loss, expected, student, teacher, temperature, temperature ** 2)
+    assert_close(grad, expected_grad, 2 * loss_roundings(11, 1), what="gradient")
+    assert (grad[:, MASKED_COLUMNS[masked][1]] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+@pytest.mark.parametrize("student_shift, teacher_shift", [(0, 0), (1000, 0), (0, -1000)])
+def test_large_logits_and_shifts_keep_float32_precision(kind, student_shift, teacher_shift):
+    """A softmax is unchanged by a constant added to a row's logits, so the loss and its
+    gradient must be too, and as precise at logits of 1e4 and T = 0.05 (values of 2e5) as at small
+    ones: the error budget depends on the log-probabilities, never on the logits' size."""
+    temperature, generator = 0.05, torch.Generator().manual_seed(7)
+    student = large_logits(generator, 6, 11, temperature)
+    teacher = large_logits(generator, 6, 11, temperature)
+    _, _, _, expected, expected_grad = kd_loss_float64(student, teacher, kind=kind,
+                                                       temperature=temperature, beta=0.3)
+    shifted = (student + student_shift).requires_grad_()
+    loss = distillation_loss(shifted, teacher + teacher_shift, kind, temperature, beta=0.3)
+    (grad,) = torch.autograd.grad(loss.sum(), shifted)
+    assert_close_per_token(loss, expected, student, teacher, temperature, temperature ** 2)
+    assert_close(grad, expected_grad, 2 * loss_roundings(11, 1), what="gradient")
 
 
 def test_masked_mean_all_masked_is_zero_not_nan():
