@@ -183,6 +183,11 @@ def _chunk_loss_and_grad(student_logits, teacher_logits, target_ids, settings, n
                                       settings["alpha"])
     positions = torch.arange(target_ids.shape[0], device=target_ids.device)
     logits = student_logits.float()  # the same storage when already float32
+    # Each row's largest logit is subtracted first, in place, so that everything below works on
+    # values of the size of log-probabilities: a logsumexp of the logits themselves is rounded to
+    # the logits' float32 spacing (2**-6 at 1e4 / T with T = 0.05), an error in every
+    # log-probability, and a constant added to a row would change the result.
+    logits.sub_(logits.amax(dim=-1, keepdim=True))
     log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
     ce = (log_normalizer.squeeze(-1) - logits[positions, target_ids]).sum()
     ce_grad = None
@@ -190,12 +195,14 @@ def _chunk_loss_and_grad(student_logits, teacher_logits, target_ids, settings, n
         ce_grad = (logits - log_normalizer).exp_()
         ce_grad[positions, target_ids] -= 1.0
     if temperature != 1.0:
-        logits.div_(temperature)
+        logits.div_(temperature)  # the row's largest stays 0
         log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
     student_log_probs = logits.sub_(log_normalizer)
     teacher_logits = teacher_logits.float()
-    teacher_log_probs = torch.log_softmax(
-        teacher_logits / temperature if temperature != 1.0 else teacher_logits, dim=-1)
+    if temperature != 1.0:  # shifted before the division, as the student's (log_softmax shifts too)
+        teacher_logits = (teacher_logits - teacher_logits.amax(dim=-1, keepdim=True)).div_(
+            temperature)
+    teacher_log_probs = torch.log_softmax(teacher_logits, dim=-1)
     del teacher_logits
 
     if kind == "forward":

@@ -9,8 +9,9 @@ Directions, with p_t the teacher's and p_s the student's next-token distribution
 - reverse KL = KL(p_s ‖ p_t) = Σ_v p_s(v) (log p_s(v) − log p_t(v))   mode-seeking (MiniLLM)
 - generalized JSD(β) = β KL(p_t ‖ m) + (1−β) KL(p_s ‖ m), m = β p_t + (1−β) p_s   (GKD)
 
-All work in float32 whatever the logits' dtype, and tokens a model gives probability 0 (a -inf
-logit, e.g. a masked vocabulary entry) contribute 0 instead of NaN.
+All work in float32 whatever the logits' dtype (float64 logits stay float64: references in tests),
+and tokens a model gives probability 0 (a -inf logit, e.g. a masked vocabulary entry) contribute 0
+to the loss and to its gradient instead of NaN.
 """
 
 import math
@@ -21,16 +22,34 @@ import torch.nn.functional as F
 KL_KINDS = ("forward", "reverse", "jsd")
 
 
+def _at_least_float32(tensor):
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def log_probs(logits, temperature=1.0):
-    """float32 log-softmax of logits / temperature over the last dimension."""
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    """float32 (or float64) log-softmax of logits / temperature over the last dimension.
+
+    Each row's largest logit is subtracted before the division by T, so that the division rounds
+    values of the size of log-probabilities rather than of the logits: 1e4 / 0.05 = 2e5 is only
+    known to float32's spacing there (2**-6), an error in every log-probability that grows with
+    the logits' size. A constant added to a row then changes nothing, as in exact arithmetic.
+    """
+    logits = _at_least_float32(logits)
+    if temperature == 1.0:  # log_softmax subtracts the row's maximum itself
+        return F.log_softmax(logits, dim=-1)
+    # No gradient through the shift: a row's constant does not change its log-softmax.
+    shifted = logits - logits.amax(dim=-1, keepdim=True).detach()
+    return F.log_softmax(shifted.div_(temperature), dim=-1)
 
 
 def _kl_from_log_probs(log_p, log_q):
     """Σ_v p(v) (log p(v) − log q(v)), with 0·log 0 = 0 (where p = 0 the term is dropped)."""
     p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    return terms.sum(dim=-1)
+    # Dropped terms get a finite log-ratio before the product, not a zero after it: the product's
+    # gradient with respect to p is the log-ratio, -inf or NaN where p = 0, and a torch.where after
+    # the product would multiply that by the zero gradient it routes back, giving NaN.
+    log_ratio = torch.where(p > 0, log_p - log_q, 0.0)
+    return (p * log_ratio).sum(dim=-1)
 
 
 def forward_kl(student_logits, teacher_logits, temperature=1.0):
@@ -55,8 +74,13 @@ def generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):
         raise ValueError(f"generalized JSD needs 0 < beta < 1, got {beta}")
     teacher_log_probs = log_probs(teacher_logits, temperature)
     student_log_probs = log_probs(student_logits, temperature)
-    mixture_log_probs = torch.logsumexp(torch.stack([
-        teacher_log_probs + math.log(beta), student_log_probs + math.log(1.0 - beta)]), dim=0)
+    # A token both give probability 0 has mixture probability 0, but logaddexp(-inf, -inf)
+    # differentiates to NaN: it is computed from zeros instead and set to -inf afterwards.
+    both_zero = torch.isneginf(teacher_log_probs) & torch.isneginf(student_log_probs)
+    mixture_log_probs = torch.logaddexp(
+        (teacher_log_probs + math.log(beta)).masked_fill_(both_zero, 0.0),
+        (student_log_probs + math.log(1.0 - beta)).masked_fill_(both_zero, 0.0),
+    ).masked_fill_(both_zero, float("-inf"))
     return (beta * _kl_from_log_probs(teacher_log_probs, mixture_log_probs)
             + (1.0 - beta) * _kl_from_log_probs(student_log_probs, mixture_log_probs))
 
@@ -75,8 +99,8 @@ def distillation_loss(student_logits, teacher_logits, kind="forward", temperatur
 
 
 def cross_entropy(student_logits, target_ids):
-    """Next-token cross-entropy per token, shape (N,), in float32."""
-    return F.cross_entropy(student_logits.float(), target_ids, reduction="none")
+    """Next-token cross-entropy per token, shape (N,), in float32 (or float64)."""
+    return F.cross_entropy(_at_least_float32(student_logits), target_ids, reduction="none")
 
 
 def masked_mean(values, mask):

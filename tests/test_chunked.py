@@ -1,6 +1,8 @@
 """The memory-bounded KD loss equals the full-logits one, in values and gradients, and never makes a
 (positions x vocabulary) tensor; make_kd_loss_fn uses it only where the output layer is plain."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,18 +10,37 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from common.chunked import auto_chunk_size, chunked_kd_loss
 from common.errors import UserError
-from common.losses import cross_entropy, distillation_loss
+from common.losses import KL_KINDS, cross_entropy, distillation_loss, shift_for_next_token
+from float32_error import (MASKED_COLUMNS, assert_close, decoder_roundings, is_infinite,
+                           kd_loss_float64, large_logits, log_prob_scale, loss_roundings)
 
 NUM_POSITIONS, HIDDEN, TEACHER_HIDDEN, VOCAB = 23, 12, 20, 97
 
 
 def naive_loss(student_hidden, student_weight, student_bias, teacher_logits, target_ids,
                vocab_size, kind, temperature, beta, alpha):
-    """The full-logits reference: what common/distill.py computed before chunking."""
+    """The full-logits path: what common/distill.py computes without chunking. Given float64
+    inputs it runs in float64 and is the reference the float32 results are held to."""
     student_logits = F.linear(student_hidden, student_weight, student_bias)[:, :vocab_size]
     kd = distillation_loss(student_logits, teacher_logits[:, :vocab_size], kind, temperature, beta)
     ce = cross_entropy(student_logits, target_ids)
     return (1.0 - alpha) * kd.sum() + alpha * ce.sum(), kd.sum(), ce.sum()
+
+
+def float64_copy(inputs):
+    """The inputs in float64, as new leaves that require grad where the originals do."""
+    return {name: value.detach().double().requires_grad_(value.requires_grad)
+            if value is not None and value.is_floating_point() else value
+            for name, value in inputs.items()}
+
+
+def stat_scales(student_logits, teacher_logits, num_positions, temperature, alpha):
+    """Sizes of what each statistic sums (see tests/float32_error.py): per position, kd combines
+    two log-probabilities at T (times T²) and ce one at T = 1."""
+    kd = temperature ** 2 * num_positions * 2 * log_prob_scale(
+        student_logits, teacher_logits, temperature=temperature)
+    ce = num_positions * log_prob_scale(student_logits)
+    return {"kd": kd, "ce": ce, "loss": (1.0 - alpha) * kd + alpha * ce}
 
 
 def make_inputs(seed=0, num_positions=NUM_POSITIONS, student_rows=VOCAB, teacher_rows=VOCAB,
@@ -47,11 +68,14 @@ def grads_of(loss, inputs, grad_scale=1.0):
 
 def check_against_naive(inputs, kind="forward", temperature=1.0, beta=0.5, alpha=0.0,
                         chunk_size=5, vocab_size=VOCAB, teacher_as_logits=False):
+    """The chunked loss in float32 against the full-logits loss in float64, values and gradients."""
     teacher_logits = F.linear(inputs["teacher_hidden"], inputs["teacher_weight"])
     settings = {"kind": kind, "temperature": temperature, "beta": beta, "alpha": alpha}
-    expected, expected_kd, expected_ce = naive_loss(
-        inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"],
-        teacher_logits, inputs["target_ids"], vocab_size, **settings)
+    reference = float64_copy(inputs)
+    reference_teacher_logits = F.linear(reference["teacher_hidden"], reference["teacher_weight"])
+    expected = dict(zip(("loss", "kd", "ce"), naive_loss(
+        reference["student_hidden"], reference["student_weight"], reference["student_bias"],
+        reference_teacher_logits, reference["target_ids"], vocab_size, **settings)))
     teacher = ({"teacher_logits": teacher_logits} if teacher_as_logits else
                {"teacher_hidden": inputs["teacher_hidden"],
                 "teacher_weight": inputs["teacher_weight"]})
@@ -59,13 +83,24 @@ def check_against_naive(inputs, kind="forward", temperature=1.0, beta=0.5, alpha
                                   inputs["target_ids"], vocab_size,
                                   student_bias=inputs["student_bias"], chunk_size=chunk_size,
                                   **teacher, **settings)
-    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(stats["kd"], expected_kd, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(stats["ce"], expected_ce, rtol=1e-5, atol=1e-5)
+    num_positions = inputs["target_ids"].shape[0]
+    student_logits = F.linear(reference["student_hidden"], reference["student_weight"],
+                              reference["student_bias"])[:, :vocab_size]
+    scales = stat_scales(student_logits, reference_teacher_logits[:, :vocab_size], num_positions,
+                         temperature, alpha)
+    # Forward: an output layer (its hidden size) and the loss. The gradients add the way back:
+    # the loss's closed-form gradient, the student's output layer, and the matmul that sums it over
+    # positions (weight) or the vocabulary (hidden states).
+    output_layer = max(HIDDEN, TEACHER_HIDDEN)
+    forward = output_layer + loss_roundings(vocab_size, num_positions)
+    backward = forward + loss_roundings(vocab_size, num_positions) + HIDDEN + max(
+        num_positions, vocab_size)
+    for name, value in (("loss", loss), *stats.items()):
+        assert_close(value, expected[name], forward, scales[name], name)
     assert not stats["kd"].requires_grad and not stats["ce"].requires_grad
     # a scale on the way back (the loop's 1 / tokens) must reach every gradient
-    for got, want in zip(grads_of(loss, inputs, 0.37), grads_of(expected, inputs, 0.37)):
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (got - want).abs().max()
+    for got, want in zip(grads_of(loss, inputs, 0.37), grads_of(expected["loss"], reference, 0.37)):
+        assert_close(got, want, backward, what="gradient")
     return loss
 
 
@@ -102,18 +137,95 @@ def test_teacher_logits_of_minus_infinity_give_no_nan(kind):
     inputs = make_inputs(seed=5)
     teacher_logits = F.linear(inputs["teacher_hidden"], inputs["teacher_weight"])
     teacher_logits[:, :7] = float("-inf")  # a masked part of the vocabulary
-    expected, _, _ = naive_loss(inputs["student_hidden"], inputs["student_weight"], None,
-                                teacher_logits, inputs["target_ids"], VOCAB, kind, 1.5, 0.5, 0.2)
+    settings = {"kind": kind, "temperature": 1.5, "beta": 0.5, "alpha": 0.2}
+    reference = float64_copy(inputs)
+    expected, _, _ = naive_loss(reference["student_hidden"], reference["student_weight"], None,
+                                teacher_logits.double(), inputs["target_ids"], VOCAB, **settings)
     loss, _ = chunked_kd_loss(inputs["student_hidden"], inputs["student_weight"],
                               inputs["target_ids"], VOCAB, teacher_logits=teacher_logits,
-                              kind=kind, temperature=1.5, alpha=0.2, chunk_size=6)
+                              chunk_size=6, **settings)
     if kind == "reverse":  # the student puts mass where the teacher has none: infinite, as naive
         assert torch.isinf(loss) and torch.isinf(expected)
         return
-    assert torch.isfinite(loss) and torch.allclose(loss, expected, rtol=1e-5)
-    for got, want in zip(grads_of(loss, inputs), grads_of(expected, inputs)):
+    student_logits = F.linear(reference["student_hidden"], reference["student_weight"])
+    scale = stat_scales(student_logits, teacher_logits, NUM_POSITIONS, 1.5, 0.2)["loss"]
+    forward = HIDDEN + loss_roundings(VOCAB, NUM_POSITIONS)
+    assert torch.isfinite(loss)
+    assert_close(loss, expected, forward, scale, "loss")
+    for got, want in zip(grads_of(loss, inputs), grads_of(expected, reference)):
         assert torch.isfinite(got).all()
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+        assert_close(got, want, 2 * forward + VOCAB, what="gradient")
+
+
+def chunked_on_exact_logits(student_logits, teacher_logits, target_ids, student_bias=None,
+                            **settings):
+    """chunked_kd_loss whose student logits are exactly student_logits (+ student_bias): one-hot
+    hidden states pick one column of the weight each, so the output layer only adds zeros, and
+    d loss / d weight is d loss / d logits transposed. Returns (loss, stats, d loss / d logits)."""
+    num_positions, vocab = student_logits.shape
+    weight = student_logits.T.contiguous().requires_grad_()
+    loss, stats = chunked_kd_loss(torch.eye(num_positions), weight, target_ids, vocab,
+                                  student_bias=student_bias, teacher_logits=teacher_logits,
+                                  chunk_size=3, **settings)
+    (grad,) = torch.autograd.grad(loss, weight)
+    return loss, stats, grad.T
+
+
+def assert_chunked_matches_float64(got, student_logits, teacher_logits, target_ids, **settings):
+    """got = chunked_on_exact_logits(...) within float32 error of kd_loss_float64: exact logits
+    into the loss (plus a bias add), then the way back through the loss."""
+    loss, stats, grad = got
+    expected_loss, expected_kd, expected_ce, _, expected_grad = kd_loss_float64(
+        student_logits, teacher_logits, target_ids, **settings)
+    num_positions, vocab = student_logits.shape
+    scales = stat_scales(student_logits, teacher_logits, num_positions,
+                         settings["temperature"], settings["alpha"])
+    forward = 1 + loss_roundings(vocab, num_positions)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_close(loss, expected_loss, forward, scales["loss"], "loss")
+    assert_close(stats["kd"], expected_kd, forward, scales["kd"], "kd")
+    assert_close(stats["ce"], expected_ce, forward, scales["ce"], "ce")
+    assert_close(grad, expected_grad, 2 * forward, what="gradient")
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+@pytest.mark.parametrize("masked", list(MASKED_COLUMNS))
+def test_minus_inf_logits_give_finite_gradients_equal_to_float64(kind, masked):
+    """As on the full-logits path (tests/test_losses.py): a -inf logit, the teacher's or the
+    student's (here through the output layer's bias), is a token of probability 0."""
+    generator = torch.Generator().manual_seed(6)
+    student_logits = torch.randn(8, 11, generator=generator) * 2
+    teacher_logits = torch.randn(8, 11, generator=generator) * 2
+    teacher_columns, student_columns = MASKED_COLUMNS[masked]
+    teacher_logits[:, teacher_columns] = float("-inf")
+    bias = torch.zeros(11)
+    bias[student_columns] = float("-inf")
+    target_ids = torch.randint(2, 8, (8,), generator=generator)  # never a masked column
+    settings = {"kind": kind, "temperature": 0.7, "beta": 0.3, "alpha": 0.2}
+    got = chunked_on_exact_logits(student_logits, teacher_logits, target_ids, bias, **settings)
+    if is_infinite(kind, teacher_columns, student_columns):
+        assert torch.isposinf(got[0]) and torch.isposinf(got[1]["kd"])
+        return
+    assert_chunked_matches_float64(got, student_logits + bias, teacher_logits, target_ids,
+                                   **settings)
+    assert (got[2][:, student_columns] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+@pytest.mark.parametrize("student_shift, teacher_shift", [(0, 0), (1000, 0), (0, -1000)])
+def test_large_logits_and_shifts_keep_float32_precision(kind, student_shift, teacher_shift):
+    """As on the full-logits path (tests/test_losses.py): at logits of 1e4 and T = 0.05, and with
+    a constant added to every student logit (through the bias) or every teacher logit, the loss,
+    both statistics and the gradient stay within float32 error of float64 on the unshifted
+    logits."""
+    temperature, generator = 0.05, torch.Generator().manual_seed(8)
+    student_logits = large_logits(generator, 8, 11, temperature)
+    teacher_logits = large_logits(generator, 8, 11, temperature)
+    target_ids = torch.randint(0, 11, (8,), generator=generator)
+    settings = {"kind": kind, "temperature": temperature, "beta": 0.3, "alpha": 0.3}
+    got = chunked_on_exact_logits(student_logits, teacher_logits + teacher_shift, target_ids,
+                                  torch.full((11,), float(student_shift)), **settings)
+    assert_chunked_matches_float64(got, student_logits, teacher_logits, target_ids, **settings)
 
 
 def test_all_masked_batch_is_zero_with_zero_gradients():
@@ -230,16 +342,46 @@ def step(loss_fn, student, batch):
     return loss.detach(), stats, {n: p.grad.clone() for n, p in student.named_parameters()}
 
 
-def assert_same_gradients(expected, got):
-    """Equal up to float32 rounding through the network: 1e-5 of each tensor's largest entry."""
-    for name, grad in expected.items():
-        scale = grad.abs().max().item()
-        assert torch.allclose(grad, got[name], rtol=1e-4, atol=1e-5 * scale), name
+def float64_reference(accelerator, teacher, student, vocab, batch, **settings):
+    """The full-logits path on float64 copies of both models: (loss, stats, gradients) of `step`,
+    and the sizes of what the statistics sum."""
+    from common.distill import make_kd_loss_fn
+
+    teacher, student = copy.deepcopy(teacher).double(), copy.deepcopy(student).double()
+    expected = step(make_kd_loss_fn(accelerator, teacher, vocab, **settings, loss_chunk_size=-1),
+                    student, batch)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        student_logits, targets = shift_for_next_token(student(**inputs).logits, batch["labels"])
+        teacher_logits, _ = shift_for_next_token(teacher(**inputs).logits, batch["labels"])
+    scales = stat_scales(student_logits[:, :vocab], teacher_logits[:, :vocab], targets.shape[0],
+                         settings.get("temperature", 1.0), settings.get("alpha", 0.0))
+    return expected, scales
+
+
+def assert_matches_float64(got, reference, teacher, student, vocab, batch):
+    """A float32 `step` result within float32 error of the float64 reference: the budget counts
+    both models' forward paths into the loss; the way back retraces the student's path and the
+    loss, and each weight's gradient is a sum over the batch's tokens."""
+    expected, scales = reference
+    seq_len = batch["input_ids"].shape[1]
+    num_positions = int((batch["labels"][:, 1:] != -100).sum())
+    teacher_path = decoder_roundings(teacher.config, seq_len)
+    student_path = decoder_roundings(student.config, seq_len)
+    loss_path = loss_roundings(vocab, num_positions)
+    forward = teacher_path + student_path + loss_path
+    backward = forward + student_path + loss_path + batch["input_ids"].numel()
+    assert_close(got[0], expected[0], forward, scales["loss"], "loss")
+    for name in ("kd", "ce"):
+        assert_close(got[1][name], expected[1][name], forward, scales[name], name)
+    for name, grad in expected[2].items():
+        assert_close(got[2][name], grad, backward, what=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("kl, temperature, alpha, tie", [
     ("forward", 1.0, 0.0, False), ("reverse", 2.0, 0.2, True), ("jsd", 1.0, 0.5, False)])
 def test_make_kd_loss_fn_chunked_equals_full_logits(kl, temperature, alpha, tie):
+    """Both paths, in float32, within float32 error of the full-logits path in float64."""
     from common.distill import make_kd_loss_fn
 
     vocab = 61
@@ -248,14 +390,11 @@ def test_make_kd_loss_fn_chunked_equals_full_logits(kl, temperature, alpha, tie)
     batch = tiny_batch(vocab)
     accelerator = make_accelerator()
     settings = dict(kl=kl, temperature=temperature, beta=0.3, alpha=alpha)
-    full = step(make_kd_loss_fn(accelerator, teacher, vocab, **settings, loss_chunk_size=-1),
-                student, batch)
-    chunked = step(make_kd_loss_fn(accelerator, teacher, vocab, **settings, loss_chunk_size=4),
-                   student, batch)
-    assert torch.allclose(full[0], chunked[0], rtol=1e-5)
-    for name in ("kd", "ce"):
-        assert torch.allclose(full[1][name], chunked[1][name], rtol=1e-5), name
-    assert_same_gradients(full[2], chunked[2])
+    reference = float64_reference(accelerator, teacher, student, vocab, batch, **settings)
+    for loss_chunk_size in (-1, 4):
+        got = step(make_kd_loss_fn(accelerator, teacher, vocab, **settings,
+                                   loss_chunk_size=loss_chunk_size), student, batch)
+        assert_matches_float64(got, reference, teacher, student, vocab, batch)
     assert student.get_output_embeddings().forward.__func__ is torch.nn.Linear.forward
 
 
@@ -276,10 +415,11 @@ def test_logit_scaling_commutes_with_the_output_layer_so_chunking_stays_exact():
     assert why_output_layer_is_not_plain(student, batch["input_ids"],
                                          batch["attention_mask"]) is None
     accelerator = make_accelerator()
-    chunked = step(make_kd_loss_fn(accelerator, teacher, vocab, loss_chunk_size=4), student, batch)
-    full = step(make_kd_loss_fn(accelerator, teacher, vocab, loss_chunk_size=-1), student, batch)
-    assert torch.allclose(chunked[0], full[0], rtol=1e-5)
-    assert_same_gradients(full[2], chunked[2])
+    reference = float64_reference(accelerator, teacher, student, vocab, batch)
+    for loss_chunk_size in (4, -1):
+        got = step(make_kd_loss_fn(accelerator, teacher, vocab, loss_chunk_size=loss_chunk_size),
+                   student, batch)
+        assert_matches_float64(got, reference, teacher, student, vocab, batch)
 
 
 def soft_capped_llama(vocab):

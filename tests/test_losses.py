@@ -1,4 +1,4 @@
-"""Loss properties against naive references."""
+"""Loss properties against naive references in float64."""
 
 import math
 
@@ -6,14 +6,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.losses import (cross_entropy, distillation_loss, forward_kl, generalized_jsd,
-                           masked_mean, reverse_kl, shift_for_next_token)
+from common.losses import (KL_KINDS, cross_entropy, distillation_loss, forward_kl,
+                           generalized_jsd, masked_mean, reverse_kl, shift_for_next_token)
+from float32_error import (MASKED_COLUMNS, UNIT_ROUNDOFF, assert_close, is_infinite,
+                           kd_loss_float64, large_logits, log_prob_scale, loss_roundings)
 
 
 def naive_kl(p, q):
-    """Σ p log(p/q) with plain probabilities, in float64."""
-    p, q = p.double(), q.double()
+    """Σ p log(p/q) with plain probabilities (pass float64 ones)."""
     return (p * (p.log() - q.log())).sum(-1)
+
+
+def probs64(logits, temperature=1.0):
+    return (logits.double() / temperature).softmax(-1)
+
+
+def assert_close_per_token(loss, expected, student, teacher, temperature=1.0, factor=1.0):
+    """A float32 per-token divergence against a float64 one: one position's budget (see
+    tests/float32_error.py), at the size of two log-probabilities (times the loss's factor, T²)."""
+    scale = factor * 2 * log_prob_scale(student, teacher, temperature=temperature)
+    assert_close(loss, expected, loss_roundings(student.shape[-1], 1), scale, "per-token loss")
 
 
 @pytest.fixture
@@ -28,30 +40,30 @@ def test_zero_on_identical_inputs(logits):
     student, _ = logits
     for kind in ("forward", "reverse", "jsd"):
         loss = distillation_loss(student, student.clone(), kind)
-        assert torch.allclose(loss, torch.zeros(6), atol=1e-6), kind
+        assert_close_per_token(loss, torch.zeros(6), student, student)
 
 
 def test_forward_is_kl_teacher_student(logits):
     student, teacher = logits
-    expected = naive_kl(teacher.softmax(-1), student.softmax(-1))
-    assert torch.allclose(forward_kl(student, teacher).double(), expected, atol=1e-5)
+    expected = naive_kl(probs64(teacher), probs64(student))
+    assert_close_per_token(forward_kl(student, teacher), expected, student, teacher)
     # and agrees with torch's kl_div, whose target is the teacher
-    reference = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
-                         reduction="none").sum(-1)
-    assert torch.allclose(forward_kl(student, teacher), reference, atol=1e-5)
+    reference = F.kl_div(student.double().log_softmax(-1), teacher.double().log_softmax(-1),
+                         log_target=True, reduction="none").sum(-1)
+    assert_close_per_token(forward_kl(student, teacher), reference, student, teacher)
 
 
 def test_reverse_is_kl_student_teacher(logits):
     student, teacher = logits
-    expected = naive_kl(student.softmax(-1), teacher.softmax(-1))
-    assert torch.allclose(reverse_kl(student, teacher).double(), expected, atol=1e-5)
+    expected = naive_kl(probs64(student), probs64(teacher))
+    assert_close_per_token(reverse_kl(student, teacher), expected, student, teacher)
 
 
 def test_directions_differ(logits):
     student, teacher = logits
     assert not torch.allclose(forward_kl(student, teacher), reverse_kl(student, teacher), atol=1e-3)
-    # swapping the arguments swaps the direction
-    assert torch.allclose(forward_kl(student, teacher), reverse_kl(teacher, student), atol=1e-6)
+    # swapping the arguments swaps the direction: the very same computation
+    assert torch.equal(forward_kl(student, teacher), reverse_kl(teacher, student))
 
 
 def test_forward_kl_is_mode_covering():
@@ -67,27 +79,29 @@ def test_forward_kl_is_mode_covering():
 def test_jsd_matches_naive_mixture(logits):
     student, teacher = logits
     beta = 0.3
-    p_t, p_s = teacher.softmax(-1).double(), student.softmax(-1).double()
+    p_t, p_s = probs64(teacher), probs64(student)
     mixture = beta * p_t + (1 - beta) * p_s
     expected = beta * naive_kl(p_t, mixture) + (1 - beta) * naive_kl(p_s, mixture)
-    assert torch.allclose(generalized_jsd(student, teacher, beta).double(), expected, atol=1e-5)
-    # symmetric JSD is bounded by log 2
-    assert (generalized_jsd(student, teacher, 0.5) <= math.log(2) + 1e-6).all()
+    assert_close_per_token(generalized_jsd(student, teacher, beta), expected, student, teacher)
+    # symmetric JSD is bounded by log 2 (up to float32 error)
+    error_bound = loss_roundings(11, 1) * UNIT_ROUNDOFF * 2 * log_prob_scale(student, teacher)
+    assert (generalized_jsd(student, teacher, 0.5) <= math.log(2) + error_bound).all()
 
 
 def test_temperature_softens_and_scales_by_t_squared(logits):
     student, teacher = logits
     temperature = 2.0
-    soft = naive_kl((teacher / temperature).softmax(-1), (student / temperature).softmax(-1))
+    soft = naive_kl(probs64(teacher, temperature), probs64(student, temperature))
     loss = distillation_loss(student, teacher, "forward", temperature=temperature)
-    assert torch.allclose(loss.double(), soft * temperature ** 2, atol=1e-5)
+    assert_close_per_token(loss, soft * temperature ** 2, student, teacher, temperature,
+                           factor=temperature ** 2)
 
 
 def test_float32_whatever_the_input_dtype(logits):
     student, teacher = logits
     loss = distillation_loss(student.bfloat16(), teacher.bfloat16(), "reverse")
     assert loss.dtype == torch.float32
-    assert torch.allclose(loss, reverse_kl(student.bfloat16().float(), teacher.bfloat16().float()))
+    assert torch.equal(loss, reverse_kl(student.bfloat16().float(), teacher.bfloat16().float()))
 
 
 def test_minus_inf_logits_give_no_nan(logits):
@@ -100,8 +114,8 @@ def test_minus_inf_logits_give_no_nan(logits):
         loss = distillation_loss(student, teacher, kind)
         assert torch.isfinite(loss).all(), kind
     # equals the loss over the unmasked entries only
-    assert torch.allclose(forward_kl(student, teacher), forward_kl(student[:, :-3], teacher[:, :-3]),
-                          atol=1e-6)
+    expected = naive_kl(probs64(teacher[:, :-3]), probs64(student[:, :-3]))
+    assert_close_per_token(forward_kl(student, teacher), expected, student, teacher)
 
 
 def test_gradients_are_finite_with_masked_entries(logits):
@@ -111,6 +125,53 @@ def test_gradients_are_finite_with_masked_entries(logits):
     student = student.clone().requires_grad_(True)
     distillation_loss(student, teacher, "forward").sum().backward()
     assert torch.isfinite(student.grad).all()
+
+
+def masked_logits(logits, masked):
+    student, teacher = (x.clone() for x in logits)
+    teacher_columns, student_columns = MASKED_COLUMNS[masked]
+    teacher[:, teacher_columns] = float("-inf")
+    student[:, student_columns] = float("-inf")
+    return student, teacher
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+@pytest.mark.parametrize("masked", list(MASKED_COLUMNS))
+def test_minus_inf_logits_give_finite_gradients_equal_to_float64(logits, kind, masked):
+    """A -inf logit is a token of probability 0: its terms are 0 (0·log 0 = 0), so are the
+    gradients through them, and everything else is the loss over the other tokens."""
+    temperature, beta = 0.7, 0.3
+    student, teacher = masked_logits(logits, masked)
+    student.requires_grad_()
+    loss = distillation_loss(student, teacher, kind, temperature, beta)
+    if is_infinite(kind, *MASKED_COLUMNS[masked]):
+        assert torch.isposinf(loss).all()
+        return
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    _, _, _, expected, expected_grad = kd_loss_float64(student, teacher, kind=kind,
+                                                       temperature=temperature, beta=beta)
+    assert_close_per_token(loss, expected, student, teacher, temperature, temperature ** 2)
+    assert_close(grad, expected_grad, 2 * loss_roundings(11, 1), what="gradient")
+    assert (grad[:, MASKED_COLUMNS[masked][1]] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+@pytest.mark.parametrize("student_shift, teacher_shift", [(0, 0), (1000, 0), (0, -1000)])
+def test_large_logits_and_shifts_keep_float32_precision(kind, student_shift, teacher_shift):
+    """A softmax is unchanged by a constant added to a row's logits, so the loss and its
+    gradient must be too, and as precise at logits of 1e4 and T = 0.05 (values of 2e5) as at small
+    ones: the error budget depends on the log-probabilities, never on the logits' size."""
+    temperature, generator = 0.05, torch.Generator().manual_seed(7)
+    student = large_logits(generator, 6, 11, temperature)
+    teacher = large_logits(generator, 6, 11, temperature)
+    _, _, _, expected, expected_grad = kd_loss_float64(student, teacher, kind=kind,
+                                                       temperature=temperature, beta=0.3)
+    shifted = (student + student_shift).requires_grad_()
+    loss = distillation_loss(shifted, teacher + teacher_shift, kind, temperature, beta=0.3)
+    (grad,) = torch.autograd.grad(loss.sum(), shifted)
+    assert_close_per_token(loss, expected, student, teacher, temperature, temperature ** 2)
+    assert_close(grad, expected_grad, 2 * loss_roundings(11, 1), what="gradient")
 
 
 def test_masked_mean_all_masked_is_zero_not_nan():
@@ -142,7 +203,8 @@ def test_padded_teacher_vocabulary_is_compared_over_real_ids_only(logits):
     student, teacher = logits
     padded_teacher = torch.cat([teacher, torch.full((6, 5), 3.0)], dim=-1)  # junk in padded rows
     loss = distillation_loss(student, padded_teacher[:, :student.shape[-1]], "forward")
-    assert torch.allclose(loss, forward_kl(student, teacher))
+    expected = naive_kl(probs64(teacher), probs64(student))
+    assert_close_per_token(loss, expected, student, teacher)
     with pytest.raises(RuntimeError):
         distillation_loss(student, padded_teacher, "forward")  # shapes must agree
 
@@ -150,8 +212,11 @@ def test_padded_teacher_vocabulary_is_compared_over_real_ids_only(logits):
 def test_cross_entropy_matches_torch(logits):
     student, _ = logits
     targets = torch.tensor([0, 1, 2, 3, 4, 5])
-    assert torch.allclose(cross_entropy(student, targets),
-                          F.cross_entropy(student, targets, reduction="none"))
+    assert torch.equal(cross_entropy(student, targets),
+                       F.cross_entropy(student, targets, reduction="none"))
+    expected = -student.double().log_softmax(-1)[torch.arange(6), targets]
+    assert_close(cross_entropy(student, targets), expected, loss_roundings(11, 1),
+                 log_prob_scale(student), "cross-entropy")
 
 
 def test_jsd_rejects_endpoints(logits):
