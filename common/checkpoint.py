@@ -77,7 +77,7 @@ def checkpoint_problem(checkpoint_dir):
     """
     path = Path(checkpoint_dir)
     if not (path / STATE_FILE).is_file():
-        return f"{STATE_FILE} is missing"
+        return f"{path / STATE_FILE} is missing"
     state = _read_state(path)
     files = state.get("files", {}) if state is not None else None
     if not isinstance(files, dict):
@@ -97,8 +97,9 @@ def resumable_checkpoint(output_dir, log=print):
     no checkpoint at all. A damaged one is skipped with a warning naming the damaged file; if
     every checkpoint is damaged, a UserError (starting from step 0 would throw the run away)."""
     root = Path(output_dir) / CHECKPOINTS
-    candidates = sorted(path for path in root.iterdir() if path.is_dir()
-                        and not path.name.startswith(".")) if root.is_dir() else []
+    # A folder of ours, or one with a trainer state (a checkpoint renamed or copied by hand).
+    candidates = sorted(path for path in root.iterdir() if path.is_dir() and (
+        _STEP_DIR.fullmatch(path.name) or (path / STATE_FILE).is_file())) if root.is_dir() else []
     intact, damaged = [], []
     for path in candidates:
         problem = checkpoint_problem(path)
@@ -474,10 +475,6 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_lim
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def load_trainer_state(checkpoint_dir):
-    return json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
 
 
 def truncate_metrics(output_dir, step):

@@ -327,16 +327,16 @@ def check_resume_settings(accelerator, saved_state, current_state, allow_changed
 
 
 def _apply_optimizer_settings(optimizer, scheduler, args):
+    """This run's --learning-rate and --weight-decay, at the schedule's current step (the
+    checkpoint restored its own base rate, rate and decay)."""
     lr_lambdas = getattr(scheduler, "lr_lambdas", None)
     for index, group in enumerate(optimizer.param_groups):
-        group["initial_lr"] = args.learning_rate
         if index == 0:  # the matrices; biases and norms never decay
             group["weight_decay"] = args.weight_decay
         if lr_lambdas is not None:
             group["lr"] = args.learning_rate * lr_lambdas[index](scheduler.last_epoch)
     if lr_lambdas is not None:
         scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def total_optimizer_steps(args, num_examples, num_processes):

@@ -330,6 +330,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     files = {"model.safetensors": b"m" * 100, "optimizer.bin": b"o" * 50}
     older = sized_checkpoint(tmp_path, "step_000002", 2, files)
     newer = sized_checkpoint(tmp_path, "step_000004", 4, files)
+    (tmp_path / "checkpoints" / "my_stuff").mkdir()  # not a checkpoint: no warning about it
     assert resumable_checkpoint(tmp_path, log=None)[0] == newer
     for damage in ("model.safetensors", "optimizer.bin", "trainer_state.json"):
         (newer / damage).write_bytes((newer / damage).read_bytes()[:7])
