@@ -104,8 +104,14 @@ class TrainingArguments:
     resume: bool = field(default=False, metadata={
         "help": "Continue from the newest checkpoint in --output-dir."})
     overwrite: bool = field(default=False, metadata={
-        "help": "Start afresh even if --output-dir holds a run (its checkpoints, metrics and "
-                "model are deleted once all inputs are checked)."})
+        "help": "Start afresh even if --output-dir holds a run: what that run wrote (its "
+                "checkpoints, metrics and exported model) is deleted once all inputs are checked; "
+                "other files there (a dataset, notes, a completions file) are kept."})
+    allow_changed_settings: Optional[str] = field(default=None, metadata={
+        "help": "With --resume: settings (comma-separated flag names, e.g. max-steps,"
+                "learning-rate) this run may change from the checkpoint's. Any other change that "
+                "alters the result (learning rate, data, --max-steps, method options, seed, batch "
+                "sizes, models) is refused; logging, saving and output options never count."})
     max_bad_steps: int = field(default=10, metadata={
         "help": "Stop after this many optimizer steps in a row with a NaN/inf loss or gradient "
                 "(each such step is skipped, not applied)."})

@@ -22,13 +22,29 @@ def run_cli(main, *args):
     try:
         return main(*args)
     except UserError as exc:
+        _close_progress_bars()
         print(f"error: {_rank_prefix()}{exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _close_progress_bars()
         # Ctrl-C reaches every process of the launch at once: one line is enough.
         if not _rank_prefix():
             print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _close_progress_bars():
+    """Close the tqdm bars still on screen, so the message starts on a line of its own instead
+    of being glued to the end of a bar (closing one ends its line)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar whose stream is gone must not hide the error itself
+            pass
 
 
 def _rank_prefix():

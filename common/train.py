@@ -14,6 +14,7 @@ all processes), so the gradient is the per-token mean over the effective batch h
 import json
 import math
 import os
+import pickle
 import signal
 import time
 from contextlib import contextmanager
@@ -23,8 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from common.chat import IGNORE_INDEX, collate
-from common.checkpoint import (METRICS_FILE, error_on_every_process, latest_checkpoint,
-                               load_trainer_state, save_checkpoint, truncate_metrics)
+from common.checkpoint import (METRICS_FILE, changed_settings, data_fingerprint,
+                               error_on_every_process, known_settings, resumable_checkpoint,
+                               save_checkpoint, setting_name, truncate_metrics)
+from common.errors import UserError
 from common.sharding import check_sharding_settings
 
 
@@ -277,6 +280,65 @@ def _make_optimizer_and_schedule(model, args, total_steps):
     return optimizer, scheduler
 
 
+def _load_errors():
+    """What a damaged checkpoint raises from load_state: torch.load's and safetensors' errors."""
+    errors = [OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError]
+    try:
+        from safetensors import SafetensorError
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def check_resume_settings(accelerator, saved_state, current_state, allow_changed_settings):
+    """Refuse to resume with settings that change the result (named, one line), unless
+    --allow-changed-settings names them; a checkpoint without a record of its settings (written
+    by hand or an old version) is resumed with a warning."""
+    allowed = {setting_name(name) for name in (allow_changed_settings or "").split(",")
+               if name.strip()}
+    unknown = sorted(allowed - known_settings(current_state["args"]))
+    if unknown:
+        raise error_on_every_process(accelerator, (
+            f"--allow-changed-settings: unknown setting(s) {', '.join(unknown)}; name flags of "
+            f"this script without dashes, e.g. max-steps,learning-rate"))
+    if saved_state.get("args") is None:
+        accelerator.print("warning: the checkpoint does not record its settings; they cannot "
+                          "be compared with this run's")
+        return []
+    changes = changed_settings(saved_state, current_state)
+    refused = [(name, what) for name, what in changes if name not in allowed]
+    if refused:
+        names = ",".join(dict.fromkeys(name.replace("_", "-") for name, _ in refused))
+        raise error_on_every_process(accelerator, (
+            f"--resume: this run's settings differ from the checkpoint's in ways that change the "
+            f"result: {'; '.join(what for _, what in refused)}. Rerun with the checkpoint's "
+            f"settings, or pass --allow-changed-settings {names} to continue with the new ones "
+            f"(the result then matches no uninterrupted run)"))
+    if changes:
+        accelerator.print("note: continuing with changed settings: "
+                          + "; ".join(what for _, what in changes))
+    saved_versions = saved_state["args"].get("versions")
+    current_versions = current_state["args"].get("versions")
+    if saved_versions and current_versions and saved_versions != current_versions:
+        accelerator.print(f"note: the checkpoint was written with {saved_versions}, this run has "
+                          f"{current_versions}; the result may differ in the last digits")
+    return changes
+
+
+def _apply_optimizer_settings(optimizer, scheduler, args):
+    """This run's --learning-rate and --weight-decay, at the schedule's current step (the
+    checkpoint restored its own base rate, rate and decay)."""
+    lr_lambdas = getattr(scheduler, "lr_lambdas", None)
+    for index, group in enumerate(optimizer.param_groups):
+        if index == 0:  # the matrices; biases and norms never decay
+            group["weight_decay"] = args.weight_decay
+        if lr_lambdas is not None:
+            group["lr"] = args.learning_rate * lr_lambdas[index](scheduler.last_epoch)
+    if lr_lambdas is not None:
+        scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
+
+
 def total_optimizer_steps(args, num_examples, num_processes):
     if args.max_steps > 0:
         return args.max_steps
@@ -315,23 +377,39 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                        lengths=[len(e["input_ids"]) for e in examples]
                        if getattr(args, "group_by_length", False) else None)
 
-    step, bad_steps_in_row = 0, 0
-    checkpoint = latest_checkpoint(output_dir) if args.resume else None
+    fingerprint = data_fingerprint(examples)
+    step, bad_steps_in_row, applied_steps, non_finite_steps = 0, 0, 0, 0
+    checkpoint, state = None, None
+    if args.resume:
+        try:
+            checkpoint, state = resumable_checkpoint(output_dir, log=accelerator.print)
+        except UserError as exc:
+            raise error_on_every_process(accelerator, str(exc)) from None
     if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        accelerator.load_state(str(checkpoint))
+        current = {"args": run_config, "global_batch_size": order.global_batch_size,
+                   "data_fingerprint": fingerprint, "mixed_precision": accelerator.mixed_precision}
+        changes = check_resume_settings(accelerator, state, current,
+                                        getattr(args, "allow_changed_settings", None))
+        try:
+            accelerator.load_state(str(checkpoint))
+        except _load_errors() as exc:
+            raise error_on_every_process(accelerator, (
+                f"could not load checkpoint {checkpoint} ({type(exc).__name__}: "
+                f"{(str(exc).splitlines() or [''])[0][:200]}); delete that folder to resume from "
+                f"the previous checkpoint, or pass --overwrite")) from None
+        if changes:
+            # The checkpoint restored its own learning rate and weight decay; the flags allowed
+            # to change decide them now, on the (possibly new) schedule at this step.
+            _apply_optimizer_settings(optimizer, scheduler, args)
         step = state["step"]
+        applied_steps = state.get("applied_steps", step)
+        non_finite_steps = state.get("non_finite_steps", 0)
         if accelerator.is_main_process:
             truncate_metrics(output_dir, step)
             accelerator.print(f"resumed from {checkpoint} at step {step}/{total_steps}")
-        saved_global_batch = state.get("global_batch_size")
-        if saved_global_batch is not None and saved_global_batch != order.global_batch_size:
-            accelerator.print(
-                f"warning: the checkpoint was written with {saved_global_batch} conversations per "
-                f"micro-batch over all processes, this run uses {order.global_batch_size} "
-                f"(--batch-size x processes); training continues, but not on the data order an "
-                f"uninterrupted run would have seen")
     elif args.resume:
+        if accelerator.is_main_process:
+            truncate_metrics(output_dir, 0)  # the rows of an attempt killed before a checkpoint
         accelerator.print(f"--resume: no checkpoint in {output_dir}, starting from step 0")
 
     def trainer_state():
@@ -341,7 +419,11 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                 "data_position": {"epoch": position // order.batches_per_epoch,
                                   "batch_in_epoch": position % order.batches_per_epoch},
                 "num_processes": accelerator.num_processes,
-                "global_batch_size": order.global_batch_size, "args": run_config}
+                "global_batch_size": order.global_batch_size,
+                "effective_batch_size": order.global_batch_size * args.grad_accum,
+                "mixed_precision": accelerator.mixed_precision,
+                "applied_steps": applied_steps, "non_finite_steps": non_finite_steps,
+                "data_fingerprint": fingerprint, "args": run_config}
 
     metrics_path = output_dir / METRICS_FILE
     progress = tqdm(total=total_steps, initial=step, desc="training", dynamic_ncols=True,
@@ -382,6 +464,8 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
             elif finite:
                 optimizer.step()
             bad_steps_in_row = 0 if finite else bad_steps_in_row + 1
+            applied_steps += finite
+            non_finite_steps += not finite
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
@@ -447,6 +531,12 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                     f"stopped by {stop.signal_name or 'a signal to another process'} at step "
                     f"{step}; checkpoint saved, rerun the same command with --resume to continue"))
     progress.close()
+    if applied_steps == 0:
+        # Exporting now would mark the untouched student as a finished, trained run.
+        raise error_on_every_process(accelerator, (
+            f"all {step} optimizer steps had a NaN/inf loss or gradient, so the student was never "
+            f"updated and is not saved; check --temperature and --learning-rate, use float32 "
+            f"(--dtype float32), check the data, then rerun with --overwrite"))
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         # Drop DDP's gradient-sync wrapper now, while the process group is alive (the export
         # needs only the module). Left to the end of the script, its destructor can be what

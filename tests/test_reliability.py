@@ -315,14 +315,16 @@ def cross_entropy_loss_fn(poisoned_steps=(), poison=float("nan")):
     return loss_fn, prepare_fn, snapshots
 
 
-def train_tiny(tiny, tiny_examples, args, loss_fn, prepare_fn, accelerator=None):
+def train_tiny(tiny, tiny_examples, args, loss_fn, prepare_fn, accelerator=None,
+               run_config=None, examples=None):
     from common.train import train
 
-    examples, tokenizer = tiny_examples
+    all_examples, tokenizer = tiny_examples
     accelerator = accelerator or fresh_accelerator()
     model = AutoModelForCausalLM.from_pretrained(tiny / "student")
-    return train(accelerator, model, examples, args, loss_fn, tokenizer.pad_token_id,
-                 {"test": True}, prepare_fn=prepare_fn)
+    return train(accelerator, model, all_examples if examples is None else examples, args,
+                 loss_fn, tokenizer.pad_token_id, run_config or {"test": True},
+                 prepare_fn=prepare_fn)
 
 
 def test_a_non_finite_step_is_skipped_logged_and_training_goes_on(tiny, tiny_examples, tmp_path,
@@ -365,6 +367,134 @@ def test_fp16_overflow_is_left_to_the_loss_scaler(tiny, tiny_examples, tmp_path)
     first = next(iter(snapshots[1]))
     assert torch.equal(snapshots[1][first], snapshots[2][first])  # step 1 skipped
     assert not torch.equal(snapshots[0][first], snapshots[1][first])  # step 0 applied
+
+
+def test_a_run_whose_every_step_was_non_finite_is_not_finished(tiny, tiny_examples, tmp_path):
+    """--temperature inf makes every step NaN: fewer steps than --max-bad-steps must not end in
+    an export of the untouched student as a finished run."""
+    loss_fn, prepare_fn, _ = cross_entropy_loss_fn(poisoned_steps=set(range(6)))
+    with pytest.raises(UserError, match="all 6 optimizer steps had a NaN/inf") as error:
+        train_tiny(tiny, tiny_examples, training_args(tmp_path, max_bad_steps=10), loss_fn,
+                   prepare_fn)
+    assert "\n" not in str(error.value)
+    assert len(metrics(tmp_path)) == 6  # it did run every step
+
+
+def run_config_of(args, **method_options):
+    """A run config as the scripts make it: every argument group, a method group among them."""
+    import dataclasses
+
+    from common.checkpoint import make_run_config
+
+    @dataclasses.dataclass
+    class MethodOptions:
+        kl: str = "forward"
+        temperature: float = 1.0
+
+    return make_run_config("test", "python test.py", training=args,
+                           test_method=MethodOptions(**method_options))
+
+
+@pytest.fixture
+def stopped_run(tiny, tiny_examples, tmp_path):
+    """A 6-step run with checkpoints at steps 2 and 4, as a run killed after step 4 leaves it
+    (the rows of steps 5 and 6 are dropped by the resume), and its final weights."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = training_args(out, save_steps=2, save_total_limit=0, learning_rate=1e-3)
+    loss_fn, prepare_fn, _ = cross_entropy_loss_fn()
+    model, _ = train_tiny(tiny, tiny_examples, args, loss_fn, prepare_fn,
+                          run_config=run_config_of(args))
+    return out, args, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def resume(tiny, tiny_examples, out, args, method_options=None, examples=None, **changes):
+    import dataclasses
+
+    args = dataclasses.replace(args, resume=True, **changes)
+    loss_fn, prepare_fn, _ = cross_entropy_loss_fn()
+    return train_tiny(tiny, tiny_examples, args, loss_fn, prepare_fn, examples=examples,
+                      run_config=run_config_of(args, **(method_options or {})))
+
+
+def snapshot(out):
+    return {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"learning_rate": 0.5}, "--learning-rate (0.001 in the checkpoint, 0.5 now)"),
+    ({"max_steps": 8}, "--max-steps (6 in the checkpoint, 8 now)"),
+    ({"seed": 7}, "--seed (42 in the checkpoint, 7 now)"),
+    ({"batch_size": 2}, "--batch-size x processes (4 in the checkpoint, 2 now)"),
+    ({"method_options": {"kl": "reverse"}}, '--kl ("forward" in the checkpoint, "reverse" now)'),
+    ({"examples": "reversed"}, "the training data's content"),
+])
+def test_resume_refuses_settings_that_change_the_result(tiny, tiny_examples, stopped_run, change,
+                                                        expected):
+    out, args, _ = stopped_run
+    if change.get("examples") == "reversed":
+        change = {"examples": tiny_examples[0][::-1]}
+    before = snapshot(out)
+    with pytest.raises(UserError) as error:
+        resume(tiny, tiny_examples, out, args, **change)
+    message = str(error.value)
+    assert "\n" not in message and expected in message, message
+    assert "--allow-changed-settings" in message
+    assert snapshot(out) == before  # refused before anything was written
+
+
+def test_resume_ignores_settings_that_cannot_change_the_result(tiny, tiny_examples, stopped_run,
+                                                               capsys):
+    out, args, final_weights = stopped_run
+    model, state = resume(tiny, tiny_examples, out, args, log_steps=2, save_steps=3,
+                          save_total_limit=1, eval_steps=5, max_bad_steps=3)
+    assert "resumed from" in capsys.readouterr().out and state["step"] == 6
+    for name, parameter in model.named_parameters():  # the run ends where it would have
+        assert torch.equal(parameter, final_weights[name]), name
+
+
+def test_an_allowed_change_takes_effect(tiny, tiny_examples, stopped_run, capsys):
+    """--allow-changed-settings learning-rate: the asked rate is used from the resumed step on
+    (the checkpoint's optimizer and schedule would otherwise bring the old one back)."""
+    out, args, _ = stopped_run
+    resume(tiny, tiny_examples, out, args, learning_rate=0.5, max_steps=8,
+           allow_changed_settings="learning-rate,--max-steps")
+    assert "continuing with changed settings" in capsys.readouterr().out
+    rows = metrics(out)
+    assert [row["step"] for row in rows] == list(range(1, 9))
+    assert [row["lr"] for row in rows] == [1e-3] * 4 + [0.5] * 4
+
+
+def test_an_unknown_allowed_setting_is_refused(tiny, tiny_examples, stopped_run):
+    out, args, _ = stopped_run
+    with pytest.raises(UserError, match="unknown setting.*learnig_rate"):
+        resume(tiny, tiny_examples, out, args, allow_changed_settings="learnig-rate")
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin", "trainer_state.json"])
+def test_resume_skips_a_damaged_checkpoint_for_the_previous_one(tiny, tiny_examples, stopped_run,
+                                                               capsys, damaged):
+    out, args, final_weights = stopped_run
+    path = out / "checkpoints" / "step_000004" / damaged
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])  # cut short by a full disk
+    model, _ = resume(tiny, tiny_examples, out, args)
+    printed = capsys.readouterr().out
+    warnings = [line for line in printed.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and damaged in warnings[0] and "step 2" in warnings[0]
+    assert "resumed from" in printed and "step_000002 at step 2" in printed
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, final_weights[name]), name
+
+
+def test_resume_with_every_checkpoint_damaged_is_a_one_line_error(tiny, tiny_examples,
+                                                                  stopped_run):
+    out, args, _ = stopped_run
+    for step in ("step_000002", "step_000004"):
+        (out / "checkpoints" / step / "model.safetensors").write_bytes(b"{}")
+    before = snapshot(out)
+    with pytest.raises(UserError, match="no intact checkpoint.*model.safetensors is damaged"):
+        resume(tiny, tiny_examples, out, args)
+    assert snapshot(out) == before
 
 
 @pytest.fixture
@@ -413,6 +543,145 @@ def test_a_read_only_directory_is_a_clear_error(prepared, tmp_path, monkeypatch)
     with pytest.raises(UserError, match="Permission denied.*fix permissions"):
         save_checkpoint(prepared, tmp_path, 1, {"step": 1})
     assert list_checkpoints(tmp_path) == []
+
+
+# --- killed runs and --overwrite, end to end --------------------------------------------------------
+
+def tolerant_metrics(out):
+    """metrics.jsonl rows, without a last line a SIGKILL may have cut short."""
+    rows = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def wait_for(condition, process, what):
+    deadline = time.time() + 300
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}: {process.communicate()}"
+        assert time.time() < deadline, f"no {what} after 300 s"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_is_never_mixed_with_a_rerun(tiny, tmp_path,
+                                                                              capsys):
+    import token_level
+
+    out = tmp_path / "out"
+    endless = token_level_args(tiny, out, "--max-steps", "100000", "--save-steps", "0",
+                               "--log-steps", "1", "--batch-size", "4")
+    process = start([sys.executable, "token_level.py", *endless])
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(tolerant_metrics(out)) >= 3,
+             process, "3 metrics rows")
+    os.killpg(process.pid, signal.SIGKILL)
+    finish(process)
+    # killed mid-run: rows logged, no checkpoint, nothing finished
+    assert len(tolerant_metrics(out)) >= 3 and not (out / "checkpoints").exists()
+    assert not (out / "run_config.json").exists()
+    killed_metrics = (out / "metrics.jsonl").read_bytes()
+
+    short = token_level_args(tiny, out, "--max-steps", "3", "--save-steps", "0", "--log-steps",
+                             "1", "--batch-size", "4")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(token_level.main, [str(a) for a in short])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unfinished run" in error and "--resume" in error and "--overwrite" in error
+    assert (out / "metrics.jsonl").read_bytes() == killed_metrics
+
+    result = run([sys.executable, "token_level.py", *short, "--resume"])
+    assert "no checkpoint" in result.stdout and "starting from step 0" in result.stdout
+    assert [row["step"] for row in metrics(out)] == [1, 2, 3]  # the new run's rows only
+
+
+# Test-only: the checkpoint of step 4 writes a part of its model file, then hangs there until
+# the test kills the process (a SIGKILL mid-write, at a known point).
+KILL_DURING_SAVE = """
+import os, runpy, sys, time
+from pathlib import Path
+sys.path.insert(0, os.getcwd())
+from accelerate import Accelerator
+
+save_state = Accelerator.save_state
+
+def save_state_and_hang_at_step_4(self, output_dir=None, **kwargs):
+    if Path(output_dir).name == ".tmp-step_000004":
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(bytes(100))
+        Path(MARKER).touch()
+        time.sleep(600)
+    return save_state(self, output_dir, **kwargs)
+
+Accelerator.save_state = save_state_and_hang_at_step_4
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_checkpoint_write_leaves_nothing_behind(tiny, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "writing_step_4"
+    harness = tmp_path / "kill_during_save.py"
+    harness.write_text(f"MARKER = {str(marker)!r}\n" + KILL_DURING_SAVE)
+    args = token_level_args(tiny, out, "--max-steps", "6", "--save-steps", "2", "--log-steps",
+                            "1", "--batch-size", "4")
+    process = start([sys.executable, harness, "token_level.py", *args])
+    wait_for(marker.exists, process, "the checkpoint of step 4")
+    os.killpg(process.pid, signal.SIGKILL)
+    finish(process)
+    root = out / "checkpoints"
+    # killed while writing step 4: its temp folder holds a part of a file, step 2 is complete
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-step_000004", "step_000002"]
+    assert (root / ".tmp-step_000004" / "model.safetensors").stat().st_size == 100
+    assert not (out / "run_config.json").exists()
+
+    # resumed without further checkpoints (--save-steps cannot change the result): the next
+    # start removes the half-written folder, it is not left for ever
+    result = run([sys.executable, "token_level.py", *args, "--save-steps", "0", "--resume"])
+    assert "step_000002 at step 2" in result.stdout
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002"]
+    assert [row["step"] for row in metrics(out)] == list(range(1, 7))
+
+
+def test_overwrite_keeps_the_users_files_and_the_run_is_recorded(tiny, tmp_path):
+    """A user keeps the dataset, notes and settings inside the output dir: --overwrite replaces
+    the earlier run (its checkpoints, metrics and exported files, as its run_config.json lists
+    them) and leaves the rest alone. run_config.json records how the new run was made."""
+    from common.checkpoint import export_student
+
+    out = tmp_path / "out"
+    out.mkdir()
+    model = AutoModelForCausalLM.from_pretrained(tiny / "student")
+    export_student(fresh_accelerator(), model, AutoTokenizer.from_pretrained(tiny / "student"),
+                   out, {"finished": True})
+    record = json.loads((out / "run_config.json").read_text())
+    (out / "tokenizer.model").write_text("an earlier export's tokenizer")
+    record.setdefault("files", []).append("tokenizer.model")
+    (out / "run_config.json").write_text(json.dumps(record))
+    (out / "metrics.jsonl").write_text('{"step": 40}\n')
+    (out / "checkpoints" / "step_000040").mkdir(parents=True)
+    users = {"my_data.jsonl": (tiny / "train.jsonl").read_text(), "notes.txt": "my notes",
+             "settings.json": '{"mine": true}'}
+    for name, content in users.items():
+        (out / name).write_text(content)
+
+    result = python("token_level.py", *token_level_args(
+        tiny, out, "--dataset", out / "my_data.jsonl", "--max-steps", "2", "--log-steps", "1",
+        "--batch-size", "2", "--grad-accum", "2", "--overwrite"))
+    assert all((out / name).read_text() == content for name, content in users.items())
+    assert "kept 3 entries" in result.stdout and "my_data.jsonl" in result.stdout
+    assert not (out / "tokenizer.model").exists() and not (out / "checkpoints").exists()
+    assert [row["step"] for row in metrics(out)] == [1, 2]
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["num_processes"] == 1 and run_config["effective_batch_size"] == 4
+    assert set(run_config["versions"]) == {"python", "torch", "transformers", "accelerate"}
+    assert run_config["versions"]["torch"] == torch.__version__
+    assert sorted(run_config["files"]) == sorted(
+        set(p.name for p in out.iterdir()) - set(users) - {"metrics.jsonl", "run_config.json"})
 
 
 # --- security hygiene -----------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The shared loop: accumulation-invariant normalization, data order, checkpoints."""
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -196,3 +198,201 @@ def test_evaluate_is_the_per_token_mean_over_held_out_examples(setup, tiny):
     means, tokens = evaluate(accelerator, student, examples + [filler], 4, loss_fn, collate,
                              tokenizer.pad_token_id)
     assert tokens == count and means["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+# --- the output directory: --overwrite, leftovers, unwritable places ------------------------------
+
+def fake_finished_run(out, exported=("config.json", "model.safetensors", "tokenizer.json")):
+    """What a finished run leaves: checkpoints, metrics, the exported student and its record."""
+    write_checkpoint(out, "step_000002", 2)
+    (out / "checkpoints" / ".tmp-step_000004").mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 2}\n')
+    for name in exported:
+        (out / name).write_text("exported")
+    (out / "run_config.json").write_text(json.dumps({"finished": True, "files": list(exported)}))
+
+
+USER_FILES = {"my_data.jsonl": '{"messages": []}\n', "notes.txt": "mine", "settings.json": "{}",
+              "my_completions.jsonl": '{"id": "x"}\n', "teacher_completions.jsonl": "{}\n"}
+
+
+def test_overwrite_removes_only_what_the_suite_wrote(tmp_path):
+    from common.checkpoint import clear_output_dir
+
+    fake_finished_run(tmp_path, exported=("config.json", "model.safetensors", "tokenizer.model"))
+    for name, content in USER_FILES.items():
+        (tmp_path / name).write_text(content)
+    (tmp_path / "my_cache").mkdir()  # e.g. a --teacher-cache the user put here
+    (tmp_path / "my_cache" / "meta.json").write_text("{}")
+    (tmp_path / "checkpoints" / "my_notes.txt").write_text("mine too")
+
+    kept = clear_output_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*USER_FILES, "my_cache", "checkpoints"])
+    assert all((tmp_path / name).read_text() == content for name, content in USER_FILES.items())
+    assert (tmp_path / "my_cache" / "meta.json").is_file()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["my_notes.txt"]
+    assert sorted(kept) == sorted([*USER_FILES, "my_cache", "checkpoints/my_notes.txt"])
+
+
+def test_overwrite_reads_only_plain_names_from_the_record(tmp_path):
+    from common.checkpoint import clear_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "outside.txt").write_text("mine")
+    (out / "run_config.json").write_text(json.dumps({"files": ["../outside.txt", "a/b"]}))
+    clear_output_dir(out)
+    assert (tmp_path / "outside.txt").read_text() == "mine"
+
+
+def test_overwrite_of_an_older_output_removes_the_names_save_pretrained_writes(tmp_path):
+    """run_config.json without a list of files (written before it had one): the export's names
+    are the ones save_pretrained and the tokenizer write, and a user's files still stay."""
+    from common.checkpoint import clear_output_dir
+
+    for name in ("config.json", "model-00001-of-00002.safetensors", "merges.txt", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "run_config.json").write_text('{"finished": true}')
+    assert clear_output_dir(tmp_path) == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_leftovers_of_a_killed_checkpoint_write_are_removed(tmp_path):
+    from common.checkpoint import remove_leftovers
+
+    write_checkpoint(tmp_path, "step_000002", 2)
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step_000006").mkdir()
+    (root / ".tmp-step_000006" / "model.safetensors").write_text("half")
+    (root / "step_000008").mkdir()  # empty
+    # killed between the two renames of a rewrite of step 4: the old copy is the checkpoint
+    write_checkpoint(tmp_path, ".old-step_000004", 4)
+    (root / ".tmp-step_000004").mkdir()
+    write_checkpoint(tmp_path, "my_backup", 1)  # not a name this suite writes
+    (tmp_path / ".tmp-export").mkdir()
+    (tmp_path / ".run_config.json.tmp").write_text("{")
+    (tmp_path / ".my_hidden").write_text("mine")
+
+    remove_leftovers(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["my_backup", "step_000002", "step_000004"]
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [1, 2, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".my_hidden", "checkpoints"]
+
+
+def test_output_dir_inside_a_file_or_read_only_is_refused_before_any_work(tmp_path,
+                                                                          monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    for path in (tmp_path / "a_file", tmp_path / "a_file" / "out"):
+        with pytest.raises(UserError, match="a_file.*a file; pass a directory") as error:
+            check_output_dir(path, resume=False, overwrite=True)
+        assert "\n" not in str(error.value)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    # root writes anyway; report what access(2) says for the mode bits, as for any other user
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: real_access(path, mode) and not (
+        mode & os.W_OK and not os.stat(path).st_mode & 0o222))
+    for path in (read_only, read_only / "new" / "out"):
+        with pytest.raises(UserError, match="read_only is read-only"):
+            check_output_dir(path, resume=False, overwrite=False)
+    assert list(read_only.iterdir()) == []
+
+
+def test_an_unfinished_run_without_checkpoints_needs_resume_or_overwrite(tmp_path):
+    """A run killed before its first checkpoint leaves metrics.jsonl: a plain rerun would append
+    a second run's rows to it."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UserError, match="unfinished run.*--resume.*--overwrite"):
+        check_output_dir(tmp_path, resume=False, overwrite=False)
+    check_output_dir(tmp_path, resume=True, overwrite=False)
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "checkpoints" / "step_000005").mkdir(parents=True)  # a checkpoint, damaged
+    with pytest.raises(UserError, match="unfinished run"):
+        check_output_dir(tmp_path, resume=False, overwrite=False)
+
+
+# --- damaged checkpoints and changed settings -----------------------------------------------------
+
+def sized_checkpoint(root, name, step, files):
+    path = write_checkpoint(root, name, step)
+    for file, content in files.items():
+        (path / file).write_bytes(content)
+    state = {"step": step, "files": {file: len(content) for file, content in files.items()}}
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    return path
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    from common.checkpoint import resumable_checkpoint
+
+    files = {"model.safetensors": b"m" * 100, "optimizer.bin": b"o" * 50}
+    older = sized_checkpoint(tmp_path, "step_000002", 2, files)
+    newer = sized_checkpoint(tmp_path, "step_000004", 4, files)
+    (tmp_path / "checkpoints" / "my_stuff").mkdir()  # not a checkpoint: no warning about it
+    assert resumable_checkpoint(tmp_path, log=None)[0] == newer
+    for damage in ("model.safetensors", "optimizer.bin", "trainer_state.json"):
+        (newer / damage).write_bytes((newer / damage).read_bytes()[:7])
+        warnings = []
+        path, state = resumable_checkpoint(tmp_path, log=warnings.append)
+        assert path == older and state["step"] == 2
+        assert len(warnings) == 1 and damage in warnings[0] and "step 2" in warnings[0]
+        sized_checkpoint(tmp_path, "repaired", 4, files)  # restore it for the next damage
+        shutil.rmtree(newer)
+        (tmp_path / "checkpoints" / "repaired").rename(newer)
+    (older / "optimizer.bin").unlink()
+    (newer / "trainer_state.json").write_text("[1, 2]")  # JSON, but no state
+    with pytest.raises(UserError, match="no intact checkpoint.*optimizer.bin is missing") as error:
+        resumable_checkpoint(tmp_path, log=None)
+    assert "\n" not in str(error.value)
+
+
+def test_changed_settings_compare_every_group_and_skip_neutral_ones():
+    from common.checkpoint import changed_settings
+
+    def state(**changes):
+        args = {"method": "token_level", "command": "python token_level.py ...",
+                "versions": {"torch": "2"}, "model": {"student": "s", "teacher": "t"},
+                "training": {"learning_rate": 1e-3, "max_steps": 10, "output_dir": "a",
+                             "log_steps": 5, "save_steps": 2, "batch_size": 2},
+                "token_level": {"kl": "forward", "temperature": 1.0}}
+        for name, value in changes.items():
+            group, field = name.split(".")
+            args[group] = {**args[group], field: value}
+        return {"args": args, "global_batch_size": 4, "data_fingerprint": "8 examples, a"}
+
+    assert changed_settings(state(), state()) == []
+    neutral = state(**{"training.output_dir": "b", "training.log_steps": 1,
+                       "training.save_steps": 9, "training.batch_size": 1})
+    neutral["args"]["command"], neutral["args"]["versions"] = "other", {"torch": "3"}
+    assert changed_settings(state(), neutral) == []
+    changed = state(**{"training.learning_rate": 0.5, "token_level.kl": "reverse",
+                       "model.teacher": "t2", "training.max_steps": 20})
+    changed["data_fingerprint"], changed["global_batch_size"] = "8 examples, b", 8
+    names = [name for name, _ in changed_settings(state(), changed)]
+    assert names == ["teacher", "kl", "learning_rate", "max_steps", "batch_size", "dataset"]
+    described = dict(changed_settings(state(), changed))
+    assert described["learning_rate"] == "--learning-rate (0.001 in the checkpoint, 0.5 now)"
+    # a field one side does not know (another version's flag) is not a change
+    newer = state()
+    newer["args"]["token_level"]["new_flag"] = 3
+    assert changed_settings(state(), newer) == []
+
+
+def test_an_error_starts_on_its_own_line_under_a_progress_bar(capsys):
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from common.errors import run_cli
+
+    def main():
+        bar = tqdm(total=10, desc="training", file=sys.stderr)
+        bar.update(3)
+        raise UserError("boom")
+
+    with pytest.raises(SystemExit):
+        run_cli(main)
+    err = capsys.readouterr().err
+    assert "training" in err and "\nerror: boom\n" in err
