@@ -152,26 +152,106 @@ def load_prompts(data_args, num_samples, log=print):
     return jobs
 
 
+def parse_completions_file(path):
+    """([(line number, row as read)], whether the last line was cut short by a kill).
+
+    Lines are split on newlines only (a completion may hold U+2028 or U+0085, which str.splitlines
+    would split on); a UTF-8 BOM and blank lines are ignored. A last line without its newline that
+    is not whole JSON (or UTF-8) is what a kill mid-write leaves: it is left out and reported. Any
+    other line that is not JSON or not UTF-8 is a UserError naming it.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read the completions file {path} "
+                        f"({exc.strerror or exc})") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.split(b"\n")
+    unterminated = lines.pop()  # b"" when the file ends with a newline
+    rows = []
+    for line_number, line in enumerate(lines + [unterminated], start=1):
+        is_cut_candidate = line_number == len(lines) + 1
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if is_cut_candidate:
+                return rows, True
+            raise UserError(f"{path}: line {line_number} is not valid UTF-8 (byte "
+                            f"{exc.start + 1}); save the file as UTF-8, or delete that "
+                            f"line") from None
+        if not text.strip():
+            continue
+        try:
+            rows.append((line_number, json.loads(text)))
+        except json.JSONDecodeError as exc:
+            if is_cut_candidate:
+                return rows, True
+            raise UserError(f"{path}: line {line_number} is not valid JSON ({exc.msg}); fix or "
+                            f"delete that line") from None
+    return rows, False
+
+
+def completion_of(row):
+    """(cache id, messages, finish_reason) of one completions row, or (None, reason, None).
+
+    A row is read as the dataset loader reads a row (`messages`, or `prompt`/`response`
+    columns); it is a finished completion when its last turn is a non-empty assistant reply to a
+    user (or tool) turn. Rows without an `id` (written by hand or by another tool) get the id the
+    prompt would get here, so generation does not ask for them again.
+    """
+    from common.data import row_to_messages
+
+    messages, reason = row_to_messages(row)
+    if messages is None:
+        return None, reason, None
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        return None, "no non-empty teacher reply", None
+    prompt = prompt_of(messages)
+    if prompt is None:
+        return None, "no user turn before the reply", None
+    key = row.get("id")
+    if not isinstance(key, str):
+        sample_index = row.get("sample_index", 0)
+        key = completion_id(prompt, sample_index if isinstance(sample_index, int) else 0)
+    return key, messages, row.get("finish_reason")
+
+
+def load_completions(path, log=print, skipped_note=""):
+    """[(id, messages, finish_reason)] of the finished completions in the file at `path`.
+
+    Unusable rows are skipped and counted in one warning; returns (completions, cut) where `cut`
+    says the last line was cut short by a kill (left out, and reported).
+    """
+    from common.data import describe_skips
+
+    rows, cut = parse_completions_file(path)
+    completions, skipped = [], Counter()
+    for _, row in rows:
+        key, messages_or_reason, finish_reason = completion_of(row)
+        if key is None:
+            skipped[messages_or_reason] += 1
+        else:
+            completions.append((key, messages_or_reason, finish_reason))
+    if skipped:
+        log(f"warning: {path}: {describe_skips(skipped, len(rows))}{skipped_note}")
+    return completions, cut
+
+
 def read_cache(path, log=print):
-    """ids already in the cache. A last line cut short by a kill is removed from the file."""
+    """ids of the finished completions in the cache. A last line cut short by a kill is removed
+    from the file, so that the next row starts on a line of its own."""
     path = Path(path)
     if not path.is_file():
         return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
+    completions, cut = load_completions(path, log, skipped_note="; their prompts are asked again")
+    if cut:
+        data = path.read_bytes()
         with open(path, "r+b") as f:
-            f.truncate(cut)
-        log(f"warning: {path}: removed an incomplete last line (a run was killed mid-write)")
-        data = data[:cut]
-    ids = set()
-    for line_number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        try:
-            ids.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path}: line {line_number} is not a completion row; fix or delete "
-                            f"that line (the other rows are kept)") from None
-    return ids
+            f.truncate(data.rfind(b"\n") + 1)
+        log(f"warning: {path}: removed its last line, cut short (a run was killed while writing "
+            f"it); that prompt is asked again")
+    return {key for key, _, _ in completions}
 
 
 class CacheWriter:
@@ -179,8 +259,21 @@ class CacheWriter:
 
     def __init__(self, path, teacher_name, settings):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # A hand-made file may end without a newline; the next row must start a line of its own.
+            needs_newline = False
+            if self.path.is_file() and self.path.stat().st_size > 0:
+                with open(self.path, "rb") as existing:
+                    existing.seek(-1, os.SEEK_END)
+                    needs_newline = existing.read(1) != b"\n"
+            self.file = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"cannot write the completions cache {self.path} "
+                            f"({exc.strerror or exc}); pass a writable --completions path or "
+                            f"--output-dir") from None
+        if needs_newline:
+            self.file.write("\n")
         self.teacher_name = teacher_name
         self.settings = settings
         self.finish_reasons = Counter()
@@ -189,7 +282,12 @@ class CacheWriter:
         row = {"id": key, "messages": prompt + [{"role": "assistant", "content": text}],
                "teacher": self.teacher_name, "finish_reason": finish_reason,
                "sample_index": sample_index, "generation": self.settings}
-        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        try:
+            line = json.dumps(row, ensure_ascii=False)
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: \u escapes keep the file valid UTF-8
+            line = json.dumps(row)
+        self.file.write(line + "\n")
         self.file.flush()
         self.finish_reasons[finish_reason] += 1
 
@@ -377,15 +475,19 @@ def run_generation(model_args, data_args, seq_args, cache_path, device):
 
 # --- training ------------------------------------------------------------------------------------
 
-def completion_rows(cache_path, drop_truncated):
-    """Rows of the cache to train on, and how many truncated ones were left out."""
+def completion_rows(cache_path, drop_truncated, log=print):
+    """Finished completions of the cache to train on ({"id", "messages", "finish_reason"}), and
+    how many truncated ones --drop-truncated left out."""
+    completions, cut = load_completions(cache_path, log)
+    if cut:
+        log(f"warning: {cache_path}: its last line was cut short (a run was killed while writing "
+            f"it) and is left out")
     rows, truncated = [], 0
-    for line in Path(cache_path).read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if row.get("finish_reason") == "length" and drop_truncated:
+    for key, messages, finish_reason in completions:
+        if finish_reason == "length" and drop_truncated:
             truncated += 1
             continue
-        rows.append(row)
+        rows.append({"id": key, "messages": messages, "finish_reason": finish_reason})
     return rows, truncated
 
 
@@ -425,6 +527,9 @@ def main(argv=None):
         raise UserError("pass either --teacher (a local model) or --teacher-api-base, not both")
     output_dir = Path(train_args.output_dir)
     cache_path = Path(seq_args.completions) if seq_args.completions else output_dir / COMPLETIONS_FILE
+    if cache_path.exists() and not cache_path.is_file():
+        raise UserError(f"the completions cache {cache_path} is not a file; pass a JSON Lines "
+                        f"file to --completions")
     if not seq_args.generate_only:
         check_output_dir(output_dir, train_args.resume, train_args.overwrite)
     student_tokenizer = None
@@ -446,7 +551,7 @@ def main(argv=None):
         accelerator.print(f"completions in {cache_path}")
         return
 
-    rows, truncated = completion_rows(cache_path, seq_args.drop_truncated)
+    rows, truncated = completion_rows(cache_path, seq_args.drop_truncated, accelerator.print)
     if truncated:
         accelerator.print(f"--drop-truncated: left out {truncated} completions cut by "
                           f"--max-new-tokens")

@@ -268,3 +268,98 @@ def test_urls_inside_error_text_are_redacted():
     assert not any(f"secret{k}" in redacted for k in (1, 2, 3)) and "pw" not in redacted
     assert "https://***@host/v1/?key=***&v=***" in redacted
     assert redact_url("http://[::1/v1?key=secret") == "<the --teacher-api-base URL>"
+
+
+# --- reading a completions file ------------------------------------------------------------------
+
+def reply_row(question, answer, **extra):
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}], **extra}
+
+
+def test_completions_file_accepts_what_the_dataset_loader_accepts(tmp_path):
+    from common.data import row_to_messages
+    from sequence_level import completion_id, completion_rows, read_cache
+
+    odd_rows = [
+        reply_row("q1", "a1", id="id-1", finish_reason="stop"),
+        {"prompt": "q2", "response": "a2"},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "q3"}]},
+                      {"role": "assistant", "content": "a3"}]},
+        {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]},
+        reply_row("q5", None),
+        reply_row("q6", ""),  # an empty reply is not a finished completion
+        {"prompt": "q7"},  # no reply at all
+        [1, 2],
+        reply_row("q9", "line\u2028separator\x85and next line"),
+    ]
+    lines = [json.dumps(row, ensure_ascii=False).encode() for row in odd_rows]
+    path = tmp_path / "teacher.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\r\n" + b"\n".join(lines[1:]) + b"\n\n")
+    expected = []
+    for row in odd_rows:
+        messages, _ = row_to_messages(row)
+        if messages and messages[-1]["role"] == "assistant" and messages[-1]["content"].strip():
+            expected.append(messages)
+    assert len(expected) >= 3  # a1, a2, a9, and a3 where the loader reads lists of parts
+    logged = []
+    rows, truncated = completion_rows(path, drop_truncated=False, log=logged.append)
+    assert [row["messages"] for row in rows] == expected and truncated == 0
+    skipped = len(odd_rows) - len(expected)
+    assert logged == [f"warning: {path}: skipped {skipped} of {len(odd_rows)} rows: "
+                      + logged[0].split(" rows: ", 1)[1]]
+    ids = read_cache(path, log=lambda _: None)
+    assert "id-1" in ids and completion_id([{"role": "user", "content": "q2"}], 0) in ids
+    assert len(ids) == len(expected)
+
+
+@pytest.mark.parametrize("bad_line, expected", [
+    (b'{"messages": [', "line 2 is not valid JSON"),
+    (b'{"messages": "\xff\xfe"}', "line 2 is not valid UTF-8"),
+])
+def test_bad_line_in_a_completions_file_is_a_one_line_error(tmp_path, bad_line, expected):
+    from common.errors import UserError
+    from sequence_level import completion_rows, read_cache
+
+    good = json.dumps(reply_row("q", "a")).encode()
+    path = tmp_path / "teacher.jsonl"
+    path.write_bytes(good + b"\n" + bad_line + b"\n" + good + b"\n")
+    before = path.read_bytes()
+    for read in (read_cache, lambda p: completion_rows(p, drop_truncated=False)):
+        with pytest.raises(UserError) as error:
+            read(path)
+        assert str(error.value).startswith(f"{path}: {expected}") and "\n" not in str(error.value)
+    assert path.read_bytes() == before
+
+
+def test_a_last_line_cut_by_a_kill_is_skipped_and_counted(tmp_path):
+    from sequence_level import CacheWriter, completion_rows, read_cache
+
+    good = json.dumps(reply_row("q", "a", id="a")).encode()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(good + b"\n" + json.dumps(reply_row("r", "b", id="b")).encode()[:25])
+    logged = []
+    rows, _ = completion_rows(cut, drop_truncated=False, log=logged.append)
+    assert len(rows) == 1 and len(logged) == 1 and "last line was cut short" in logged[0]
+    assert read_cache(cut, log=lambda _: None) == {"a"}
+    assert cut.read_bytes() == good + b"\n"  # removed, so that the next row starts a line
+
+    # A complete last line without its newline (a hand-made file) is a row, and kept.
+    whole = tmp_path / "whole.jsonl"
+    whole.write_bytes(good + b"\n" + json.dumps(reply_row("r", "b", id="b")).encode())
+    assert read_cache(whole, log=pytest.fail) == {"a", "b"}
+    writer = CacheWriter(whole, "teacher", {})
+    writer.write("c", [{"role": "user", "content": "s"}], 0, "c", "stop")
+    writer.close()
+    assert read_cache(whole, log=pytest.fail) == {"a", "b", "c"}
+
+
+def test_bad_completions_file_in_a_training_run_is_a_one_line_error(tiny, tmp_path):
+    completions = tmp_path / "teacher.jsonl"
+    completions.write_text(json.dumps(reply_row("q", "a")) + "\n{not json\n")
+    result = run_script("sequence_level.py", "--student", tiny / "student", "--completions",
+                        completions, "--output-dir", tmp_path / "out", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {completions}: line 2 is not valid JSON " \
+                                    f"(Expecting property name enclosed in double quotes); fix " \
+                                    f"or delete that line"
