@@ -33,8 +33,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -255,7 +258,10 @@ def read_cache(path, log=print):
 
 
 class CacheWriter:
-    """Appends one finished completion per line, flushed at once (a kill loses nothing written)."""
+    """Appends one finished completion per line, flushed at once (a kill loses nothing written).
+
+    An empty reply is not written (a rerun asks for it again) but counted by finish reason.
+    """
 
     def __init__(self, path, teacher_name, settings):
         self.path = Path(path)
@@ -276,9 +282,13 @@ class CacheWriter:
             self.file.write("\n")
         self.teacher_name = teacher_name
         self.settings = settings
-        self.finish_reasons = Counter()
+        self.finish_reasons, self.empty = Counter(), Counter()
+        self.written = 0
 
     def write(self, key, prompt, sample_index, text, finish_reason):
+        if not text.strip():
+            self.empty[finish_reason] += 1
+            return
         row = {"id": key, "messages": prompt + [{"role": "assistant", "content": text}],
                "teacher": self.teacher_name, "finish_reason": finish_reason,
                "sample_index": sample_index, "generation": self.settings}
@@ -290,9 +300,61 @@ class CacheWriter:
         self.file.write(line + "\n")
         self.file.flush()
         self.finish_reasons[finish_reason] += 1
+        self.written += 1
 
     def close(self):
         self.file.close()
+
+
+def empty_replies_hint(empty):
+    """Why teacher replies came back empty and what to do, from their finish reasons."""
+    if empty["length"] == sum(empty.values()):
+        return ("they hit --max-new-tokens before any visible text (a reasoning model thinks "
+                "first); raise --max-new-tokens")
+    reasons = ", ".join(f"{n} {reason}" for reason, n in empty.most_common())
+    return (f"the teacher returned empty content (finish reasons: {reasons}); check that it is "
+            f"a chat model and, for a reasoning model, that the server returns the answer in "
+            f"`content`")
+
+
+class GenerationStopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM during generation."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopRequest:
+    """Catches SIGINT and SIGTERM during generation; `signum` is the signal once one came.
+
+    The handler runs between two bytecodes of the main thread, so it only sets an attribute (no
+    lock); threads and polling loops read it. With raise_at_once it also raises GenerationStopped
+    where the main thread is (a local teacher may be inside a long forward pass).
+    """
+
+    def __init__(self):
+        self.signum = None
+
+    @contextmanager
+    def catching(self, raise_at_once):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def handler(signum, frame):
+            self.signum = signum
+            if raise_at_once:
+                raise GenerationStopped(signum)
+
+        previous = {number: signal.signal(number, handler)
+                    for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, old_handler in previous.items():
+                if old_handler is not None:  # None: set outside Python, cannot be restored
+                    signal.signal(number, old_handler)
 
 
 # --- generation: local teacher --------------------------------------------------------------------
@@ -330,18 +392,21 @@ def generate_local(model_args, data_args, seq_args, jobs, writer, device):
     chunk = seq_args.generation_batch_size
     progress = tqdm(total=len(encoded), desc="teacher generating", unit="prompt")
     new_tokens = 0
-    for start in range(0, len(encoded), chunk):
-        batch = encoded[start:start + chunk]
-        completions = generate(teacher, tokenizer, [job[3] for job in batch],
-                               seq_args.max_new_tokens, stop_ids, seq_args.temperature,
-                               seq_args.top_p, batch_size=chunk, progress=False)
-        for (key, prompt, sample_index, _), completion in zip(batch, completions):
-            text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
-            writer.write(key, prompt, sample_index, text, completion.finish_reason)
-            new_tokens += completion.num_generated
-        progress.update(len(batch))
-        progress.set_postfix(tok_per_s=f"{new_tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
-    progress.close()
+    try:
+        for start in range(0, len(encoded), chunk):
+            batch = encoded[start:start + chunk]
+            completions = generate(teacher, tokenizer, [job[3] for job in batch],
+                                   seq_args.max_new_tokens, stop_ids, seq_args.temperature,
+                                   seq_args.top_p, batch_size=chunk, progress=False)
+            for (key, prompt, sample_index, _), completion in zip(batch, completions):
+                text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+                writer.write(key, prompt, sample_index, text, completion.finish_reason)
+                new_tokens += completion.num_generated
+            progress.update(len(batch))
+            elapsed = max(progress.format_dict["elapsed"], 1e-9)
+            progress.set_postfix(tok_per_s=f"{new_tokens / elapsed:.0f}")
+    finally:
+        progress.close()  # a message that follows starts on a line of its own
 
 
 # --- generation: OpenAI-compatible API ------------------------------------------------------------
@@ -396,6 +461,11 @@ def _api_error(exc, seq_args):
     if isinstance(exc, openai.NotFoundError):
         return UserError(f"the API at {where} answered 404: check --teacher-api-base (it usually "
                          f"ends in /v1) and --teacher-api-model")
+    if isinstance(exc, openai.APITimeoutError):
+        return UserError(f"the API at {where} gave no answer within --api-timeout "
+                         f"{seq_args.api_timeout:g} s ({seq_args.api_max_retries} retries); raise "
+                         f"--api-timeout (long completions take a while), or lower "
+                         f"--api-concurrency if the server is overloaded")
     if isinstance(exc, openai.APIConnectionError):
         return UserError(f"cannot reach the API at {api_base} after "
                          f"{seq_args.api_max_retries} retries; check the URL and that the server "
@@ -407,8 +477,11 @@ def _api_error(exc, seq_args):
     return UserError(f"the API at {where} failed: {type(exc).__name__}: {detail}")
 
 
-def generate_api(seq_args, jobs, writer):
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+def generate_api(seq_args, jobs, writer, stop):
+    """Ask the API for every job, `api_concurrency` requests at a time; each answer is written
+    as soon as it comes. Stops (GenerationStopped) soon after `stop.signum` is set, without
+    waiting for the requests in flight."""
+    import queue
 
     import openai
     from tqdm.auto import tqdm
@@ -420,57 +493,101 @@ def generate_api(seq_args, jobs, writer):
     client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", default_query=query,
                            max_retries=seq_args.api_max_retries, timeout=seq_args.api_timeout)
 
-    def ask(job):
-        _, prompt, sample_index = job
+    def ask(prompt):
         response = client.chat.completions.create(
             model=seq_args.teacher_api_model, messages=prompt,
             max_tokens=seq_args.max_new_tokens, temperature=seq_args.temperature,
             top_p=seq_args.top_p)
+        if not response.choices:
+            return "", "no choices"
         choice = response.choices[0]
-        return choice.message.content or "", choice.finish_reason or "stop"
+        return (choice.message.content or "").strip(), choice.finish_reason or "stop"
 
+    answers = queue.SimpleQueue()  # (job, (text, finish_reason) or None, exception or None)
+    unasked, take_lock, halt = iter(jobs), threading.Lock(), threading.Event()
+
+    def work():
+        while stop.signum is None and not halt.is_set():
+            with take_lock:
+                job = next(unasked, None)
+            if job is None:
+                return
+            try:
+                answers.put((job, ask(job[1]), None))
+            except BaseException as exc:  # reported by the main thread, which waits for an
+                answers.put((job, None, exc))  # answer to every job it handed out
+
+    def next_answer():
+        while True:
+            if stop.signum is not None:  # write what has come in, then stop
+                try:
+                    return answers.get_nowait()
+                except queue.Empty:
+                    raise GenerationStopped(stop.signum) from None
+            try:
+                return answers.get(timeout=0.1)  # short: a stop request is seen at once
+            except queue.Empty:
+                pass
+
+    # Daemon threads: a request in flight when the run ends must not hold the process until it
+    # times out. Its prompt is not in the cache, so a rerun asks for it again.
+    for _ in range(min(seq_args.api_concurrency, len(jobs))):
+        threading.Thread(target=work, daemon=True).start()
     progress = tqdm(total=len(jobs), desc="teacher API", unit="prompt")
-    with ThreadPoolExecutor(max_workers=seq_args.api_concurrency) as pool:
-        pending = {pool.submit(ask, job): job for job in jobs}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    job = pending.pop(future)
-                    error = future.exception()
-                    if error is not None:
-                        raise _api_error(error, seq_args) from None
-                    text, finish_reason = future.result()
-                    writer.write(job[0], job[1], job[2], text.strip(), finish_reason)
-                    progress.update(1)
-        finally:
-            for future in pending:
-                future.cancel()
-            progress.close()
+    try:
+        for _ in range(len(jobs)):
+            job, answer, error = next_answer()
+            if error is not None:
+                if stop.signum is not None:
+                    continue  # stopping anyway: keep the answers that did come
+                raise _api_error(error, seq_args) from None
+            writer.write(job[0], job[1], job[2], *answer)
+            progress.update(1)
+    finally:
+        halt.set()
+        progress.close()
 
 
 def run_generation(model_args, data_args, seq_args, cache_path, device):
+    """Fill the cache; returns the Counter of empty replies (not cached) by finish reason."""
     jobs = load_prompts(data_args, seq_args.num_completions_per_prompt)
     done = read_cache(cache_path)
     todo = [job for job in jobs if job[0] not in done]
     print(f"{len(jobs)} prompts x samples: {len(jobs) - len(todo)} already in {cache_path}, "
           f"{len(todo)} to generate")
     if not todo:
-        return
+        return Counter()
     teacher_name = seq_args.teacher_api_model or model_args.teacher
     settings = {"max_new_tokens": seq_args.max_new_tokens, "temperature": seq_args.temperature,
                 "top_p": seq_args.top_p}
     writer = CacheWriter(cache_path, teacher_name, settings)
+    stop = StopRequest()
     try:
-        if seq_args.teacher_api_base:
-            generate_api(seq_args, todo, writer)
-        else:
-            generate_local(model_args, data_args, seq_args, todo, writer, device)
+        # The API loop polls `stop` and writes the answers already in before it stops.
+        with stop.catching(raise_at_once=not seq_args.teacher_api_base):
+            if seq_args.teacher_api_base:
+                generate_api(seq_args, todo, writer, stop)
+            else:
+                generate_local(model_args, data_args, seq_args, todo, writer, device)
+            if stop.signum is not None:  # it came as the last answer was written
+                raise GenerationStopped(stop.signum)
+    except GenerationStopped as stopped:
+        writer.close()
+        kept = len(jobs) - len(todo) + writer.written
+        print(f"stopped by {signal.Signals(stopped.signum).name}: {kept} of {len(jobs)} "
+              f"completions are saved in {cache_path}; rerun the same command to generate the "
+              f"other {len(jobs) - kept} (saved ones are not asked for again)", file=sys.stderr)
+        sys.exit(128 + stopped.signum)
     finally:
         writer.close()
+    if writer.empty:
+        print(f"warning: {sum(writer.empty.values())} of {len(todo)} teacher replies were empty "
+              f"and are not cached (a rerun asks for them again): "
+              f"{empty_replies_hint(writer.empty)}")
     if writer.finish_reasons["length"]:
         print(f"note: {writer.finish_reasons['length']} of {len(todo)} completions hit "
               f"--max-new-tokens (--drop-truncated leaves them out of training)")
+    return writer.empty
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -491,17 +608,34 @@ def completion_rows(cache_path, drop_truncated, log=print):
     return rows, truncated
 
 
-def encode_rows(rows, encoder, log=print):
-    """Encode cache rows for SFT; a few unusable ones are skipped and counted."""
+def encode_rows(rows, encoder, cache_path, truncated=0, empty=None, log=print):
+    """Encode cache rows for SFT; a few unusable ones are skipped and counted. With none left,
+    the error names the causes it knows of, each with its own fix."""
     from common.data import describe_skips
 
     examples, skipped = encoder.encode_all([row["messages"] for row in rows])
     if skipped:
         log(f"warning: {describe_skips(skipped, len(rows))}")
-    if not examples:
-        raise UserError("no usable completion to train on; raise --max-new-tokens or "
-                        "--max-length, or leave out --drop-truncated")
-    return examples
+    if examples:
+        return examples
+    causes = []
+    if empty:
+        causes.append(f"{sum(empty.values())} teacher replies were empty and are not cached (a "
+                      f"rerun asks for them again): {empty_replies_hint(empty)}")
+    if truncated:
+        causes.append(f"--drop-truncated left out {truncated} completions cut by "
+                      f"--max-new-tokens: raise --max-new-tokens or leave out --drop-truncated")
+    if skipped["too long for --max-length"]:
+        causes.append(f"{skipped['too long for --max-length']} completions are too long for "
+                      f"--max-length {encoder.max_length}: raise --max-length")
+    other = Counter({reason: n for reason, n in skipped.items()
+                     if reason != "too long for --max-length"})
+    if other:
+        causes.append(describe_skips(other, len(rows)))
+    if not causes:
+        causes.append("it holds no finished completion; pass a teacher (--teacher or "
+                      "--teacher-api-base) to generate them")
+    raise UserError(f"no completion to train on in {cache_path}: {'; '.join(causes)}")
 
 
 def main(argv=None):
@@ -539,10 +673,12 @@ def main(argv=None):
 
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
+    empty_replies = Counter()  # known on the main process only; it sees the teacher
     if data_args.dataset and (model_args.teacher or seq_args.teacher_api_base):
         if accelerator.is_main_process:  # one process asks the teacher; the others wait
             with unsharded_loading(accelerator):  # ZeRO-3 init would wait for the others
-                run_generation(model_args, data_args, seq_args, cache_path, accelerator.device)
+                empty_replies = run_generation(model_args, data_args, seq_args, cache_path,
+                                               accelerator.device)
         accelerator.wait_for_everyone()
     elif not cache_path.is_file():
         raise UserError(f"no teacher given (--teacher or --teacher-api-base) and no completions "
@@ -557,7 +693,8 @@ def main(argv=None):
                           f"--max-new-tokens")
     # Only the last turn is the teacher's; earlier assistant turns came with the dataset.
     encoder = ChatEncoder(student_tokenizer, data_args.max_length, supervise="last")
-    examples = encode_rows(rows, encoder, accelerator.print)
+    examples = encode_rows(rows, encoder, cache_path, truncated, empty_replies,
+                           accelerator.print)
     eval_examples = None
     if train_args.eval_dataset:  # held-out conversations with their own (reference) replies
         with accelerator.main_process_first():
