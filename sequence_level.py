@@ -275,9 +275,10 @@ class CacheWriter:
                     needs_newline = existing.read(1) != b"\n"
             self.file = open(self.path, "a", encoding="utf-8")
         except OSError as exc:
-            raise UserError(f"cannot write the completions cache {self.path} "
-                            f"({exc.strerror or exc}); pass a writable --completions path or "
-                            f"--output-dir") from None
+            blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+            why = f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc
+            raise UserError(f"cannot write the completions cache {self.path} ({why}); pass a "
+                            f"writable --completions path or --output-dir") from None
         if needs_newline:
             self.file.write("\n")
         self.teacher_name = teacher_name

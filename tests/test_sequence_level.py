@@ -465,3 +465,34 @@ def test_bad_completions_file_in_a_training_run_is_a_one_line_error(tiny, tmp_pa
     assert result.stderr.strip() == f"error: {completions}: line 2 is not valid JSON " \
                                     f"(Expecting property name enclosed in double quotes); fix " \
                                     f"or delete that line"
+
+
+def test_a_reply_with_a_lone_surrogate_is_written_as_valid_utf8(tmp_path):
+    from sequence_level import CacheWriter
+
+    path = tmp_path / "cache.jsonl"
+    writer = CacheWriter(path, "teacher", {})
+    writer.write("k", [{"role": "user", "content": "q"}], 0, "half a pair: \ud800", "stop")
+    writer.close()
+    row = json.loads(path.read_bytes().decode("utf-8"))
+    assert row["messages"][-1]["content"] == "half a pair: \ud800"
+
+
+def test_an_unwritable_completions_path_is_a_one_line_error(tmp_path):
+    from common.errors import UserError
+    from sequence_level import CacheWriter
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt is a file, not a folder"):
+        CacheWriter(tmp_path / "notes.txt" / "cache.jsonl", "teacher", {})
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_as_completions_cache_is_a_one_line_error(tiny, tmp_path):
+    result = run_script("sequence_level.py", "--teacher-api-base", "http://127.0.0.1:9/v1",
+                        "--teacher-api-model", "teacher-x", "--dataset", tiny / "train.jsonl",
+                        "--completions", tmp_path, "--output-dir", tmp_path / "out",
+                        "--generate-only", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: the completions cache {tmp_path} is not a file; " \
+                                    f"pass a JSON Lines file to --completions"
