@@ -5,7 +5,9 @@ DeepSeek-R1-Distill models were made). Works with any teacher, including one beh
 Two phases, each usable alone:
   1. generate: every prompt (the conversation up to its last assistant turn) gets a teacher
      completion, appended at once to OUTPUT_DIR/teacher_completions.jsonl (or --completions FILE).
-     A rerun skips prompts already there, so a killed run never asks the teacher twice.
+     A rerun skips prompts already there, so a killed run never asks the teacher twice; Ctrl-C
+     or SIGTERM stops at once and keeps every finished row. An empty reply is not kept: a rerun
+     asks for it again.
   2. train: supervised fine-tuning of the student on those completions (the shared loop).
 
 Examples:
@@ -72,7 +74,9 @@ class SequenceLevelArguments:
         "help": "Prompts per batch for a local teacher."})
     completions: Optional[str] = field(default=None, metadata={
         "help": "Completions cache (JSON Lines) to fill and/or train from "
-                "(default: OUTPUT_DIR/teacher_completions.jsonl)."})
+                "(default: OUTPUT_DIR/teacher_completions.jsonl). Rows are read as --dataset "
+                "rows are (`messages`, or `prompt`/`response` columns); the last turn is the "
+                "teacher's reply."})
     generate_only: bool = field(default=False, metadata={
         "help": "Stop after the generation phase."})
     drop_truncated: bool = field(default=False, metadata={

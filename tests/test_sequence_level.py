@@ -230,6 +230,23 @@ def test_stop_signal_keeps_finished_rows_and_says_how_to_resume(tiny, tmp_path, 
     assert data.endswith(b"\n") and len(cache_rows(cache)) == 4 < len(prompts)
 
 
+def test_sigterm_during_local_generation_keeps_finished_rows(tiny, tmp_path):
+    out = tmp_path / "out"
+    cache = out / "teacher_completions.jsonl"
+    prompts = unique_prompts(tiny)
+    process = start_script("sequence_level.py", "--teacher", tiny / "teacher", "--dataset",
+                           tiny / "train.jsonl", "--output-dir", out, "--generate-only",
+                           "--generation-batch-size", "1", "--max-new-tokens", "64")
+    wait_until(lambda: rows_on_disk(cache) >= 1, process, "a row was written")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)  # a hang guard only
+    kept = len(cache_rows(cache))
+    assert process.returncode == 143 and 1 <= kept < len(prompts)
+    assert cache.read_bytes().endswith(b"\n")
+    assert stderr.strip().splitlines()[-1].startswith(
+        f"stopped by SIGTERM: {kept} of {len(prompts)} completions are saved in {cache}")
+
+
 @pytest.mark.parametrize("content, finish_reason, hint", [
     (None, "stop", "empty content"), ("", "length", "raise --max-new-tokens")])
 def test_empty_api_answers_are_not_cached(tiny, tmp_path, content, finish_reason, hint):
