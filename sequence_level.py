@@ -5,7 +5,9 @@ DeepSeek-R1-Distill models were made). Works with any teacher, including one beh
 Two phases, each usable alone:
   1. generate: every prompt (the conversation up to its last assistant turn) gets a teacher
      completion, appended at once to OUTPUT_DIR/teacher_completions.jsonl (or --completions FILE).
-     A rerun skips prompts already there, so a killed run never asks the teacher twice.
+     A rerun skips prompts already there, so a killed run never asks the teacher twice; Ctrl-C
+     or SIGTERM stops at once and keeps every finished row. An empty reply is not kept: a rerun
+     asks for it again.
   2. train: supervised fine-tuning of the student on those completions (the shared loop).
 
 Examples:
@@ -33,8 +35,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -69,7 +74,9 @@ class SequenceLevelArguments:
         "help": "Prompts per batch for a local teacher."})
     completions: Optional[str] = field(default=None, metadata={
         "help": "Completions cache (JSON Lines) to fill and/or train from "
-                "(default: OUTPUT_DIR/teacher_completions.jsonl)."})
+                "(default: OUTPUT_DIR/teacher_completions.jsonl). Rows are read as --dataset "
+                "rows are (`messages`, or `prompt`/`response` columns); the last turn is the "
+                "teacher's reply."})
     generate_only: bool = field(default=False, metadata={
         "help": "Stop after the generation phase."})
     drop_truncated: bool = field(default=False, metadata={
@@ -152,49 +159,207 @@ def load_prompts(data_args, num_samples, log=print):
     return jobs
 
 
+def parse_completions_file(path):
+    """([(line number, row as read)], whether the last line was cut short by a kill).
+
+    Lines are split on newlines only (a completion may hold U+2028 or U+0085, which str.splitlines
+    would split on); a UTF-8 BOM and blank lines are ignored. A last line without its newline that
+    is not whole JSON (or UTF-8) is what a kill mid-write leaves: it is left out and reported. Any
+    other line that is not JSON or not UTF-8 is a UserError naming it.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read the completions file {path} "
+                        f"({exc.strerror or exc})") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.split(b"\n")
+    unterminated = lines.pop()  # b"" when the file ends with a newline
+    rows = []
+    for line_number, line in enumerate(lines + [unterminated], start=1):
+        is_cut_candidate = line_number == len(lines) + 1
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if is_cut_candidate:
+                return rows, True
+            raise UserError(f"{path}: line {line_number} is not valid UTF-8 (byte "
+                            f"{exc.start + 1}); save the file as UTF-8, or delete that "
+                            f"line") from None
+        if not text.strip():
+            continue
+        try:
+            rows.append((line_number, json.loads(text)))
+        except json.JSONDecodeError as exc:
+            if is_cut_candidate:
+                return rows, True
+            raise UserError(f"{path}: line {line_number} is not valid JSON ({exc.msg}); fix or "
+                            f"delete that line") from None
+    return rows, False
+
+
+def completion_of(row):
+    """(cache id, messages, finish_reason) of one completions row, or (None, reason, None).
+
+    A row is read as the dataset loader reads a row (`messages`, or `prompt`/`response`
+    columns); it is a finished completion when its last turn is a non-empty assistant reply to a
+    user (or tool) turn. Rows without an `id` (written by hand or by another tool) get the id the
+    prompt would get here, so generation does not ask for them again.
+    """
+    from common.data import row_to_messages
+
+    messages, reason = row_to_messages(row)
+    if messages is None:
+        return None, reason, None
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        return None, "no non-empty teacher reply", None
+    prompt = prompt_of(messages)
+    if prompt is None:
+        return None, "no user turn before the reply", None
+    key = row.get("id")
+    if not isinstance(key, str):
+        sample_index = row.get("sample_index", 0)
+        key = completion_id(prompt, sample_index if isinstance(sample_index, int) else 0)
+    return key, messages, row.get("finish_reason")
+
+
+def load_completions(path, log=print, skipped_note=""):
+    """[(id, messages, finish_reason)] of the finished completions in the file at `path`.
+
+    Unusable rows are skipped and counted in one warning; returns (completions, cut) where `cut`
+    says the last line was cut short by a kill (left out, and reported).
+    """
+    from common.data import describe_skips
+
+    rows, cut = parse_completions_file(path)
+    completions, skipped = [], Counter()
+    for _, row in rows:
+        key, messages_or_reason, finish_reason = completion_of(row)
+        if key is None:
+            skipped[messages_or_reason] += 1
+        else:
+            completions.append((key, messages_or_reason, finish_reason))
+    if skipped:
+        log(f"warning: {path}: {describe_skips(skipped, len(rows))}{skipped_note}")
+    return completions, cut
+
+
 def read_cache(path, log=print):
-    """ids already in the cache. A last line cut short by a kill is removed from the file."""
+    """ids of the finished completions in the cache. A last line cut short by a kill is removed
+    from the file, so that the next row starts on a line of its own."""
     path = Path(path)
     if not path.is_file():
         return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
+    completions, cut = load_completions(path, log, skipped_note="; their prompts are asked again")
+    if cut:
+        data = path.read_bytes()
         with open(path, "r+b") as f:
-            f.truncate(cut)
-        log(f"warning: {path}: removed an incomplete last line (a run was killed mid-write)")
-        data = data[:cut]
-    ids = set()
-    for line_number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        try:
-            ids.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path}: line {line_number} is not a completion row; fix or delete "
-                            f"that line (the other rows are kept)") from None
-    return ids
+            f.truncate(data.rfind(b"\n") + 1)
+        log(f"warning: {path}: removed its last line, cut short (a run was killed while writing "
+            f"it); that prompt is asked again")
+    return {key for key, _, _ in completions}
 
 
 class CacheWriter:
-    """Appends one finished completion per line, flushed at once (a kill loses nothing written)."""
+    """Appends one finished completion per line, flushed at once (a kill loses nothing written).
+
+    An empty reply is not written (a rerun asks for it again) but counted by finish reason.
+    """
 
     def __init__(self, path, teacher_name, settings):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # A hand-made file may end without a newline; the next row must start a line of its own.
+            needs_newline = False
+            if self.path.is_file() and self.path.stat().st_size > 0:
+                with open(self.path, "rb") as existing:
+                    existing.seek(-1, os.SEEK_END)
+                    needs_newline = existing.read(1) != b"\n"
+            self.file = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+            why = f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc
+            raise UserError(f"cannot write the completions cache {self.path} ({why}); pass a "
+                            f"writable --completions path or --output-dir") from None
+        if needs_newline:
+            self.file.write("\n")
         self.teacher_name = teacher_name
         self.settings = settings
-        self.finish_reasons = Counter()
+        self.finish_reasons, self.empty = Counter(), Counter()
+        self.written = 0
 
     def write(self, key, prompt, sample_index, text, finish_reason):
+        if not text.strip():
+            self.empty[finish_reason] += 1
+            return
         row = {"id": key, "messages": prompt + [{"role": "assistant", "content": text}],
                "teacher": self.teacher_name, "finish_reason": finish_reason,
                "sample_index": sample_index, "generation": self.settings}
-        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        try:
+            line = json.dumps(row, ensure_ascii=False)
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: \u escapes keep the file valid UTF-8
+            line = json.dumps(row)
+        self.file.write(line + "\n")
         self.file.flush()
         self.finish_reasons[finish_reason] += 1
+        self.written += 1
 
     def close(self):
         self.file.close()
+
+
+def empty_replies_hint(empty):
+    """Why teacher replies came back empty and what to do, from their finish reasons."""
+    if empty["length"] == sum(empty.values()):
+        return ("they hit --max-new-tokens before any visible text (a reasoning model thinks "
+                "first); raise --max-new-tokens")
+    reasons = ", ".join(f"{n} {reason}" for reason, n in empty.most_common())
+    return (f"the teacher returned empty content (finish reasons: {reasons}); check that it is "
+            f"a chat model and, for a reasoning model, that the server returns the answer in "
+            f"`content`")
+
+
+class GenerationStopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM during generation."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopRequest:
+    """Catches SIGINT and SIGTERM during generation; `signum` is the signal once one came.
+
+    The handler runs between two bytecodes of the main thread, so it only sets an attribute (no
+    lock); threads and polling loops read it. With raise_at_once it also raises GenerationStopped
+    where the main thread is (a local teacher may be inside a long forward pass).
+    """
+
+    def __init__(self):
+        self.signum = None
+
+    @contextmanager
+    def catching(self, raise_at_once):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def handler(signum, frame):
+            self.signum = signum
+            if raise_at_once:
+                raise GenerationStopped(signum)
+
+        previous = {number: signal.signal(number, handler)
+                    for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, old_handler in previous.items():
+                if old_handler is not None:  # None: set outside Python, cannot be restored
+                    signal.signal(number, old_handler)
 
 
 # --- generation: local teacher --------------------------------------------------------------------
@@ -232,18 +397,21 @@ def generate_local(model_args, data_args, seq_args, jobs, writer, device):
     chunk = seq_args.generation_batch_size
     progress = tqdm(total=len(encoded), desc="teacher generating", unit="prompt")
     new_tokens = 0
-    for start in range(0, len(encoded), chunk):
-        batch = encoded[start:start + chunk]
-        completions = generate(teacher, tokenizer, [job[3] for job in batch],
-                               seq_args.max_new_tokens, stop_ids, seq_args.temperature,
-                               seq_args.top_p, batch_size=chunk, progress=False)
-        for (key, prompt, sample_index, _), completion in zip(batch, completions):
-            text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
-            writer.write(key, prompt, sample_index, text, completion.finish_reason)
-            new_tokens += completion.num_generated
-        progress.update(len(batch))
-        progress.set_postfix(tok_per_s=f"{new_tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
-    progress.close()
+    try:
+        for start in range(0, len(encoded), chunk):
+            batch = encoded[start:start + chunk]
+            completions = generate(teacher, tokenizer, [job[3] for job in batch],
+                                   seq_args.max_new_tokens, stop_ids, seq_args.temperature,
+                                   seq_args.top_p, batch_size=chunk, progress=False)
+            for (key, prompt, sample_index, _), completion in zip(batch, completions):
+                text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+                writer.write(key, prompt, sample_index, text, completion.finish_reason)
+                new_tokens += completion.num_generated
+            progress.update(len(batch))
+            elapsed = max(progress.format_dict["elapsed"], 1e-9)
+            progress.set_postfix(tok_per_s=f"{new_tokens / elapsed:.0f}")
+    finally:
+        progress.close()  # a message that follows starts on a line of its own
 
 
 # --- generation: OpenAI-compatible API ------------------------------------------------------------
@@ -298,6 +466,11 @@ def _api_error(exc, seq_args):
     if isinstance(exc, openai.NotFoundError):
         return UserError(f"the API at {where} answered 404: check --teacher-api-base (it usually "
                          f"ends in /v1) and --teacher-api-model")
+    if isinstance(exc, openai.APITimeoutError):
+        return UserError(f"the API at {where} gave no answer within --api-timeout "
+                         f"{seq_args.api_timeout:g} s ({seq_args.api_max_retries} retries); raise "
+                         f"--api-timeout (long completions take a while), or lower "
+                         f"--api-concurrency if the server is overloaded")
     if isinstance(exc, openai.APIConnectionError):
         return UserError(f"cannot reach the API at {api_base} after "
                          f"{seq_args.api_max_retries} retries; check the URL and that the server "
@@ -309,8 +482,11 @@ def _api_error(exc, seq_args):
     return UserError(f"the API at {where} failed: {type(exc).__name__}: {detail}")
 
 
-def generate_api(seq_args, jobs, writer):
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+def generate_api(seq_args, jobs, writer, stop):
+    """Ask the API for every job, `api_concurrency` requests at a time; each answer is written
+    as soon as it comes. Stops (GenerationStopped) soon after `stop.signum` is set, without
+    waiting for the requests in flight."""
+    import queue
 
     import openai
     from tqdm.auto import tqdm
@@ -322,84 +498,149 @@ def generate_api(seq_args, jobs, writer):
     client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", default_query=query,
                            max_retries=seq_args.api_max_retries, timeout=seq_args.api_timeout)
 
-    def ask(job):
-        _, prompt, sample_index = job
+    def ask(prompt):
         response = client.chat.completions.create(
             model=seq_args.teacher_api_model, messages=prompt,
             max_tokens=seq_args.max_new_tokens, temperature=seq_args.temperature,
             top_p=seq_args.top_p)
+        if not response.choices:
+            return "", "no choices"
         choice = response.choices[0]
-        return choice.message.content or "", choice.finish_reason or "stop"
+        return (choice.message.content or "").strip(), choice.finish_reason or "stop"
 
+    answers = queue.SimpleQueue()  # (job, (text, finish_reason) or None, exception or None)
+    unasked, take_lock, halt = iter(jobs), threading.Lock(), threading.Event()
+
+    def work():
+        while stop.signum is None and not halt.is_set():
+            with take_lock:
+                job = next(unasked, None)
+            if job is None:
+                return
+            try:
+                answers.put((job, ask(job[1]), None))
+            except BaseException as exc:  # reported by the main thread, which waits for an
+                answers.put((job, None, exc))  # answer to every job it handed out
+
+    def next_answer():
+        while True:
+            if stop.signum is not None:  # write what has come in, then stop
+                try:
+                    return answers.get_nowait()
+                except queue.Empty:
+                    raise GenerationStopped(stop.signum) from None
+            try:
+                return answers.get(timeout=0.1)  # short: a stop request is seen at once
+            except queue.Empty:
+                pass
+
+    # Daemon threads: a request in flight when the run ends must not hold the process until it
+    # times out. Its prompt is not in the cache, so a rerun asks for it again.
+    for _ in range(min(seq_args.api_concurrency, len(jobs))):
+        threading.Thread(target=work, daemon=True).start()
     progress = tqdm(total=len(jobs), desc="teacher API", unit="prompt")
-    with ThreadPoolExecutor(max_workers=seq_args.api_concurrency) as pool:
-        pending = {pool.submit(ask, job): job for job in jobs}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    job = pending.pop(future)
-                    error = future.exception()
-                    if error is not None:
-                        raise _api_error(error, seq_args) from None
-                    text, finish_reason = future.result()
-                    writer.write(job[0], job[1], job[2], text.strip(), finish_reason)
-                    progress.update(1)
-        finally:
-            for future in pending:
-                future.cancel()
-            progress.close()
+    try:
+        for _ in range(len(jobs)):
+            job, answer, error = next_answer()
+            if error is not None:
+                if stop.signum is not None:
+                    continue  # stopping anyway: keep the answers that did come
+                raise _api_error(error, seq_args) from None
+            writer.write(job[0], job[1], job[2], *answer)
+            progress.update(1)
+    finally:
+        halt.set()
+        progress.close()
 
 
 def run_generation(model_args, data_args, seq_args, cache_path, device):
+    """Fill the cache; returns the Counter of empty replies (not cached) by finish reason."""
     jobs = load_prompts(data_args, seq_args.num_completions_per_prompt)
     done = read_cache(cache_path)
     todo = [job for job in jobs if job[0] not in done]
     print(f"{len(jobs)} prompts x samples: {len(jobs) - len(todo)} already in {cache_path}, "
           f"{len(todo)} to generate")
     if not todo:
-        return
+        return Counter()
     teacher_name = seq_args.teacher_api_model or model_args.teacher
     settings = {"max_new_tokens": seq_args.max_new_tokens, "temperature": seq_args.temperature,
                 "top_p": seq_args.top_p}
     writer = CacheWriter(cache_path, teacher_name, settings)
+    stop = StopRequest()
     try:
-        if seq_args.teacher_api_base:
-            generate_api(seq_args, todo, writer)
-        else:
-            generate_local(model_args, data_args, seq_args, todo, writer, device)
+        # The API loop polls `stop` and writes the answers already in before it stops.
+        with stop.catching(raise_at_once=not seq_args.teacher_api_base):
+            if seq_args.teacher_api_base:
+                generate_api(seq_args, todo, writer, stop)
+            else:
+                generate_local(model_args, data_args, seq_args, todo, writer, device)
+            if stop.signum is not None:  # it came as the last answer was written
+                raise GenerationStopped(stop.signum)
+    except GenerationStopped as stopped:
+        writer.close()
+        kept = len(jobs) - len(todo) + writer.written
+        print(f"stopped by {signal.Signals(stopped.signum).name}: {kept} of {len(jobs)} "
+              f"completions are saved in {cache_path}; rerun the same command to generate the "
+              f"other {len(jobs) - kept} (saved ones are not asked for again)", file=sys.stderr)
+        sys.exit(128 + stopped.signum)
     finally:
         writer.close()
+    if writer.empty:
+        print(f"warning: {sum(writer.empty.values())} of {len(todo)} teacher replies were empty "
+              f"and are not cached (a rerun asks for them again): "
+              f"{empty_replies_hint(writer.empty)}")
     if writer.finish_reasons["length"]:
         print(f"note: {writer.finish_reasons['length']} of {len(todo)} completions hit "
               f"--max-new-tokens (--drop-truncated leaves them out of training)")
+    return writer.empty
 
 
 # --- training ------------------------------------------------------------------------------------
 
-def completion_rows(cache_path, drop_truncated):
-    """Rows of the cache to train on, and how many truncated ones were left out."""
+def completion_rows(cache_path, drop_truncated, log=print):
+    """Finished completions of the cache to train on ({"id", "messages", "finish_reason"}), and
+    how many truncated ones --drop-truncated left out."""
+    completions, cut = load_completions(cache_path, log)
+    if cut:
+        log(f"warning: {cache_path}: its last line was cut short (a run was killed while writing "
+            f"it) and is left out")
     rows, truncated = [], 0
-    for line in Path(cache_path).read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if row.get("finish_reason") == "length" and drop_truncated:
+    for key, messages, finish_reason in completions:
+        if finish_reason == "length" and drop_truncated:
             truncated += 1
             continue
-        rows.append(row)
+        rows.append({"id": key, "messages": messages, "finish_reason": finish_reason})
     return rows, truncated
 
 
-def encode_rows(rows, encoder, log=print):
-    """Encode cache rows for SFT; a few unusable ones are skipped and counted."""
+def encode_rows(rows, encoder, cache_path, truncated=0, empty=None, log=print):
+    """Encode cache rows for SFT; a few unusable ones are skipped and counted. With none left,
+    the error names the causes it knows of, each with its own fix."""
     from common.data import describe_skips
 
     examples, skipped = encoder.encode_all([row["messages"] for row in rows])
     if skipped:
         log(f"warning: {describe_skips(skipped, len(rows))}")
-    if not examples:
-        raise UserError("no usable completion to train on; raise --max-new-tokens or "
-                        "--max-length, or leave out --drop-truncated")
-    return examples
+    if examples:
+        return examples
+    causes = []
+    if empty:
+        causes.append(f"{sum(empty.values())} teacher replies were empty and are not cached (a "
+                      f"rerun asks for them again): {empty_replies_hint(empty)}")
+    if truncated:
+        causes.append(f"--drop-truncated left out {truncated} completions cut by "
+                      f"--max-new-tokens: raise --max-new-tokens or leave out --drop-truncated")
+    if skipped["too long for --max-length"]:
+        causes.append(f"{skipped['too long for --max-length']} completions are too long for "
+                      f"--max-length {encoder.max_length}: raise --max-length")
+    other = Counter({reason: n for reason, n in skipped.items()
+                     if reason != "too long for --max-length"})
+    if other:
+        causes.append(describe_skips(other, len(rows)))
+    if not causes:
+        causes.append("it holds no finished completion; pass a teacher (--teacher or "
+                      "--teacher-api-base) to generate them")
+    raise UserError(f"no completion to train on in {cache_path}: {'; '.join(causes)}")
 
 
 def main(argv=None):
@@ -425,6 +666,9 @@ def main(argv=None):
         raise UserError("pass either --teacher (a local model) or --teacher-api-base, not both")
     output_dir = Path(train_args.output_dir)
     cache_path = Path(seq_args.completions) if seq_args.completions else output_dir / COMPLETIONS_FILE
+    if cache_path.exists() and not cache_path.is_file():
+        raise UserError(f"the completions cache {cache_path} is not a file; pass a JSON Lines "
+                        f"file to --completions")
     if not seq_args.generate_only:
         check_output_dir(output_dir, train_args.resume, train_args.overwrite)
     student_tokenizer = None
@@ -434,10 +678,12 @@ def main(argv=None):
 
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
+    empty_replies = Counter()  # known on the main process only; it sees the teacher
     if data_args.dataset and (model_args.teacher or seq_args.teacher_api_base):
         if accelerator.is_main_process:  # one process asks the teacher; the others wait
             with unsharded_loading(accelerator):  # ZeRO-3 init would wait for the others
-                run_generation(model_args, data_args, seq_args, cache_path, accelerator.device)
+                empty_replies = run_generation(model_args, data_args, seq_args, cache_path,
+                                               accelerator.device)
         accelerator.wait_for_everyone()
     elif not cache_path.is_file():
         raise UserError(f"no teacher given (--teacher or --teacher-api-base) and no completions "
@@ -446,13 +692,14 @@ def main(argv=None):
         accelerator.print(f"completions in {cache_path}")
         return
 
-    rows, truncated = completion_rows(cache_path, seq_args.drop_truncated)
+    rows, truncated = completion_rows(cache_path, seq_args.drop_truncated, accelerator.print)
     if truncated:
         accelerator.print(f"--drop-truncated: left out {truncated} completions cut by "
                           f"--max-new-tokens")
     # Only the last turn is the teacher's; earlier assistant turns came with the dataset.
     encoder = ChatEncoder(student_tokenizer, data_args.max_length, supervise="last")
-    examples = encode_rows(rows, encoder, accelerator.print)
+    examples = encode_rows(rows, encoder, cache_path, truncated, empty_replies,
+                           accelerator.print)
     eval_examples = None
     if train_args.eval_dataset:  # held-out conversations with their own (reference) replies
         with accelerator.main_process_first():
