@@ -85,9 +85,9 @@ class CrossTokenizerArguments:
         if self.top_k < 0:
             raise UserError(f"--top-k must be >= 0 (0 = whole vocabularies), got {self.top_k}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise UserError(f"--temperature must be a finite number > 0, got {self.temperature}")
+            raise UserError(f"--temperature must be > 0 and finite, got {self.temperature}")
         if not all(math.isfinite(w) and w >= 0 for w in (self.alpha, self.distill_weight)):
-            raise UserError(f"--alpha and --distill-weight must be finite numbers >= 0, got "
+            raise UserError(f"--alpha and --distill-weight must be >= 0 and finite, got "
                             f"{self.alpha} and {self.distill_weight}")
         if self.alpha == 0 and self.distill_weight == 0:
             raise UserError("--alpha and --distill-weight are both 0: nothing to train on; "

@@ -90,7 +90,7 @@ class SequenceLevelArguments:
             (self.api_max_retries >= 0, f"--api-max-retries must be >= 0, got {self.api_max_retries}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
             (math.isfinite(self.temperature) and self.temperature >= 0,
-             f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}"),
+             f"--temperature must be >= 0 and finite (0 = greedy), got {self.temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.num_completions_per_prompt >= 1, "--num-completions-per-prompt must be >= 1"),
             (self.num_completions_per_prompt == 1 or self.temperature > 0,

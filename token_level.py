@@ -70,7 +70,7 @@ class TokenLevelArguments:
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise UserError(f"--temperature must be a finite number > 0, got {self.temperature}")
+            raise UserError(f"--temperature must be > 0 and finite, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.teacher_cache and self.kl != "forward":

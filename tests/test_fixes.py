@@ -107,7 +107,8 @@ def test_temperatures_must_be_finite_and_positive(value):
         if options_class is SequenceLevelArguments and temperature == 0:
             options_class(**{name: temperature})
             continue
-        with pytest.raises(UserError, match=f"--{name.replace('_', '-')} must be a finite"):
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(UserError, match=f"{flag} must be >=? ?0 and finite"):
             options_class(**{name: temperature})
     for bad in ({"alpha": float("inf")}, {"distill_weight": float("nan")}):
         with pytest.raises(UserError, match="finite"):
