@@ -100,8 +100,11 @@ def read_meta(cache_dir):
 
 def check_identity(cache_dir, meta, identity, teacher_given=True):
     """Refuse a cache made from something else, naming what differs. Without a teacher (a run
-    from the cache alone) the teacher's name and weights cannot be compared and are not."""
+    from the cache alone) the teacher's name and weights cannot be compared and are not; nor are
+    weights that have no local files to fingerprint (a Hub teacher not downloaded here)."""
     keys = [k for k in identity if k not in ("teacher", "teacher_weights") or teacher_given]
+    if identity.get("teacher_weights") is None:
+        keys = [k for k in keys if k != "teacher_weights"]
     differing = [k for k in keys if meta["identity"].get(k) != identity[k]]
     if differing:
         details = ", ".join(f"{k}: cache {meta['identity'].get(k)!r} vs run {identity[k]!r}"
@@ -351,6 +354,8 @@ def prepare(cache_dir, examples, tokenizer, teacher_name, data_args, top_k, temp
                             f"and --max-steps 1), then launch the multi-process run")
         if accelerator.is_main_process:
             teacher = load_teacher()
+            # A Hub teacher's weight files may only now be downloaded: fingerprint what was loaded.
+            identity = {**identity, "teacher_weights": weights_fingerprint(teacher_name)}
             build_cache(cache_dir, teacher, examples, identity, len(tokenizer), batch_size,
                         tokenizer.pad_token_id, accelerator.device, accelerator.autocast,
                         log=accelerator.print, chat_template=tokenizer.chat_template)

@@ -295,3 +295,34 @@ def test_build_starts_over_when_a_finished_shard_was_damaged(built, tmp_path, mo
     build(Counting(limit=100))
     assert sum(calls) == 20  # every example again, not only the second shard's 10
     teacher_cache.TeacherCache(tmp_path)
+
+
+def test_weights_first_downloaded_while_building_are_fingerprinted(tiny, built, tmp_path):
+    """A Hub teacher's weights arrive when it is loaded, after the identity is first computed:
+    the cache must record the weights it was built from, or the next run (weights now on disk)
+    would be refused for a difference that is not there."""
+    from accelerate import Accelerator
+
+    from common.models import weights_fingerprint
+
+    tokenizer, examples, teacher, _, _ = built
+    teacher_dir = tmp_path / "hub_snapshot"
+    teacher_dir.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / "teacher" / name, teacher_dir)
+    assert weights_fingerprint(teacher_dir) is None  # no weight file yet
+
+    def load_teacher():  # what from_pretrained does for a Hub id: download, then load
+        shutil.copy(tiny / "teacher" / "model.safetensors", teacher_dir)
+        return teacher
+
+    data_args = DataArguments(dataset="data", max_length=512)
+    arguments = (examples[:6], tokenizer, str(teacher_dir), data_args, 4, 1.0,
+                 Accelerator(cpu=True))
+    teacher_cache.prepare(tmp_path / "cache", *arguments, load_teacher, 3)
+    meta = teacher_cache.read_meta(tmp_path / "cache")
+    assert meta["identity"]["teacher_weights"] == weights_fingerprint(teacher_dir) is not None
+    teacher_cache.prepare(tmp_path / "cache", *arguments, None, 3)  # reused, not refused
+    # and a teacher that cannot be fingerprinted here is not compared by its weights
+    unknown = {**meta["identity"], "teacher_weights": None}
+    teacher_cache.check_identity(tmp_path / "cache", meta, unknown)
