@@ -40,6 +40,7 @@ Examples:
         --dataset runs/tiny/train.jsonl --output-dir runs/tiny/uld --top-k 16 --max-steps 12
 """
 
+import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -83,11 +84,11 @@ class CrossTokenizerArguments:
     def __post_init__(self):
         if self.top_k < 0:
             raise UserError(f"--top-k must be >= 0 (0 = whole vocabularies), got {self.top_k}")
-        if not self.temperature > 0:
-            raise UserError(f"--temperature must be > 0, got {self.temperature}")
-        if self.alpha < 0 or self.distill_weight < 0:
-            raise UserError(f"--alpha and --distill-weight must be >= 0, got {self.alpha} and "
-                            f"{self.distill_weight}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UserError(f"--temperature must be > 0 and finite, got {self.temperature}")
+        if not all(math.isfinite(w) and w >= 0 for w in (self.alpha, self.distill_weight)):
+            raise UserError(f"--alpha and --distill-weight must be >= 0 and finite, got "
+                            f"{self.alpha} and {self.distill_weight}")
         if self.alpha == 0 and self.distill_weight == 0:
             raise UserError("--alpha and --distill-weight are both 0: nothing to train on; "
                             "raise one of them")

@@ -137,7 +137,8 @@ def load_samples(data_args, answers_field):
     if not samples:
         raise UserError(f"no row of {data_args.dataset} has an assistant reply to score against "
                         f"({describe_skips(skipped, sum(skipped.values())) or 'no rows'}); "
-                        f"check --messages-field / --prompt-field / --response-field")
+                        f"rows need a user turn followed by a non-empty assistant reply (name "
+                        f"the columns with --messages-field / --prompt-field / --response-field)")
     return samples, describe_skips(skipped, len(samples) + sum(skipped.values()))
 
 

@@ -29,6 +29,7 @@ Examples:
 """
 
 import dataclasses
+import math
 import random
 import sys
 from dataclasses import dataclass, field
@@ -84,8 +85,10 @@ class OnPolicyArguments:
     def __post_init__(self):
         checks = [
             (0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}"),
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
-            (self.loss_temperature > 0, f"--loss-temperature must be > 0, got {self.loss_temperature}"),
+            (math.isfinite(self.temperature) and self.temperature > 0,
+             f"--temperature must be > 0 and finite, got {self.temperature}"),
+            (math.isfinite(self.loss_temperature) and self.loss_temperature > 0,
+             f"--loss-temperature must be > 0 and finite, got {self.loss_temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
             (self.kl != "jsd" or 0 < self.beta < 1,

@@ -34,6 +34,7 @@ Examples:
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -95,7 +96,8 @@ class SequenceLevelArguments:
             (self.api_timeout > 0, f"--api-timeout must be > 0, got {self.api_timeout}"),
             (self.api_max_retries >= 0, f"--api-max-retries must be >= 0, got {self.api_max_retries}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}"),
+            (math.isfinite(self.temperature) and self.temperature >= 0,
+             f"--temperature must be >= 0 and finite (0 = greedy), got {self.temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.num_completions_per_prompt >= 1, "--num-completions-per-prompt must be >= 1"),
             (self.num_completions_per_prompt == 1 or self.temperature > 0,

@@ -24,6 +24,7 @@ Examples:
         --dataset runs/tiny/train.jsonl --output-dir runs/tiny/kd --max-steps 12 --kl reverse
 """
 
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -68,8 +69,8 @@ class TokenLevelArguments:
                 "vocabulary); -1 = no chunking: full logits at every position."})
 
     def __post_init__(self):
-        if not self.temperature > 0:
-            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UserError(f"--temperature must be > 0 and finite, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.teacher_cache and self.kl != "forward":

@@ -4,6 +4,8 @@ Every field's help string shows in `--help`; `__post_init__` rejects bad values 
 user can act on. Each script adds one dataclass of its own method's options.
 """
 
+import difflib
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -32,6 +34,24 @@ class ModelArguments:
     def __post_init__(self):
         if self.student_dtype is None:
             self.student_dtype = self.dtype
+        if self.student_dtype == "float16" and not has_accelerator():
+            # AdamW's eps (1e-8) is 0 in float16, so a weight with no gradient yet divides 0 by 0:
+            # the student turns NaN within a few steps, and CPUs have no fast float16 either.
+            raise UserError("--dtype float16 / --student-dtype float16 trains the student in "
+                            "float16, which turns NaN on a machine without a GPU; use --dtype "
+                            "float32 (or bfloat16) here")
+
+
+def has_accelerator():
+    """Whether training can run on something other than the CPU (and is not told not to)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return False
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or bool(mps and mps.is_available())
+            or bool(xpu and xpu.is_available()))
 
 
 @dataclass
@@ -157,6 +177,19 @@ def eval_data_args(data_args, train_args):
                                dataset_split=train_args.eval_dataset_split, max_samples=-1)
 
 
+def unknown_argument_message(argument, parser):
+    """'unknown flag --learnig-rate; did you mean --learning-rate?' for a word argparse left."""
+    if not argument.startswith("-") or argument.lstrip("-") == "":
+        return f"unexpected argument {argument!r}: every value follows its flag (see --help)"
+    flag = argument.split("=", 1)[0]
+    # HfArgumentParser registers --flag-name and --flag_name; suggest the dashed spelling.
+    options = sorted({option.replace("_", "-") for action in parser._actions
+                      for option in action.option_strings if option.startswith("--")})
+    close = difflib.get_close_matches(flag.replace("_", "-"), options, n=1, cutoff=0.6)
+    suggestion = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown flag {flag}{suggestion} (see --help)"
+
+
 def parse_args(dataclass_types, argv=None, description=None):
     """Parse the command line into one instance per dataclass (bad values raise UserError)."""
     parser = HfArgumentParser(dataclass_types, description=description)
@@ -165,5 +198,9 @@ def parse_args(dataclass_types, argv=None, description=None):
         raise UserError(f"{message} (see --help)")
 
     parser.error = one_line_error
-    return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv,
-                                              look_for_args_file=False)
+    args = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    # Unknown words first: a typo explains a value check that would otherwise fail first.
+    _, unknown = parser.parse_known_args(args)
+    if unknown:
+        raise UserError(unknown_argument_message(unknown[0], parser))
+    return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)

@@ -21,6 +21,7 @@ writes after an assistant reply, up to and including its first special token (`<
 """
 
 import os
+import sys
 from collections import Counter
 from typing import NamedTuple
 
@@ -99,6 +100,25 @@ def end_of_turn_text(tokenizer):
     return suffix[:position + len(token)]
 
 
+_CONTEXT_WARNINGS = set()
+
+
+def warn_beyond_context(tokenizer, max_length):
+    """Warn once per run when --max-length exceeds the model's context: longer conversations
+    would crash models with absolute positions and go beyond what rotary ones were trained on."""
+    from common.models import context_length
+
+    name = getattr(tokenizer, "name_or_path", "") or "the model"
+    if (name, max_length) in _CONTEXT_WARNINGS:
+        return
+    _CONTEXT_WARNINGS.add((name, max_length))
+    context, source = context_length(name, tokenizer)
+    if context and max_length > context and os.environ.get("RANK", "0") == "0":
+        print(f"warning: --max-length {max_length} is beyond the {context}-token context of "
+              f"{name} ({source}); longer conversations may fail or train poorly: lower "
+              f"--max-length to {context}", file=sys.stderr)
+
+
 class ReplySpan(NamedTuple):
     """Character offsets of one assistant reply in the rendered text (see assistant_spans)."""
     start: int
@@ -131,6 +151,7 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.supervise = supervise
+        warn_beyond_context(tokenizer, max_length)
         self.end_of_turn = end_of_turn_text(tokenizer)
         end_ids = tokenizer(self.end_of_turn, add_special_tokens=False)["input_ids"]
         # The id generation should stop at (e.g. <|eot_id|>, which is not Llama 3's EOS).
@@ -259,7 +280,7 @@ def encode_dataset(data_args, encoder, log=print):
     if not examples:
         hint = (f"raise --max-length (now {data_args.max_length})"
                 if "too long for --max-length" in skipped else
-                "check that rows hold non-empty assistant replies")
+                "check that rows hold a user turn followed by a non-empty assistant reply")
         raise UserError(f"no usable example in {data_args.dataset} "
                         f"({describe_skips(skipped, total) or 'empty'}); {hint}")
     return examples

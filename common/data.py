@@ -1,9 +1,11 @@
 """Loading datasets from a local file or the Hub and normalizing every row to a `messages` list.
 
-A row becomes `[{"role": ..., "content": ...}, ...]`. Rows that cannot be used (no assistant turn,
-empty assistant reply, non-string content, unknown role) are skipped and counted, so one bad row in
-a million does not stop a run; a dataset with no usable row, or without the needed columns, is a
-UserError.
+A row becomes `[{"role": ..., "content": ...}, ...]`; content may be a string or an OpenAI-style
+list of text parts (`[{"type": "text", "text": ...}]`, joined with newlines). Rows that cannot be
+used (no assistant turn, empty assistant reply, no user turn before any reply, content that is not
+text, a lone UTF-16 surrogate, unknown role) are skipped and counted, so one bad row in a million
+does not stop a run; a dataset with no usable row, or without the needed columns, is a UserError.
+Files are read as UTF-8, with or without a byte-order mark.
 """
 
 import json
@@ -17,8 +19,19 @@ ROLES = {"system", "user", "assistant", "developer", "tool"}
 LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv"}
 
 
+def _decode(path):
+    """The file's text; a UserError naming the first line that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # spreadsheet and Windows exports start with a BOM
+    except UnicodeDecodeError as exc:
+        line_number = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line_number} is not valid UTF-8 (byte {exc.start}); save "
+                        f"the file as UTF-8 or delete that line") from None
+
+
 def _read_json_file(path):
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path)
     if path.suffix == ".jsonl":
         rows = []
         for line_number, line in enumerate(text.splitlines(), start=1):
@@ -116,6 +129,24 @@ def _load_hub_dataset(name, split, config):
     return table.to_list()
 
 
+def _text(content):
+    """(text, None) for a string or a list of OpenAI-style text parts, else (None, reason)."""
+    if isinstance(content, list) and all(
+            isinstance(part, dict) and part.get("type", "text") == "text"
+            and isinstance(part.get("text"), str) for part in content):
+        # Newlines between parts, as vLLM's OpenAI server joins them for text-only models.
+        content = "\n".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        return None, "non-string content"
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON can spell a lone surrogate ("\ud800"); no tokenizer can encode it, and replacing
+        # it would train on text the row's author never wrote.
+        return None, "lone UTF-16 surrogate in the text"
+    return content, None
+
+
 def _normalize_messages(raw):
     """A list of {role, content} dicts, or the reason the row is unusable."""
     if not isinstance(raw, list) or not raw:
@@ -124,11 +155,12 @@ def _normalize_messages(raw):
     for message in raw:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             return None, "message without role/content"
-        role, content = message["role"], message["content"]
+        role = message["role"]
         if not isinstance(role, str) or role not in ROLES:  # a list or dict role is unhashable
             return None, "unknown role"
-        if not isinstance(content, str):
-            return None, "non-string content"
+        content, reason = _text(message["content"])
+        if content is None:
+            return None, reason
         messages.append({"role": role, "content": content})
     return messages, None
 
@@ -146,18 +178,34 @@ def row_to_messages(row, messages_field="messages", prompt_field="prompt",
         if messages is None:
             return None, reason
     elif isinstance(prompt, str):
+        prompt, reason = _text(prompt)
+        if prompt is None:
+            return None, reason
         messages = [{"role": "user", "content": prompt}]
     else:
         return None, "no prompt"
     if response is None:
         return messages, None  # a prompt-only row (usable for generation, not for training)
-    if not isinstance(response, str):
-        return None, "non-string content"
+    response, reason = _text(response)
+    if response is None:
+        return None, reason
     return messages + [{"role": "assistant", "content": response}], None
 
 
 def has_assistant_reply(messages):
     return any(m["role"] == "assistant" and m["content"].strip() for m in messages)
+
+
+def has_reply_after_user(messages):
+    """Whether some non-empty assistant reply follows a user turn: a conversation whose replies
+    all come before any question (roles out of order) teaches answers to nothing."""
+    seen_user = False
+    for message in messages:
+        if message["role"] == "user":
+            seen_user = True
+        elif seen_user and message["role"] == "assistant" and message["content"].strip():
+            return True
+    return False
 
 
 def load_conversations(data_args, require_reply=True):
@@ -211,6 +259,8 @@ def load_conversation_rows(data_args, require_reply=True):
             skipped[reason] += 1
         elif require_reply and not has_assistant_reply(messages):
             skipped["no non-empty assistant reply"] += 1
+        elif require_reply and not has_reply_after_user(messages):
+            skipped["no user turn before any assistant reply"] += 1
         else:
             pairs.append((messages, row))
     return pairs, skipped

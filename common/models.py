@@ -1,5 +1,6 @@
 """Loading teacher, student and tokenizers; freezing the teacher; vocabulary compatibility checks."""
 
+import hashlib
 from pathlib import Path
 
 from common.errors import UserError
@@ -115,6 +116,76 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name, stu
         raise UserError(f"teacher and student tokenizers use different end-of-sequence tokens "
                         f"({teacher_tokenizer.eos_token!r} vs {student_tokenizer.eos_token!r}); "
                         f"{hint}")
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# A retrained model differs in nearly every weight, so a few spread-out blocks of each file tell
+# two versions apart without reading tens of gigabytes on every run.
+_SAMPLE_BLOCKS, _BLOCK_BYTES = 16, 64 * 1024
+
+
+def model_directory(name):
+    """The local directory holding `name`'s files: the path itself, or the Hugging Face cache's
+    snapshot of a Hub id (found offline; None when it is not downloaded)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name), local_files_only=True))
+    except Exception:  # not a Hub id, or not in the cache: nothing to fingerprint
+        return None
+
+
+def weights_fingerprint(name):
+    """A short hash that changes when the model's weights change under the same name: every
+    weight file's name and size plus sampled blocks of its bytes (the first block holds the
+    safetensors header). File times are left out so that a copied model keeps its fingerprint.
+    None when the model has no local files."""
+    directory = model_directory(name)
+    if directory is None:
+        return None
+    files = sorted(p for p in directory.iterdir() if p.is_file() and
+                   (p.name.endswith(WEIGHT_SUFFIXES) or p.name == "config.json"))
+    if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in files):
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            step = max((size - _BLOCK_BYTES) // (_SAMPLE_BLOCKS - 1), 1)
+            for offset in sorted({min(i * step, max(size - _BLOCK_BYTES, 0))
+                                  for i in range(_SAMPLE_BLOCKS)}):
+                f.seek(offset)
+                digest.update(f.read(_BLOCK_BYTES))
+    return digest.hexdigest()[:16]
+
+
+# transformers sets tokenizer.model_max_length to 1e30 when the tokenizer does not know it.
+_SANE_CONTEXT = 10 ** 8
+
+
+def context_length(name, tokenizer=None):
+    """(tokens, where the number comes from) for the model `name`: its config's
+    max_position_embeddings, else a sane tokenizer.model_max_length; (None, None) if neither."""
+    directory = model_directory(name) if name else None
+    if directory is not None and (directory / "config.json").is_file():
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(directory)
+            config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            positions = getattr(config, "max_position_embeddings", None)
+            if isinstance(positions, int) and 0 < positions < _SANE_CONTEXT:
+                return positions, "max_position_embeddings in its config"
+        except Exception:  # a config transformers cannot read: fall back to the tokenizer
+            pass
+    model_max_length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max_length, int) and 0 < model_max_length < _SANE_CONTEXT:
+        return model_max_length, "model_max_length in its tokenizer config"
+    return None, None
 
 
 def count_parameters(model):

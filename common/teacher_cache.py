@@ -2,8 +2,9 @@
 computed once and read lazily while training, so later runs never load the teacher.
 
 Layout of a cache directory:
-    meta.json                  what the cache was made from (teacher, tokenizer, data, K, T, ...);
-                               "complete": true once every example is written
+    meta.json                  what the cache was made from (teacher and a fingerprint of its
+                               weights, tokenizer, data, K, T, ...); "complete": true once every
+                               example is written; a sha256 checksum of every file below
     index.npy                  int64 (num_examples, 3): shard, first row, number of rows per example
     shard_00000.ids.npy        int32   (rows, K)  teacher top-K token ids
     shard_00000.logprobs.npy   float16 (rows, K)  their log-probabilities at temperature T
@@ -15,6 +16,9 @@ memory-mapped, never loaded whole. At K = 32 a position costs 32·4 + 32·2 + 4 
 
 Building is resumable: each finished shard is renamed into place and listed in `progress.json`;
 a rerun continues after the last listed shard.
+
+Opening a cache checks every file against its checksum (one sequential read, about 1 GB/s), so a
+damaged or edited cache is refused before training starts rather than teaching garbage.
 """
 
 import hashlib
@@ -28,8 +32,11 @@ import torch
 from common.checkpoint import write_json_atomic
 from common.errors import UserError
 from common.losses import log_probs, shift_for_next_token
+from common.models import weights_fingerprint
 
-FORMAT_VERSION = 1
+# 2: shard checksums and the teacher's weights fingerprint. Older caches are refused (see
+# read_meta): nothing could tell whether they match the teacher or were damaged since.
+FORMAT_VERSION = 2
 EXAMPLES_PER_SHARD = 2048
 
 
@@ -54,6 +61,7 @@ def examples_fingerprint(examples):
 def cache_identity(teacher_name, tokenizer, examples, dataset, max_length, top_k, temperature):
     """What a cache must agree on to be reused (shown side by side when it does not)."""
     return {"format": FORMAT_VERSION, "teacher": str(teacher_name),
+            "teacher_weights": weights_fingerprint(teacher_name) if teacher_name else None,
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "chat_template": fingerprint(tokenizer.chat_template or "")[:16],
             "dataset": str(dataset), "examples": examples_fingerprint(examples),
@@ -61,25 +69,71 @@ def cache_identity(teacher_name, tokenizer, examples, dataset, max_length, top_k
             "temperature": temperature}
 
 
+def _rebuild_hint(cache_dir):
+    return f"delete {cache_dir} and rerun with --teacher to rebuild it"
+
+
 def read_meta(cache_dir):
-    path = Path(cache_dir) / "meta.json"
+    """The cache's meta.json (None when there is none yet); a UserError when it cannot be a cache
+    this version can check: a file instead of a directory, no identity, an older format."""
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UserError(f"--teacher-cache {cache_dir} is a file, not a directory; pass a directory "
+                        f"(it is created when the cache is built)")
+    path = cache_dir / "meta.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON; delete the cache directory to rebuild it") from None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; {_rebuild_hint(cache_dir)}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("identity"), dict):
+        raise UserError(f"{path} does not say what the cache was made from (no identity); "
+                        f"{_rebuild_hint(cache_dir)}")
+    cache_format = meta["identity"].get("format")
+    if cache_format != FORMAT_VERSION:
+        raise UserError(f"--teacher-cache {cache_dir} has format {cache_format!r}, this version "
+                        f"reads format {FORMAT_VERSION} (which checks shard checksums and the "
+                        f"teacher's weights); {_rebuild_hint(cache_dir)}")
+    return meta
 
 
 def check_identity(cache_dir, meta, identity, teacher_given=True):
-    """Refuse a cache made from something else, naming what differs."""
-    keys = [k for k in identity if k != "teacher" or teacher_given]
+    """Refuse a cache made from something else, naming what differs. Without a teacher (a run
+    from the cache alone) the teacher's name and weights cannot be compared and are not; nor are
+    weights that have no local files to fingerprint (a Hub teacher not downloaded here)."""
+    keys = [k for k in identity if k not in ("teacher", "teacher_weights") or teacher_given]
+    if identity.get("teacher_weights") is None:
+        keys = [k for k in keys if k != "teacher_weights"]
     differing = [k for k in keys if meta["identity"].get(k) != identity[k]]
     if differing:
         details = ", ".join(f"{k}: cache {meta['identity'].get(k)!r} vs run {identity[k]!r}"
                             for k in differing)
         raise UserError(f"--teacher-cache {cache_dir} was made from different inputs ({details}); "
                         f"use another cache directory or delete this one to rebuild it")
+
+
+def file_checksum(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_files(cache_dir, meta):
+    """Every file the cache lists is there and holds what was written (a UserError if not)."""
+    cache_dir = Path(cache_dir)
+    checksums = meta.get("checksums")
+    if not isinstance(checksums, dict) or "index.npy" not in checksums:
+        raise UserError(f"--teacher-cache {cache_dir}: meta.json lists no file checksums; "
+                        f"{_rebuild_hint(cache_dir)}")
+    for name, expected in checksums.items():
+        path = cache_dir / name
+        if Path(name).name != name or not path.is_file():
+            raise UserError(f"--teacher-cache {cache_dir} is damaged: {name} is missing; "
+                            f"{_rebuild_hint(cache_dir)}")
+        if file_checksum(path) != expected:
+            raise UserError(f"--teacher-cache {cache_dir} is damaged: {name} does not match the "
+                            f"checksum written when the cache was built; "
+                            f"{_rebuild_hint(cache_dir)}")
 
 
 def _supervised_rows(teacher_logits, labels, vocab_size, top_k, temperature):
@@ -95,10 +149,29 @@ def _supervised_rows(teacher_logits, labels, vocab_size, top_k, temperature):
 
 
 def _save_array(path, array):
+    """Write atomically; returns the file's checksum."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, array)
+    checksum = file_checksum(tmp)
     os.replace(tmp, path)
+    return checksum
+
+
+def _read_progress(progress_path, identity):
+    """The partial build to continue, or None to start afresh: no progress file, another
+    identity, or shards that no longer hold what was written."""
+    try:
+        progress = json.loads(progress_path.read_text(encoding="utf-8"))
+        if progress.get("identity") != identity:
+            return None
+        for shard in progress["shards"]:
+            for name, checksum in shard["checksums"].items():
+                if file_checksum(progress_path.parent / name) != checksum:
+                    return None
+        return progress
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 @torch.no_grad()
@@ -112,8 +185,8 @@ def build_cache(cache_dir, teacher, examples, identity, vocab_size, batch_size, 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     progress_path = cache_dir / "progress.json"
-    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else None
-    if progress is None or progress.get("identity") != identity:
+    progress = _read_progress(progress_path, identity)
+    if progress is None:
         progress = {"identity": identity, "shards": []}  # fresh (or a stale partial build)
     done_examples = sum(shard["num_examples"] for shard in progress["shards"])
     if done_examples:
@@ -138,10 +211,12 @@ def build_cache(cache_dir, teacher, examples, identity, vocab_size, batch_size, 
             counts.extend((batch["labels"][:, 1:] != -100).sum(dim=1).tolist())
             bar.update(len(batch["input_ids"]))
         number = len(progress["shards"])
-        _save_array(cache_dir / f"shard_{number:05d}.ids.npy", np.concatenate(ids))
-        _save_array(cache_dir / f"shard_{number:05d}.logprobs.npy", np.concatenate(logprobs))
-        _save_array(cache_dir / f"shard_{number:05d}.tail.npy", np.concatenate(tails))
-        progress["shards"].append({"num_examples": len(shard_examples), "counts": counts})
+        checksums = {}
+        for part, arrays in (("ids", ids), ("logprobs", logprobs), ("tail", tails)):
+            name = f"shard_{number:05d}.{part}.npy"
+            checksums[name] = _save_array(cache_dir / name, np.concatenate(arrays))
+        progress["shards"].append({"num_examples": len(shard_examples), "counts": counts,
+                                   "checksums": checksums})
         write_json_atomic(progress_path, progress)
     bar.close()
     # The index: example i's rows live in shard s from row r, n rows.
@@ -151,12 +226,14 @@ def build_cache(cache_dir, teacher, examples, identity, vocab_size, batch_size, 
         for count in shard["counts"]:
             index.append((number, row, count))
             row += count
-    _save_array(cache_dir / "index.npy", np.asarray(index, dtype=np.int64))
+    checksums = {name: checksum for shard in progress["shards"]
+                 for name, checksum in shard["checksums"].items()}
+    checksums["index.npy"] = _save_array(cache_dir / "index.npy", np.asarray(index, dtype=np.int64))
     rows = sum(count for _, _, count in index)
     total_bytes = sum(p.stat().st_size for p in cache_dir.glob("shard_*.npy"))
     # The template travels with the cache: a later run without the teacher renders the same text.
     meta = {"identity": identity, "complete": True, "num_rows": rows,
-            "chat_template_text": chat_template,
+            "chat_template_text": chat_template, "checksums": checksums,
             "bytes": total_bytes, "bytes_per_supervised_token": round(total_bytes / max(rows, 1), 1)}
     write_json_atomic(cache_dir / "meta.json", meta)
     progress_path.unlink()
@@ -166,11 +243,20 @@ def build_cache(cache_dir, teacher, examples, identity, vocab_size, batch_size, 
 
 
 class TeacherCache:
-    """Lazy, memory-mapped reader: rows of one example by its index."""
+    """Lazy, memory-mapped reader: rows of one example by its index. Opening it checks every file
+    of the cache against the checksums in meta.json (a UserError names a damaged one)."""
 
     def __init__(self, cache_dir):
         self.cache_dir = Path(cache_dir)
+        meta = read_meta(self.cache_dir)
+        if meta is None or not meta.get("complete"):
+            raise UserError(f"--teacher-cache {cache_dir} holds no complete cache; rerun with "
+                            f"--teacher to build it")
+        verify_files(self.cache_dir, meta)
         self.index = np.load(self.cache_dir / "index.npy")
+        if self.index.ndim != 2 or self.index.shape != (meta["identity"].get("num_examples"), 3):
+            raise UserError(f"--teacher-cache {cache_dir} is damaged: index.npy does not list "
+                            f"one entry per example; {_rebuild_hint(cache_dir)}")
         self._shards = {}
 
     def _shard(self, number):
@@ -268,6 +354,8 @@ def prepare(cache_dir, examples, tokenizer, teacher_name, data_args, top_k, temp
                             f"and --max-steps 1), then launch the multi-process run")
         if accelerator.is_main_process:
             teacher = load_teacher()
+            # A Hub teacher's weight files may only now be downloaded: fingerprint what was loaded.
+            identity = {**identity, "teacher_weights": weights_fingerprint(teacher_name)}
             build_cache(cache_dir, teacher, examples, identity, len(tokenizer), batch_size,
                         tokenizer.pad_token_id, accelerator.device, accelerator.autocast,
                         log=accelerator.print, chat_template=tokenizer.chat_template)

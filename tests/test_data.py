@@ -110,3 +110,79 @@ def test_invalid_argument_values():
         DataArguments(dataset="x", max_samples=0)
     with pytest.raises(UserError, match="--max-length"):
         DataArguments(dataset="x", max_length=1)
+
+
+def test_jsonl_and_json_with_a_utf8_byte_order_mark(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n", encoding="utf-8-sig")
+    (tmp_path / "d.json").write_text(json.dumps([{"messages": CHAT}]), encoding="utf-8-sig")
+    assert load_conversations(args(tmp_path / "d.jsonl"))[0] == [CHAT]
+    assert load_conversations(args(tmp_path / "d.json"))[0] == [CHAT]
+
+
+def test_openai_content_parts_are_joined_and_other_parts_skipped(tmp_path):
+    def parts(*texts):
+        return [{"type": "text", "text": text} for text in texts]
+
+    rows = [{"messages": [{"role": "user", "content": parts("Look:", "hi")},
+                          {"role": "assistant", "content": parts("hello")}]},
+            {"prompt": parts("hi"), "response": "hello"},  # a list prompt is a message list
+            {"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                        "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": ["bare", "strings"]},
+                          {"role": "assistant", "content": "hello"}]}]
+    conversations, skipped = load_conversations(args(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert conversations == [[{"role": "user", "content": "Look:\nhi"}, CHAT[1]]]
+    assert skipped == {"message without role/content": 1, "non-string content": 2}
+
+
+def test_lone_surrogates_skip_the_row_and_are_counted(tmp_path):
+    """JSON can spell half a UTF-16 pair ("\\ud800"); no tokenizer can encode it (training and
+    eval.py died with a TypeError deep in `tokenizers`)."""
+    lines = [json.dumps({"messages": CHAT}),
+             '{"messages": [{"role": "user", "content": "hi \\ud800"}, '
+             '{"role": "assistant", "content": "hello"}]}',
+             '{"prompt": "hi", "response": "a \\udfff b"}',
+             '{"prompt": "\\ud83d", "response": "hello"}',
+             '{"prompt": "ok \\ud83d\\ude00", "response": "a proper pair is fine"}']
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    conversations, skipped = load_conversations(args(path))
+    assert conversations == [CHAT, [{"role": "user", "content": "ok \U0001F600"},
+                                    {"role": "assistant", "content": "a proper pair is fine"}]]
+    assert skipped == {"lone UTF-16 surrogate in the text": 3}
+
+
+def test_conversations_with_no_user_turn_before_a_reply_are_skipped(tmp_path):
+    greeting_first = [{"role": "assistant", "content": "How can I help?"}, *CHAT]
+    rows = [{"messages": CHAT}, {"messages": greeting_first},
+            {"messages": [CHAT[1], CHAT[0]]},  # reply first, question after
+            {"messages": [{"role": "system", "content": "be brief"}, CHAT[1]]}]
+    conversations, skipped = load_conversations(args(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert conversations == [CHAT, greeting_first]
+    assert skipped == {"no user turn before any assistant reply": 2}
+    # generation prompts carry no reply yet: the order rule is for rows that must have one
+    assert load_conversations(args(tmp_path / "d.jsonl"), require_reply=False)[0][2] == \
+        [CHAT[1], CHAT[0]]
+
+
+def test_a_dataset_of_only_out_of_order_rows_is_an_error(tmp_path, tiny):
+    from transformers import AutoTokenizer
+
+    from common.chat import ChatEncoder, encode_dataset
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [CHAT[1], CHAT[0]]}] * 3)
+    encoder = ChatEncoder(AutoTokenizer.from_pretrained(tiny / "student"), 64)
+    with pytest.raises(UserError) as error:
+        encode_dataset(args(path), encoder, log=lambda message: None)
+    message = str(error.value)
+    assert "3 no user turn before any assistant reply" in message and "\n" not in message
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps({"messages": CHAT}).encode() + b"\n"
+                     + b'{"prompt": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(UserError, match="line 2 is not valid UTF-8") as error:
+        load_raw_rows(str(path))
+    assert "\n" not in str(error.value)

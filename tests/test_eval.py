@@ -108,6 +108,29 @@ def test_load_samples_prompt_is_everything_before_the_last_assistant_turn(tmp_pa
     assert samples[1].reference == "Paris" and samples[1].answers is None
 
 
+def test_load_samples_skips_and_counts_rows_no_model_could_read(tmp_path):
+    """A lone surrogate crashed eval.py inside the tokenizer; replies before any question were
+    scored as if answered. Both are skipped and counted; BOM and content parts are read."""
+    good = {"messages": [{"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
+                         {"role": "assistant", "content": "4"}]}
+    path = tmp_path / "held_out.jsonl"
+    path.write_text(json.dumps(good) + "\n"
+                    + '{"prompt": "hi \\ud800", "response": "hello"}\n'
+                    + json.dumps({"messages": [{"role": "assistant", "content": "4"},
+                                               {"role": "user", "content": "2+2?"}]}) + "\n",
+                    encoding="utf-8-sig")
+    samples, skip_note = eval_script.load_samples(
+        eval_script.EvalDataArguments(dataset=str(path)), "answers")
+    assert [s.reference for s in samples] == ["4"]
+    assert samples[0].prompt_messages == [{"role": "user", "content": "2+2?"}]
+    assert skip_note == ("skipped 2 of 3 rows: 1 lone UTF-16 surrogate in the text, 1 no user "
+                         "turn before any assistant reply")
+    path.write_text('{"prompt": "hi \\ud800", "response": "hello"}\n')
+    with pytest.raises(UserError, match="1 lone UTF-16 surrogate") as error:
+        eval_script.load_samples(eval_script.EvalDataArguments(dataset=str(path)), "answers")
+    assert "\n" not in str(error.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward-pass metrics
 

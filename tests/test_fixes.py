@@ -67,3 +67,91 @@ def test_user_error_names_the_rank_that_raised_it(monkeypatch, capsys, rank, exp
         run_cli(interrupted)
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == ("" if rank == "3" else "interrupted\n")
+
+
+def test_misspelled_flag_names_the_closest_one():
+    from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+    from common.errors import UserError
+
+    groups = (ModelArguments, DataArguments, TrainingArguments)
+    cases = [(["--output-dir", "o", "--learnig-rate", "1e-3"],
+              "unknown flag --learnig-rate; did you mean --learning-rate? (see --help)"),
+             (["--output-dir", "o", "--max_stpes=3"],
+              "unknown flag --max_stpes; did you mean --max-steps? (see --help)"),
+             (["--output-dir", "o", "--zzzzzz"], "unknown flag --zzzzzz (see --help)"),
+             (["--output-dir", "o", "--max-steps", "3", "4"],
+              "unexpected argument '4': every value follows its flag (see --help)"),
+             # the typo is named even when another value is bad too
+             (["--max-steps", "0", "--learnig-rate", "1e-3"], "did you mean --learning-rate?")]
+    for argv, expected in cases:
+        with pytest.raises(UserError) as error:
+            parse_args(groups, argv)
+        assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "0", "-1"])
+def test_temperatures_must_be_finite_and_positive(value):
+    """--temperature inf gave NaN losses for a whole run (and a saved, untrained student)."""
+    from cross_tokenizer import CrossTokenizerArguments
+    from common.errors import UserError
+    from on_policy import OnPolicyArguments
+    from sequence_level import SequenceLevelArguments
+    from token_level import TokenLevelArguments
+
+    temperature = float(value)
+    options = [(TokenLevelArguments, "temperature"), (OnPolicyArguments, "temperature"),
+               (OnPolicyArguments, "loss_temperature"),
+               (CrossTokenizerArguments, "temperature"),
+               (SequenceLevelArguments, "temperature")]  # 0 = greedy there
+    for options_class, name in options:
+        if options_class is SequenceLevelArguments and temperature == 0:
+            options_class(**{name: temperature})
+            continue
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(UserError, match=f"{flag} must be >=? ?0 and finite"):
+            options_class(**{name: temperature})
+    for bad in ({"alpha": float("inf")}, {"distill_weight": float("nan")}):
+        with pytest.raises(UserError, match="finite"):
+            CrossTokenizerArguments(**bad)
+
+
+def test_float16_student_on_a_machine_without_a_gpu_is_refused(monkeypatch):
+    """A float16 student on CPU trained to NaN within two steps (AdamW's eps is 0 in float16)."""
+    import torch
+
+    from common.args import ModelArguments
+    from common.errors import UserError
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if hasattr(torch, "xpu"):
+        monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    for options in ({"dtype": "float16"}, {"student_dtype": "float16"}):
+        with pytest.raises(UserError, match="use --dtype float32"):
+            ModelArguments(**options)
+    ModelArguments(dtype="float16", student_dtype="float32")  # a float16 teacher only infers
+    ModelArguments(dtype="bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ModelArguments(dtype="float16")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # `accelerate launch --cpu` on a GPU box
+    with pytest.raises(UserError):
+        ModelArguments(dtype="float16")
+
+
+def test_max_length_beyond_the_model_context_warns_once(tiny, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
+    import common.chat as chat
+
+    monkeypatch.setattr(chat, "_CONTEXT_WARNINGS", set())
+    monkeypatch.delenv("RANK", raising=False)
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")  # max_position_embeddings 512
+    chat.ChatEncoder(tokenizer, 512)
+    assert capsys.readouterr().err == ""
+    for _ in range(2):  # training and held-out data each make an encoder: one warning
+        chat.ChatEncoder(tokenizer, 4096)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and err.count("\n") == 1
+    assert "--max-length 4096 is beyond the 512-token context" in err
+    assert "lower --max-length to 512" in err

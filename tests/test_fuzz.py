@@ -1,14 +1,24 @@
 """Property-based (hypothesis) tests of the data and masking layers on arbitrary input.
 
-Whatever a dataset holds, each row is normalized to messages, skipped with a counted reason, or
-the whole file is refused with a one-line UserError naming the file and row; no other exception
-escapes. Encoded conversations always have aligned, in-range labels, and the supervised tokens
-are the assistant's replies (plus their end of turn), never the template's own text.
+Whatever a dataset holds (any JSON, a byte-order mark, OpenAI content parts, lone UTF-16
+surrogates, roles in any order), each row is normalized to messages, skipped with a counted
+reason, or the whole file is refused with a one-line UserError naming the file and row; no other
+exception escapes. Encoded conversations always have aligned, in-range labels, and the supervised
+tokens are the assistant's replies (plus their end of turn), never the template's own text.
+
+The adversarial end of the file runs the scripts themselves, as a user would, on each bad input
+found in the field: exit status 2, one line on stderr, no traceback.
 """
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -17,6 +27,7 @@ from transformers import AutoTokenizer
 from common.chat import IGNORE_INDEX, ChatEncoder, SkipRow, encode_dataset
 from common.data import ROLES, load_conversation_rows, row_to_messages
 from common.errors import UserError
+from conftest import REPO, run_script
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -29,16 +40,26 @@ json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=
                            max_leaves=12)
 odd_roles = st.sampled_from(sorted(ROLES)) | st.sampled_from(
     ["", "User", "bot", "function", None, 3, ["user"], {"role": "user"}])
+# Half of a UTF-16 pair ("\ud800"), which JSON can spell and no tokenizer can encode.
+surrogate_texts = st.text(alphabet=st.characters(categories=["Cs", "Ll", "Zs"]), min_size=1,
+                          max_size=8)
+text_parts = st.lists(st.fixed_dictionaries({"type": st.just("text"),
+                                             "text": st.text(max_size=8) | surrogate_texts})
+                      | st.fixed_dictionaries({"type": st.just("image_url"),
+                                               "image_url": st.just({"url": "x.png"})}),
+                      max_size=3)
 odd_contents = (st.text(max_size=40) | st.just("") | st.just("   \n ") | st.none() | st.integers()
-                | st.lists(st.text(max_size=5), max_size=2)
+                | st.lists(st.text(max_size=5), max_size=2) | surrogate_texts | text_parts
                 | st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=5)}))
 odd_messages = st.lists(st.fixed_dictionaries({"role": odd_roles, "content": odd_contents})
                         | st.dictionaries(st.sampled_from(["role", "content", "name"]),
                                           json_values, max_size=3)
                         | json_scalars, max_size=6)
 odd_rows = (st.fixed_dictionaries({"messages": odd_messages | json_values})
-            | st.fixed_dictionaries({"prompt": json_values | odd_messages | st.text(max_size=20),
-                                     "response": json_values | st.text(max_size=20)})
+            | st.fixed_dictionaries({"prompt": json_values | odd_messages | st.text(max_size=20)
+                                     | surrogate_texts,
+                                     "response": json_values | st.text(max_size=20)
+                                     | surrogate_texts | text_parts})
             | st.dictionaries(st.sampled_from(["messages", "prompt", "response", "text"]),
                               json_values, max_size=3)
             | json_values)
@@ -73,6 +94,8 @@ def encoder(tokenizer):
 @example(row={"messages": [{"role": {"r": 1}, "content": "x"}, {"role": "assistant"}]})
 @example(row={"prompt": [{"role": "user", "content": 3}], "response": "x"})
 @example(row={"messages": None, "prompt": None, "response": "x"})
+@example(row={"prompt": "q\ud800", "response": "x"})
+@example(row={"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]})
 def test_every_row_is_normalized_or_skipped_with_a_reason(row):
     messages, reason = row_to_messages(row)
     if messages is None:
@@ -82,28 +105,33 @@ def test_every_row_is_normalized_or_skipped_with_a_reason(row):
     for message in messages:
         assert set(message) == {"role", "content"}
         assert message["role"] in ROLES and isinstance(message["content"], str)
+        message["content"].encode("utf-8")  # no lone surrogate reaches a tokenizer
 
 
 @SETTINGS
-@given(rows=st.lists(odd_rows, max_size=8), as_jsonl=st.booleans())
-def test_a_file_of_odd_rows_loads_or_is_refused_in_one_line(tmp_path_factory, rows, as_jsonl):
+@given(rows=st.lists(odd_rows, max_size=8), as_jsonl=st.booleans(), bom=st.booleans())
+def test_a_file_of_odd_rows_loads_or_is_refused_in_one_line(tmp_path_factory, rows, as_jsonl,
+                                                            bom):
     path = tmp_path_factory.mktemp("fuzz") / ("data.jsonl" if as_jsonl else "data.json")
     text = "".join(json.dumps(row) + "\n" for row in rows) if as_jsonl else json.dumps(rows)
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8-sig" if bom else "utf-8")
     try:
         pairs, skipped = load_conversation_rows(data_args(path))
     except UserError as exc:
         assert_one_line_user_error(exc, path)
         return
     assert len(pairs) + sum(skipped.values()) == len(rows)
-    assert all(messages for messages, _ in pairs)
+    for messages, _ in pairs:  # a reply answers some question before it
+        roles = [m["role"] for m in messages]
+        assert "user" in roles and "assistant" in roles[roles.index("user"):]
 
 
 @SETTINGS
-@given(text=st.text(max_size=200))
-def test_arbitrary_file_bytes_load_or_are_refused_in_one_line(tmp_path_factory, text):
+@given(data=st.text(max_size=200).map(str.encode) | st.binary(max_size=200),
+       bom=st.booleans())
+def test_arbitrary_file_bytes_load_or_are_refused_in_one_line(tmp_path_factory, data, bom):
     path = tmp_path_factory.mktemp("fuzz") / "data.jsonl"
-    path.write_text(text)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + data)
     try:
         load_conversation_rows(data_args(path))
     except UserError as exc:
@@ -217,3 +245,110 @@ def test_files_with_no_usable_row_are_refused_with_the_reasons(tmp_path, encoder
         encode_dataset(data_args(path), encoder, log=lambda message: None)
     message = str(error.value)
     assert "\n" not in message and str(path) in message and reason in message, message
+
+
+# ---------------------------------------------------------------------------------------------
+# Adversarial runs of the scripts: every bad input is one line on stderr, never a traceback.
+
+CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def run_refused(*args, **env):
+    """Run a repo script (as conftest.run_script) with extra environment variables."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                               **env})
+
+
+def assert_refused(result, fragment):
+    """Exit status 2 with `error: ...` naming the problem, alone on its line (a progress bar
+    before it may end in a carriage return), and nothing else said about it."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in re.split(r"[\r\n]+", result.stderr) if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr[-2000:]
+    assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tiny, tmp_path_factory):
+    """A teacher cache built by token_level.py itself (so every identity field matches a later
+    run), damaged copies of it, and data files no row of which can be used."""
+    from examples.tiny_setup import build_model
+
+    root = tmp_path_factory.mktemp("adversarial")
+    teacher = root / "teacher"
+    shutil.copytree(tiny / "teacher", teacher)
+    cache = root / "cache"
+    run_script("token_level.py", "--teacher", teacher, "--student", tiny / "student",
+               "--dataset", tiny / "train.jsonl", "--output-dir", root / "built", "--max-steps",
+               1, "--teacher-cache", cache)
+    damaged = {}
+    for name, damage in [
+            ("no_index", lambda c: (c / "index.npy").unlink()),
+            ("garbage", lambda c: np.save(c / "shard_00000.logprobs.npy", np.random.default_rng(
+                0).normal(size=np.load(c / "shard_00000.logprobs.npy").shape).astype(np.float16))),
+            ("no_identity", lambda c: (c / "meta.json").write_text(json.dumps(
+                {k: v for k, v in json.loads((c / "meta.json").read_text()).items()
+                 if k != "identity"})))]:
+        damaged[name] = root / f"cache_{name}"
+        shutil.copytree(cache, damaged[name])
+        damage(damaged[name])
+    (root / "file_cache").write_text("not a directory")
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    # retrained in place: same path, same file size, other weights
+    build_model(tokenizer, config["hidden_size"], config["num_hidden_layers"],
+                config["vocab_size"] - len(tokenizer), seed=7).save_pretrained(teacher)
+    data = {"out_of_order": root / "out_of_order.jsonl", "surrogates": root / "surrogates.jsonl",
+            "not_utf8": root / "not_utf8.jsonl"}
+    data["out_of_order"].write_text(json.dumps({"messages": CHAT[::-1]}) + "\n")
+    data["surrogates"].write_text('{"prompt": "hi \\ud800", "response": "hello"}\n' * 2)
+    data["not_utf8"].write_bytes(json.dumps({"messages": CHAT}).encode() + b"\n"
+                                 + b'{"prompt": "caf\xe9", "response": "x"}\n')
+    return {"root": root, "teacher": teacher, "cache": cache, **damaged, **data,
+            "file_cache": root / "file_cache"}
+
+
+TOKEN_LEVEL_CASES = [
+    (["--learnig-rate", "1e-3"], "unknown flag --learnig-rate; did you mean --learning-rate?"),
+    (["--temperature", "inf"], "--temperature must be > 0 and finite, got inf"),
+    (["--dtype", "float16"], "turns NaN on a machine without a GPU"),
+    (["--teacher-cache", "{file_cache}"], "is a file, not a directory"),
+    (["--teacher", None, "--teacher-cache", "{no_index}"], "index.npy is missing"),
+    (["--teacher", None, "--teacher-cache", "{garbage}"],
+     "shard_00000.logprobs.npy does not match the checksum"),
+    (["--teacher", None, "--teacher-cache", "{no_identity}"], "no identity"),
+    (["--teacher-cache", "{cache}"], "teacher_weights: cache"),
+    (["--dataset", "{out_of_order}"], "no user turn before any assistant reply"),
+    (["--dataset", "{surrogates}"], "2 lone UTF-16 surrogate in the text"),
+    (["--dataset", "{not_utf8}"], "line 2 is not valid UTF-8"),
+]
+
+
+@pytest.mark.slow
+def test_token_level_and_eval_refuse_bad_inputs_in_one_line(tiny, bad_inputs):
+    options = {"--teacher": str(bad_inputs["teacher"]), "--student": str(tiny / "student"),
+               "--dataset": str(tiny / "train.jsonl"), "--max-steps": "1"}
+    # ACCELERATE_USE_CPU: the float16 case is about CPU-only runs, on a GPU machine too.
+    env = {"ACCELERATE_USE_CPU": "true"}
+    for number, (extra, fragment) in enumerate(TOKEN_LEVEL_CASES):
+        run_options = dict(options)
+        for flag, value in zip(extra[::2], extra[1::2]):
+            run_options[flag] = None if value is None else value.format(**bad_inputs)
+        output_dir = bad_inputs["root"] / f"out_{number}"
+        argv = [item for flag, value in run_options.items() if value is not None
+                for item in (flag, value)]
+        result = run_refused("token_level.py", *argv, "--output-dir", output_dir, **env)
+        assert_refused(result, fragment)
+        assert not output_dir.exists()  # refused before anything was written
+    for dataset, fragment in [("surrogates", "lone UTF-16 surrogate"),
+                              ("out_of_order", "no user turn before any assistant reply")]:
+        result = run_refused("eval.py", "--models", tiny / "student", "--dataset",
+                             bad_inputs[dataset], "--no-progress")
+        assert_refused(result, fragment)
+    result = run_refused("eval.py", "--models", tiny / "student", "--dataset",
+                         tiny / "test.jsonl", "--max-new-tokenz", "4")
+    assert_refused(result, "did you mean --max-new-tokens?")

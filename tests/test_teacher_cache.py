@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import common.teacher_cache as teacher_cache
 from common.args import DataArguments
 from common.chat import ChatEncoder, collate, encode_dataset
+from common.errors import UserError
 from common.losses import forward_kl, shift_for_next_token
 from common.train import BatchOrder
 from conftest import run_script
@@ -184,3 +185,144 @@ def test_two_processes_read_the_same_rows_as_one(tiny, tmp_path):
     run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args)
     expected, got = load_file(single / "model.safetensors"), load_file(multi / "model.safetensors")
     assert all(torch.allclose(expected[n], got[n], atol=1e-6) for n in expected)
+
+
+def damaged_copy(cache_dir, tmp_path, damage):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    damage(copy)
+    return copy
+
+
+def overwrite_log_probs(cache):
+    path = cache / "shard_00000.logprobs.npy"
+    garbage = np.random.default_rng(0).normal(size=np.load(path).shape).astype(np.float16)
+    np.save(path, garbage)  # a valid .npy of the right shape: only the checksum can tell
+
+
+def edit_meta(change):
+    def damage(cache):
+        meta = json.loads((cache / "meta.json").read_text())
+        (cache / "meta.json").write_text(json.dumps(change(meta)))
+    return damage
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: (c / "index.npy").unlink(), "index.npy is missing"),
+    (lambda c: (c / "shard_00000.tail.npy").unlink(), "shard_00000.tail.npy is missing"),
+    (overwrite_log_probs, "shard_00000.logprobs.npy does not match the checksum"),
+    (lambda c: (c / "shard_00000.ids.npy").write_bytes(b"\x93NUMPY"), "shard_00000.ids.npy does"),
+    (edit_meta(lambda m: {k: v for k, v in m.items() if k != "identity"}), "no identity"),
+    (edit_meta(lambda m: [m]), "no identity"),
+    (edit_meta(lambda m: {k: v for k, v in m.items() if k != "checksums"}), "no file checksums"),
+    # a cache written before checksums existed: nothing can vouch for it
+    (edit_meta(lambda m: {**m, "identity": {**m["identity"], "format": 1}}), "has format 1"),
+    (lambda c: (c / "meta.json").write_text("{"), "not valid JSON"),
+])
+def test_damaged_cache_is_refused_in_one_line(built, tmp_path, damage, problem):
+    _, _, _, cache_dir, _ = built
+    cache = damaged_copy(cache_dir, tmp_path, damage)
+    with pytest.raises(UserError) as error:
+        teacher_cache.TeacherCache(cache)
+    message = str(error.value)
+    assert problem in message and "\n" not in message, message
+    assert f"delete {cache} and rerun with --teacher to rebuild it" in message
+    teacher_cache.TeacherCache(cache_dir)  # the undamaged original still opens
+
+
+def test_cache_path_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "cache.npy"
+    path.write_text("not a directory")
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        teacher_cache.read_meta(path)
+    assert teacher_cache.read_meta(tmp_path / "not-yet") is None  # a new cache is fine
+
+
+def test_changed_teacher_weights_are_refused_and_a_copy_is_not(tiny, built, tmp_path):
+    """Same path, new weights of the same shapes (the file size does not change): the cache made
+    from the old weights is refused. A byte-identical copy elsewhere keeps its fingerprint."""
+    from common.models import weights_fingerprint
+    from examples.tiny_setup import build_model
+
+    tokenizer, examples, teacher, cache_dir, _ = built
+    path = tmp_path / "teacher"
+    shutil.copytree(tiny / "teacher", path)
+    assert weights_fingerprint(path) == weights_fingerprint(tiny / "teacher")
+    args = (tokenizer, examples, "data", 512, 8, 1.0)
+    before = teacher_cache.cache_identity(str(path), *args)
+    size = (path / "model.safetensors").stat().st_size
+    retrained = build_model(tokenizer, hidden_size=teacher.config.hidden_size,
+                            num_layers=teacher.config.num_hidden_layers,
+                            vocab_padding=teacher.config.vocab_size - len(tokenizer), seed=99)
+    retrained.save_pretrained(path)
+    assert (path / "model.safetensors").stat().st_size == size
+    after = teacher_cache.cache_identity(str(path), *args)
+    assert before["teacher"] == after["teacher"]
+    with pytest.raises(UserError, match="teacher_weights: cache"):
+        teacher_cache.check_identity(cache_dir, {"identity": before}, after)
+    # a run from the cache alone has no teacher to compare with
+    teacher_cache.check_identity(cache_dir, {"identity": before}, after, teacher_given=False)
+
+
+def test_build_starts_over_when_a_finished_shard_was_damaged(built, tmp_path, monkeypatch):
+    """A killed build continues after its finished shards only while they still hold what was
+    written; a damaged one is not sealed into the cache: the build starts over."""
+    tokenizer, examples, teacher, _, identity = built
+    identity = {**identity, "num_examples": 20}
+    monkeypatch.setattr(teacher_cache, "EXAMPLES_PER_SHARD", 10)
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, limit):
+            super().__init__()
+            self.limit = limit
+
+        def forward(self, **kwargs):
+            calls.append(len(kwargs["input_ids"]))
+            if len(calls) > self.limit:
+                raise KeyboardInterrupt
+            return teacher(**kwargs)
+
+    def build(model):
+        teacher_cache.build_cache(tmp_path, model, examples[:20], identity, len(tokenizer), 5,
+                                  tokenizer.pad_token_id, "cpu", log=lambda *_: None)
+
+    with pytest.raises(KeyboardInterrupt):
+        build(Counting(limit=3))  # shard 0 (two batches of 5) is written, shard 1 is not
+    assert len(json.loads((tmp_path / "progress.json").read_text())["shards"]) == 1
+    overwrite_log_probs(tmp_path)
+    calls.clear()
+    build(Counting(limit=100))
+    assert sum(calls) == 20  # every example again, not only the second shard's 10
+    teacher_cache.TeacherCache(tmp_path)
+
+
+def test_weights_first_downloaded_while_building_are_fingerprinted(tiny, built, tmp_path):
+    """A Hub teacher's weights arrive when it is loaded, after the identity is first computed:
+    the cache must record the weights it was built from, or the next run (weights now on disk)
+    would be refused for a difference that is not there."""
+    from accelerate import Accelerator
+
+    from common.models import weights_fingerprint
+
+    tokenizer, examples, teacher, _, _ = built
+    teacher_dir = tmp_path / "hub_snapshot"
+    teacher_dir.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / "teacher" / name, teacher_dir)
+    assert weights_fingerprint(teacher_dir) is None  # no weight file yet
+
+    def load_teacher():  # what from_pretrained does for a Hub id: download, then load
+        shutil.copy(tiny / "teacher" / "model.safetensors", teacher_dir)
+        return teacher
+
+    data_args = DataArguments(dataset="data", max_length=512)
+    arguments = (examples[:6], tokenizer, str(teacher_dir), data_args, 4, 1.0,
+                 Accelerator(cpu=True))
+    teacher_cache.prepare(tmp_path / "cache", *arguments, load_teacher, 3)
+    meta = teacher_cache.read_meta(tmp_path / "cache")
+    assert meta["identity"]["teacher_weights"] == weights_fingerprint(teacher_dir) is not None
+    teacher_cache.prepare(tmp_path / "cache", *arguments, None, 3)  # reused, not refused
+    # and a teacher that cannot be fingerprinted here is not compared by its weights
+    unknown = {**meta["identity"], "teacher_weights": None}
+    teacher_cache.check_identity(tmp_path / "cache", meta, unknown)
