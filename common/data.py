@@ -34,7 +34,9 @@ def _read_json_file(path):
     text = _decode(path)
     if path.suffix == ".jsonl":
         rows = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
+        # JSON Lines ends a row at "\n" only: str.splitlines would also cut at U+2028, U+0085 and
+        # other separators that are valid, unescaped, inside a JSON string.
+        for line_number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -48,7 +50,7 @@ def _read_json_file(path):
     except json.JSONDecodeError as exc:
         # Some ".json" files are really JSON Lines; accept them.
         try:
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+            return [json.loads(line) for line in text.split("\n") if line.strip()]
         except json.JSONDecodeError:
             raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); expected a "
                             f"list of rows or JSON Lines") from None

@@ -151,7 +151,7 @@ def build_model(tokenizer, hidden_size, num_layers, vocab_padding=0, seed=0):
     config = LlamaConfig(
         vocab_size=len(tokenizer) + vocab_padding, hidden_size=hidden_size,
         intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config)
@@ -184,7 +184,7 @@ def build_chatml_student(out_dir, num_train=64, num_test=16, name="student_chatm
     torch.manual_seed(seed)
     config = MistralConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         sliding_window=None, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     MistralForCausalLM(config).save_pretrained(out)

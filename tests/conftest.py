@@ -32,7 +32,3 @@ def run_script(*args, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s (deselect with -m 'not slow')")

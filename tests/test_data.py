@@ -186,3 +186,12 @@ def test_invalid_utf8_names_the_line(tmp_path):
     with pytest.raises(UserError, match="line 2 is not valid UTF-8") as error:
         load_raw_rows(str(path))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u0085", "\x1c"])
+def test_unicode_line_separators_inside_a_reply_stay_in_the_row(tmp_path, separator):
+    # json.dumps(ensure_ascii=False) writes these unescaped; str.splitlines would cut the row there
+    chat = [CHAT[0], {"role": "assistant", "content": f"one{separator}two"}]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": chat}, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
+    assert load_conversations(args(tmp_path / "d.jsonl"))[0] == [chat]
