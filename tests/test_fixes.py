@@ -146,12 +146,12 @@ def test_max_length_beyond_the_model_context_warns_once(tiny, monkeypatch, capsy
 
     monkeypatch.setattr(chat, "_CONTEXT_WARNINGS", set())
     monkeypatch.delenv("RANK", raising=False)
-    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")  # max_position_embeddings 512
-    chat.ChatEncoder(tokenizer, 512)
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")  # max_position_embeddings 1024
+    chat.ChatEncoder(tokenizer, 1024)
     assert capsys.readouterr().err == ""
     for _ in range(2):  # training and held-out data each make an encoder: one warning
         chat.ChatEncoder(tokenizer, 4096)
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and err.count("\n") == 1
-    assert "--max-length 4096 is beyond the 512-token context" in err
-    assert "lower --max-length to 512" in err
+    assert "--max-length 4096 is beyond the 1024-token context" in err
+    assert "lower --max-length to 1024" in err
