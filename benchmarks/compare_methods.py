@@ -336,6 +336,14 @@ def select_settings(assets, methods, runs, completions, budget, echo):
         best = max(grid, key=lambda entry: entry["validation_exact_match"])  # first of ties
         selection[name] = {"grid": grid, "chosen": best["settings"],
                            "validation_exact_match": best["validation_exact_match"]}
+        if budget.get("warm_steps"):  # what stage 2 starts from, for reading the grid
+            from examples.toy_pipeline import METHOD_TOKENIZER, warm_start
+
+            stage1, _ = warm_start(assets, METHOD_TOKENIZER[name], SELECTION_SEED, select_dir,
+                                   budget, echo=echo)
+            selection[name]["stage1_validation_exact_match"], spent = validation_score(
+                stage1, files["all"], budget)
+            seconds += spent
         print(f"[select] {name}: " + ", ".join(
             f"{json.dumps(e['settings'])} {e['validation_exact_match']:.3f}" for e in grid)
             + f" -> {json.dumps(best['settings'])}", flush=True)
