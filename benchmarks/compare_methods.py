@@ -209,6 +209,39 @@ def markdown_table(rows, families):
     return "\n".join(lines)
 
 
+def summary_table(rows):
+    """The README's short table: exact match, the paired difference against the row's SFT
+    baseline, and the stage-2 settings each row was given."""
+    lines = ["| row | exact match ↑ | Δ vs its SFT baseline (seeds higher) | stage 2 settings |",
+             "|---|---:|---:|---|"]
+    for row in rows:
+        _, delta = paired_difference(row)
+        settings = row.get("stage2_settings")
+        described = "" if settings is None else " ".join(
+            [f"lr {settings['learning_rate']:g}", *map(str, settings.get("flags", []))])
+        lines.append("| " + " | ".join([
+            row["name"], format_value(row["exact_match"]),
+            f"{delta['mean']:+.3f} ± {delta['std']:.3f} ({delta['wins']}/{delta['seeds']})"
+            if delta else "", described]) + " |")
+    return "\n".join(lines)
+
+
+def gap_closed(rows):
+    """{row: fraction of the teacher − SFT-baseline exact-match gap the row closes} (means)."""
+    by_name = {row["name"]: row for row in rows}
+    teacher = by_name.get("teacher")
+    closed = {}
+    for row in rows:
+        reference = REFERENCE_ROW.get(row["name"])
+        if teacher is None or reference not in by_name:
+            continue
+        gap = teacher["exact_match"]["mean"] - by_name[reference]["exact_match"]["mean"]
+        if gap > 0:
+            closed[row["name"]] = (row["exact_match"]["mean"]
+                                   - by_name[reference]["exact_match"]["mean"]) / gap
+    return closed
+
+
 def plot(rows, families, path):
     """Exact match per row (mean ± std over seeds) and per task family; one colour per row."""
     import matplotlib
@@ -591,12 +624,15 @@ def main(argv=None):
         },
         "student_diagnosis": student_diagnosis,
     }
+    settings["gap_closed"] = gap_closed(rows)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"primary_metric": PRIMARY_METRIC, "settings": settings,
                                   "rows": rows}, indent=2) + "\n")
     table = markdown_table(rows, toy_task.FAMILIES)
     print(table)
+    print()
+    print(summary_table(rows))
     for row in rows:
         for reference in [EXTRA_PAIRED.get(row["name"])]:
             delta = row.get(f"{PRIMARY_METRIC}_minus_{reference}") if reference else None

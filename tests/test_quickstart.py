@@ -220,6 +220,21 @@ def test_paired_difference_against_the_same_seeds_baseline():
     assert rows["cross_tokenizer"]["exact_match_minus_cross_tokenizer_baseline"] is None
 
 
+def test_gap_closed_and_the_summary_table():
+    from benchmarks.compare_methods import gap_closed, summary_table
+
+    per_seed = {seed: {"teacher": {"exact_match": 0.9}, "baseline": {"exact_match": base},
+                       "token_level_forward": {"exact_match": kd}}
+                for seed, (base, kd) in enumerate([(0.5, 0.6), (0.3, 0.4)])}
+    rows = aggregate_rows(per_seed)
+    # teacher 0.9, baseline 0.4, forward 0.5: a fifth of the gap
+    assert gap_closed(rows) == {"token_level_forward": pytest.approx(0.2)}
+    rows[2]["stage2_settings"] = {"learning_rate": 1e-3, "flags": ["--alpha", 0.5]}
+    lines = summary_table(rows).splitlines()
+    assert lines[-1] == ("| token_level_forward | 0.500 ± 0.141 | +0.100 ± 0.000 (2/2) | "
+                         "lr 0.001 --alpha 0.5 |")
+
+
 def test_cached_row_is_paired_with_its_baseline_and_the_live_teacher_row():
     per_seed = {seed: {"baseline": {"exact_match": 0.5},
                        "token_level_forward": {"exact_match": live},
