@@ -48,7 +48,16 @@ TIMING_FILE = "train_seconds.json"
 
 # Stage 2 of each row: learning rate and the method's own flags, as chosen by
 # `benchmarks/compare_methods.py --select` (validation split, selection seed; see its JSON).
-ROW_SETTINGS = {name: {"learning_rate": 3e-3, "flags": []} for name in COMPARISON_METHODS}
+ROW_SETTINGS = {
+    "baseline": {"learning_rate": 3e-3, "flags": []},
+    "sequence_level": {"learning_rate": 3e-3, "flags": []},
+    "token_level_forward": {"learning_rate": 3e-3, "flags": []},
+    "token_level_cached": {"learning_rate": 3e-3, "flags": []},
+    "token_level_reverse": {"learning_rate": 1e-3, "flags": ["--alpha", 0.5]},
+    "on_policy": {"learning_rate": 1e-3, "flags": []},
+    "cross_tokenizer": {"learning_rate": 3e-3, "flags": ["--hybrid"]},
+    "cross_tokenizer_baseline": {"learning_rate": 1e-3, "flags": []},
+}
 
 
 def training_data(assets, warm_steps):
