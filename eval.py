@@ -544,6 +544,10 @@ def main(argv=None):
     for flag, path in [("--output", eval_args.output), ("--plot", eval_args.plot)]:
         if path and Path(path).is_dir():
             raise UserError(f"{flag} {path} is a directory; pass a file name")
+        # Refused now, not after the whole evaluation: a file where a folder of the path goes.
+        blocker = path and next((p for p in Path(path).absolute().parents if p.exists()), None)
+        if blocker and not blocker.is_dir():
+            raise UserError(f"{flag} {path} is inside {blocker}, a file; pass a path in a folder")
     if eval_args.plot:
         load_pyplot()  # fail now, not after an hour of generation
 

@@ -271,6 +271,28 @@ class CacheWriter:
 
     def __init__(self, path, teacher_name, settings):
         self.path = Path(path)
+        self.file = None
+        self.teacher_name = teacher_name
+        self.settings = settings
+        self.finish_reasons, self.empty = Counter(), Counter()
+        self.written = 0
+        if self.path.exists():
+            self._open()
+            return
+        # Checked now, created at the first row: a teacher that fails to load, or an API that
+        # never answers, leaves no empty cache (nor an output dir) behind.
+        existing = next(p for p in (self.path.absolute(), *self.path.absolute().parents)
+                        if p.exists())
+        if not existing.is_dir():
+            self._refuse(f"{existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            self._refuse(f"{existing} is read-only")
+
+    def _refuse(self, why):
+        raise UserError(f"cannot write the completions cache {self.path} ({why}); pass a "
+                        f"writable --completions path or --output-dir")
+
+    def _open(self):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # A hand-made file may end without a newline; the next row must start a line of its own.
@@ -282,15 +304,9 @@ class CacheWriter:
             self.file = open(self.path, "a", encoding="utf-8")
         except OSError as exc:
             blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
-            why = f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc
-            raise UserError(f"cannot write the completions cache {self.path} ({why}); pass a "
-                            f"writable --completions path or --output-dir") from None
+            self._refuse(f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc)
         if needs_newline:
             self.file.write("\n")
-        self.teacher_name = teacher_name
-        self.settings = settings
-        self.finish_reasons, self.empty = Counter(), Counter()
-        self.written = 0
 
     def write(self, key, prompt, sample_index, text, finish_reason):
         if not text.strip():
@@ -304,13 +320,16 @@ class CacheWriter:
             line.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate: \u escapes keep the file valid UTF-8
             line = json.dumps(row)
+        if self.file is None:
+            self._open()
         self.file.write(line + "\n")
         self.file.flush()
         self.finish_reasons[finish_reason] += 1
         self.written += 1
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def empty_replies_hint(empty):
@@ -694,7 +713,9 @@ def main(argv=None):
         accelerator.print(f"completions in {cache_path}")
         return
 
-    rows, truncated = completion_rows(cache_path, seq_args.drop_truncated, accelerator.print)
+    # No file after generation: every reply was empty (not cached); encode_rows says so.
+    rows, truncated = (completion_rows(cache_path, seq_args.drop_truncated, accelerator.print)
+                       if cache_path.exists() else ([], 0))
     if truncated:
         accelerator.print(f"--drop-truncated: left out {truncated} completions cut by "
                           f"--max-new-tokens")

@@ -84,6 +84,8 @@ def checkpoint_problem(checkpoint_dir):
         return f"{path / STATE_FILE} is unreadable or holds no step"
     for name, size in sorted(files.items()):
         file = path / name
+        if not isinstance(size, int):  # hand-edited: no size to compare with
+            return f"{path / STATE_FILE} holds no byte size for {name}"
         if ".." in Path(name).parts or not file.is_file():
             return f"{file} is missing"
         actual = file.stat().st_size
@@ -156,6 +158,9 @@ def check_output_dir(output_dir, resume, overwrite):
         raise UserError(f"{path} already holds a finished run; pass --overwrite to train again "
                         f"or choose another --output-dir")
     started = has_started(path)
+    if started and resume:
+        # Every checkpoint damaged: say so now, not after loading models or generating.
+        resumable_checkpoint(path, log=lambda message: None)
     if started and not resume:
         # Training on would append a second run's rows to the first one's metrics.jsonl.
         raise UserError(f"{path} holds an unfinished run (metrics.jsonl or checkpoints); pass "

@@ -73,11 +73,18 @@ def _read_with_datasets(path):
     import datasets
 
     builder = "parquet" if path.suffix == ".parquet" else "csv"
+    # datasets logs a failed read itself; the UserError below is the one message about it.
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # pyarrow and csv errors come in many types
+        while exc.__cause__ is not None:  # "An error occurred while generating the dataset"
+            exc = exc.__cause__
         raise UserError(f"{path}: could not be read as {builder} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     return table.to_list()
 
 

@@ -18,10 +18,25 @@ _PROBE_TEXTS = [
 
 
 def _check_exists(name, what):
-    """A name that looks like a path must exist; anything else is treated as a Hub id."""
+    """A name that looks like a path must exist; anything else is treated as a Hub id. A local
+    path that cannot be a model is refused here, where the reason is still known: transformers
+    would say only that no tokenizer could be built."""
+    path = Path(name).expanduser()
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_like_path and not Path(name).expanduser().exists():
+    if looks_like_path and not path.exists():
         raise UserError(f"{what} path {name} does not exist; pass a model directory or a Hub id")
+    if path.is_file():
+        raise UserError(f"{what} path {name} is a file; pass the model's directory (the one "
+                        f"holding config.json)")
+    if not path.is_dir() or (path / "config.json").exists():
+        return
+    if not any(path.iterdir()):
+        raise UserError(f"{what} directory {name} could not be loaded (it is empty); it should "
+                        f"hold a Hugging Face model saved with save_pretrained")
+    if any(path.glob("*.gguf")):
+        raise UserError(f"{what} directory {name} could not be loaded (it holds GGUF files, "
+                        f"llama.cpp's format, and no config.json); pass the Hugging Face model "
+                        f"(config.json, safetensors, tokenizer) the GGUF was made from")
 
 
 def _load_error(name, what, exc):

@@ -291,6 +291,13 @@ def _load_errors():
     return tuple(errors)
 
 
+def first_sentence(exc):
+    """The first sentence of an error, at most 200 characters. torch's advice after it (load with
+    weights_only=False) would run whatever code a damaged or planted pickle holds."""
+    first_line = (str(exc).splitlines() or [""])[0]
+    return first_line.split(". ", 1)[0][:200]
+
+
 def check_resume_settings(accelerator, saved_state, current_state, allow_changed_settings):
     """Refuse to resume with settings that change the result (named, one line), unless
     --allow-changed-settings names them; a checkpoint without a record of its settings (written
@@ -395,7 +402,7 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
         except _load_errors() as exc:
             raise error_on_every_process(accelerator, (
                 f"could not load checkpoint {checkpoint} ({type(exc).__name__}: "
-                f"{(str(exc).splitlines() or [''])[0][:200]}); delete that folder to resume from "
+                f"{first_sentence(exc)}); delete that folder to resume from "
                 f"the previous checkpoint, or pass --overwrite")) from None
         if changes:
             # The checkpoint restored its own learning rate and weight decay; the flags allowed

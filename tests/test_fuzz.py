@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -352,3 +353,121 @@ def test_token_level_and_eval_refuse_bad_inputs_in_one_line(tiny, bad_inputs):
     result = run_refused("eval.py", "--models", tiny / "student", "--dataset",
                          tiny / "test.jsonl", "--max-new-tokenz", "4")
     assert_refused(result, "did you mean --max-new-tokens?")
+
+
+@pytest.fixture(scope="module")
+def odd_paths(tiny, tmp_path_factory):
+    """Things users pass where a model, a data file or an output dir goes, and an unfinished
+    on_policy.py run (checkpoint at step 1 of 2) with damaged copies of its checkpoint."""
+    root = tmp_path_factory.mktemp("odd")
+    (root / "gguf").mkdir()
+    (root / "gguf" / "model-Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    (root / "empty").mkdir()
+    shutil.copytree(tiny / "teacher", root / "no_weights")
+    (root / "no_weights" / "model.safetensors").unlink()
+    (root / "notes.txt").write_text("not a directory")
+    (root / "garbage.jsonl").write_text("garbage{\n")
+    (root / "bad.parquet").write_bytes(bytes(range(256)) * 2)
+    (root / "bad.csv").write_bytes(b"\xb3\xff" + bytes(range(128, 256)) + b"\n")
+    run_script("on_policy.py", *ON_POLICY_ARGS, "--teacher", tiny / "teacher", "--student",
+               tiny / "student", "--dataset", tiny / "train.jsonl", "--output-dir", root / "run")
+    paths = {"root": root, "tiny": tiny, "gguf": root / "gguf", "empty": root / "empty",
+             "no_weights": root / "no_weights",
+             "file": root / "notes.txt", "garbage": root / "garbage.jsonl",
+             "bad_parquet": root / "bad.parquet", "bad_csv": root / "bad.csv"}
+
+    def same_size_garbage(path):
+        path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+
+    def sizes_as_text(checkpoint):
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        state["files"] = {name: str(size) for name, size in state["files"].items()}
+        (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+
+    for name, damage in [
+            ("garbled_optimizer", lambda c: same_size_garbage(c / "optimizer.bin")),
+            ("sizes_as_text", sizes_as_text),
+            ("truncated_model", lambda c: os.truncate(c / "model.safetensors", 1000))]:
+        unfinished = root / name  # what a killed run leaves: checkpoints and metrics only
+        shutil.copytree(root / "run" / "checkpoints", unfinished / "checkpoints")
+        shutil.copy(root / "run" / "metrics.jsonl", unfinished)
+        (checkpoint,) = (unfinished / "checkpoints").iterdir()
+        damage(checkpoint)
+        paths[name] = unfinished
+    return paths
+
+
+# The run in odd_paths uses these: a resumed run must ask for the same settings.
+ON_POLICY_ARGS = ["--max-steps", "2", "--save-steps", "1", "--max-new-tokens", "4", "--lmbda",
+                  "1"]
+SCRIPT_ARGS = {
+    "on_policy.py": ["--teacher", "{tiny}/teacher", "--student", "{tiny}/student", "--dataset",
+                     "{tiny}/train.jsonl", *ON_POLICY_ARGS],
+    "cross_tokenizer.py": ["--teacher", "{tiny}/teacher", "--student", "{tiny}/student_sp",
+                           "--dataset", "{tiny}/train.jsonl", "--max-steps", "1", "--top-k", "8"],
+    "sequence_level.py": ["--teacher", "{tiny}/teacher", "--student", "{tiny}/student",
+                          "--dataset", "{tiny}/train.jsonl", "--max-steps", "1",
+                          "--max-new-tokens", "4", "--max-samples", "4"],
+    "eval.py": ["--models", "{tiny}/student", "--dataset", "{tiny}/test.jsonl", "--max-samples",
+                "2", "--max-new-tokens", "2", "--no-progress"],
+}
+ODD_CASES = [
+    ("on_policy.py", ["--kl", "bogus"], "invalid choice: 'bogus'"),
+    ("on_policy.py", ["--lmbda", "2"], "--lmbda must be in [0, 1], got 2.0"),
+    ("on_policy.py", ["--teacher", "{gguf}"], "holds GGUF files, llama.cpp's format"),
+    ("on_policy.py", ["--student", "{empty}"], "could not be loaded (it is empty)"),
+    ("on_policy.py", ["--student", "{tiny}/student_sp"], "have different vocabularies"),
+    ("on_policy.py", ["--completions", "{garbage}"], "line 1 is not valid JSON"),
+    ("on_policy.py", ["--output-dir", "{file}"], "is a file; pass a directory"),
+    ("on_policy.py", ["--resume", "true", "--output-dir", "{garbled_optimizer}"],
+     "could not load checkpoint"),
+    ("on_policy.py", ["--resume", "true", "--output-dir", "{sizes_as_text}"],
+     "holds no byte size for"),
+    ("cross_tokenizer.py", ["--top-k", "-1"], "--top-k must be >= 0"),
+    ("cross_tokenizer.py", ["--teacher", "{file}"], "is a file; pass the model's directory"),
+    ("cross_tokenizer.py", ["--dataset", "{bad_parquet}"], "could not be read as parquet"),
+    ("cross_tokenizer.py", ["--student", "{root}/missing"], "does not exist"),
+    ("sequence_level.py", ["--teacher", "{gguf}"], "holds GGUF files"),
+    ("sequence_level.py", ["--teacher", "{no_weights}"], "could not be loaded"),
+    ("sequence_level.py", ["--dataset", "{bad_csv}"],
+     "could not be read as csv (UnicodeDecodeError"),
+    ("sequence_level.py", ["--resume", "true", "--output-dir", "{truncated_model}"],
+     "model.safetensors is damaged"),
+    ("sequence_level.py", ["--output-dir", "{file}"], "is a file; pass a directory"),
+    ("eval.py", ["--output", "{file}/results.json"], "inside {file}, a file"),
+]
+
+
+def snapshot(path):
+    """Every file under `path` with its size and modification time (None: nothing there)."""
+    if not path.exists():
+        return None
+    return {str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sorted(path.rglob("*"))} if path.is_dir() else path.read_bytes()
+
+
+@pytest.mark.slow
+def test_on_policy_cross_tokenizer_sequence_level_refuse_bad_inputs_in_one_line(odd_paths):
+    """One test, so the tiny run with its checkpoint is made once; each case runs alone."""
+    failures = []
+    for number, (script, extra, fragment) in enumerate(ODD_CASES):
+        options = {}
+        base = SCRIPT_ARGS[script]
+        for flag, value in [*zip(base[::2], base[1::2]), *zip(extra[::2], extra[1::2])]:
+            options[flag] = value.format(**odd_paths)
+        if script != "eval.py":
+            options.setdefault("--output-dir", str(odd_paths["root"] / f"out_{number}"))
+        output = Path(options.get("--output-dir") or options["--output"])
+        before = snapshot(output)
+        argv = [item for flag, value in options.items() for item in (flag, value)]
+        result = run_refused(script, *argv, ACCELERATE_USE_CPU="true")
+        try:
+            assert_refused(result, fragment.format(**odd_paths))
+            # and nothing else said about it (a library's own log line of the same failure)
+            said = [line for line in re.split(r"[\r\n]+", result.stderr) if "error" in line.lower()]
+            assert len(said) == 1, said
+            assert "weights_only" not in result.stderr  # torch's advice would run the pickle
+            assert snapshot(output) == before, "left outputs behind or changed them"
+        except AssertionError as exc:
+            failures.append(f"{script} {extra}: {exc}")
+    assert not failures, "\n".join(failures)
