@@ -11,6 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s (deselect with -m 'not slow')")
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """tokenizer + padded-vocabulary teacher + student + toy train/test jsonl, built once."""
