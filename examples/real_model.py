@@ -43,7 +43,6 @@ import copy
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
