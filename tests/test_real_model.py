@@ -127,6 +127,41 @@ def test_explicit_layers_and_per_layer_attention_kinds(tmp_path):
         real_model.pruned_model(model, [2, 1])
 
 
+def test_other_tokenizer_student_starts_from_the_source_embeddings(six_layer_model, tmp_path):
+    """The cross-tokenizer student of the preset: the same decoder layers, a new vocabulary whose
+    embeddings are the mean of the source's embeddings of the same text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.real_model_preset import other_tokenizer_student
+    from examples.tiny_setup import toy_conversations, write_jsonl
+
+    completions = tmp_path / "teacher_train.jsonl"
+    write_jsonl(completions, toy_conversations(16))
+    out = other_tokenizer_student(six_layer_model, completions, tmp_path / "sp")
+    source = AutoModelForCausalLM.from_pretrained(six_layer_model)
+    source_tokenizer = AutoTokenizer.from_pretrained(six_layer_model)
+    student = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.get_vocab() != source_tokenizer.get_vocab()
+    assert student.config.vocab_size == len(tokenizer) and student.config.num_hidden_layers == 6
+    assert student.config.eos_token_id == tokenizer.eos_token_id
+    for new, old in zip(student.model.layers, source.model.layers):
+        for (name, value), (_, reference) in zip(new.state_dict().items(),
+                                                 old.state_dict().items()):
+            assert torch.equal(value, reference), name
+    embeddings, source_embeddings = (student.get_input_embeddings().weight,
+                                     source.get_input_embeddings().weight)
+    assert student.lm_head.weight.data_ptr() == embeddings.data_ptr()  # tied, as the source's
+    word = next(t for t in tokenizer.get_vocab() if t.startswith("▁") and len(t) > 3)
+    word_id = tokenizer.convert_tokens_to_ids(word)
+    source_ids = source_tokenizer(word.replace("▁", " "), add_special_tokens=False).input_ids
+    torch.testing.assert_close(embeddings[word_id], source_embeddings[source_ids].mean(0))
+    byte_id = tokenizer.convert_tokens_to_ids("<0x41>")  # the byte of "A"
+    torch.testing.assert_close(embeddings[byte_id], source_embeddings[
+        source_tokenizer("A", add_special_tokens=False).input_ids[0]])
+
+
 def cli_error(capsys, argv):
     """(exit status, stderr lines) of examples/real_model.py's main as the CLI runs it."""
     with pytest.raises(SystemExit) as stop:
