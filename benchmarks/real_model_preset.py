@@ -372,10 +372,10 @@ def main(argv=None):
           f"{size['batch_size']} conversations per method: KL(teacher || student) per reply "
           f"token, top-1 agreement, ROUGE-L and exact match against the teacher's greedy reply "
           f"(n/a: another tokenizer)")
+    load = (f", 1-minute load average {load_before[0]:.2f} -> "
+            f"{settings['load_average_after'][0]:.2f}" if load_before else "")
     print(f"results written to {output} (eval.py's own JSON: {eval_output}; students and logs "
-          f"in {run_dir}); wall time {wall_seconds / 60:.1f} min, load average "
-          f"{load_before[0] if load_before else 'n/a'} -> "
-          f"{settings['load_average_after'][0] if load_before else 'n/a'}")
+          f"in {run_dir}); wall time {wall_seconds / 60:.1f} min{load}")
     return rows
 
 
