@@ -89,8 +89,17 @@ def build_models(models_dir, args):
         command += ["--gguf", Path(args.gguf).resolve()]
     if args.from_hub:
         command += ["--from-hub", args.from_hub]
-    log(f"[models] python {' '.join(map(str, command))} (log {models_dir / 'real_model.log'})")
-    seconds = run_script(command, models_dir / "real_model.log", echo="all")
+    log_path = models_dir / "real_model.log"
+    log(f"[models] python {' '.join(map(str, command))} (log {log_path})")
+    try:
+        seconds = run_script(command, log_path, echo="all")
+    except RuntimeError:
+        # Its one-line errors (no gguf package, no wheel, offline --from-hub) are the user's to
+        # fix: pass them on as they are, without the traceback of the subprocess call.
+        errors = [line for line in log_path.read_text().splitlines() if line.startswith("error: ")]
+        if errors:
+            raise UserError(errors[-1][len("error: "):]) from None
+        raise
     return teacher, student, seconds
 
 

@@ -223,6 +223,19 @@ def test_existing_outputs_are_left_alone(capsys, tmp_path):
     assert code == 2 and "--student-layers" in err[0]
 
 
+def test_preset_passes_on_the_model_scripts_one_line_error(tmp_path):
+    """No gguf package or no wheel: the preset stops with real_model.py's one line, exit 2, and
+    writes no result."""
+    output = tmp_path / "real.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/real_model_preset.py", "--smoke", "--workdir",
+         str(tmp_path / "work"), "--output", str(output), "--gguf", str(tmp_path / "none.whl")],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in result.stderr and not output.exists()
+
+
 # --- the real model (slow) -----------------------------------------------------------------------
 
 def smollm2_source():
