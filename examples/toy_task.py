@@ -215,41 +215,34 @@ def _generate(seed, num_train, num_test, num_val, max_digits, reverse_words, max
             test_prompts.add(prompt_text(row))
             test.append(row)
 
-    train, seen = [], set(test_prompts)
-    attempts = 0
-    while len(train) < num_train:
-        family = FAMILIES[len(train) % len(FAMILIES)]
-        if family == "name":
-            if not name_train:
-                raise ValueError(f"the name family has only {len(split_name_prompts(rng)[0])} "
-                                 f"distinct training prompts; lower num_train")
-            row = make_name(rng, name_train.pop())
-        else:
-            row = makers[family]()
-        attempts += 1
-        if attempts > 100 * num_train:
-            raise ValueError("could not draw enough distinct training prompts; lower num_train "
-                             "or raise max_digits / max_words")
-        if prompt_text(row) not in seen:
-            seen.add(prompt_text(row))
-            train.append(row)
-
-    val, attempts = [], 0
-    while len(val) < num_val:
-        family = FAMILIES[len(val) % len(FAMILIES)]
-        if family == "name":
-            if not name_train:
-                raise ValueError("no name prompts are left for validation; lower num_train")
-            row = make_name(rng, name_train.pop())
-        else:
-            row = makers[family]()
-        attempts += 1
-        if attempts > 100 * num_val:
-            raise ValueError("could not draw enough distinct validation prompts; lower num_val")
-        if prompt_text(row) not in seen:
-            seen.add(prompt_text(row))
-            val.append(row)
+    seen = set(test_prompts)
+    train = _draw_rows(rng, makers, num_train, name_train, seen, "train")
+    # Drawn after train from the same stream, so train and test do not depend on num_val.
+    val = _draw_rows(rng, makers, num_val, name_train, seen, "val")
     return train, test, val
+
+
+def _draw_rows(rng, makers, count, name_pool, seen, split):
+    """`count` rows with prompts not in `seen` (which they join), families in turn; `name` rows
+    take prompts from the end of `name_pool`."""
+    rows, attempts = [], 0
+    while len(rows) < count:
+        family = FAMILIES[len(rows) % len(FAMILIES)]
+        if family == "name":
+            if not name_pool:
+                raise ValueError(f"the name family has no distinct prompt left for the {split} "
+                                 f"rows; lower num_{split}")
+            row = make_name(rng, name_pool.pop())
+        else:
+            row = makers[family]()
+        attempts += 1
+        if attempts > 100 * count:
+            raise ValueError(f"could not draw enough distinct {split} prompts; lower num_{split} "
+                             f"or raise max_digits / max_words")
+        if prompt_text(row) not in seen:
+            seen.add(prompt_text(row))
+            rows.append(row)
+    return rows
 
 
 def corpus(rows):
