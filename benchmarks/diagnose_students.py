@@ -69,7 +69,7 @@ def diagnose(student_path, teacher, tokenizer, rows, args):
     from common.generation import generate
     from common.models import load_model, real_vocab_size
 
-    student = load_model(student_path, "float32", what="student").eval()
+    student = load_model(str(student_path), "float32", what="student").eval()
     vocab = real_vocab_size(tokenizer)
     encoder = ChatEncoder(tokenizer, 256)
     stop_ids = {encoder.end_of_turn_token_id, tokenizer.eos_token_id}
