@@ -27,7 +27,8 @@ from typing import NamedTuple
 
 from common.errors import UserError
 
-# Used for tokenizers that ship no chat template (base models). Documented in the README.
+# Used for tokenizers that ship no chat template (base models). Documented in
+# docs/data_and_masking.md.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
@@ -79,7 +80,7 @@ def end_of_turn_text(tokenizer):
     """What the template writes right after an assistant reply, through its first special token.
 
     Empty if the template closes replies with no special token (the model then never learns to
-    stop; the README warns about such templates).
+    stop; docs/data_and_masking.md warns about such templates).
     """
     messages = [{"role": "user", "content": "Probe question?"},
                 {"role": "assistant", "content": _PROBE_REPLY}]

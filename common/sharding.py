@@ -16,7 +16,7 @@ FSDP or ZeRO-3 each process holds a slice of every weight, and two things need c
   does both. It is the failure behind TRL's GKD "device mismatch" under FSDP.
 
 The DeepSpeed paths are written against accelerate's and DeepSpeed's documented APIs but have not
-run here (no GPU); see docs_reliability.md for what was tested where.
+run here (no GPU); see docs/distributed.md for what was tested where.
 """
 
 import copy
