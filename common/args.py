@@ -5,6 +5,7 @@ user can act on. Each script adds one dataclass of its own method's options.
 """
 
 import difflib
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -149,10 +150,14 @@ class TrainingArguments:
             (self.output_dir is not None, "--output-dir is required"),
             (self.max_steps > 0 or self.max_steps == -1,
              f"--max-steps must be positive or -1 (epochs), got {self.max_steps}"),
-            (self.num_epochs > 0, f"--num-epochs must be > 0, got {self.num_epochs}"),
+            (0 < self.num_epochs < math.inf,
+             f"--num-epochs must be > 0 and finite, got {self.num_epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
-            (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
+            (0 < self.learning_rate < math.inf,
+             f"--learning-rate must be > 0 and finite, got {self.learning_rate}"),
+            (0 <= self.weight_decay < math.inf,
+             f"--weight-decay must be >= 0 and finite, got {self.weight_decay}"),
             (0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}"),
             (self.save_steps >= 0, f"--save-steps must be >= 0, got {self.save_steps}"),
@@ -192,7 +197,9 @@ def unknown_argument_message(argument, parser):
 
 def parse_args(dataclass_types, argv=None, description=None):
     """Parse the command line into one instance per dataclass (bad values raise UserError)."""
-    parser = HfArgumentParser(dataclass_types, description=description)
+    # No prefix matching: --max-step silently meaning --max-steps would hide typos (and a later
+    # flag that shares the prefix would change what an old command line means).
+    parser = HfArgumentParser(dataclass_types, description=description, allow_abbrev=False)
 
     def one_line_error(message):  # argparse would print the whole usage block first
         raise UserError(f"{message} (see --help)")

@@ -82,11 +82,25 @@ def test_misspelled_flag_names_the_closest_one():
              (["--output-dir", "o", "--max-steps", "3", "4"],
               "unexpected argument '4': every value follows its flag (see --help)"),
              # the typo is named even when another value is bad too
-             (["--max-steps", "0", "--learnig-rate", "1e-3"], "did you mean --learning-rate?")]
+             (["--max-steps", "0", "--learnig-rate", "1e-3"], "did you mean --learning-rate?"),
+             # a prefix is a typo too, not a silent abbreviation
+             (["--output-dir", "o", "--max-step", "3"],
+              "unknown flag --max-step; did you mean --max-steps? (see --help)")]
     for argv, expected in cases:
         with pytest.raises(UserError) as error:
             parse_args(groups, argv)
         assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("flag, value", [("--learning-rate", "inf"), ("--learning-rate", "nan"),
+                                         ("--weight-decay", "inf"), ("--weight-decay", "-0.1"),
+                                         ("--num-epochs", "inf")])
+def test_optimizer_values_must_be_finite(flag, value):
+    from common.args import TrainingArguments, parse_args
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match=f"{flag} must be"):
+        parse_args((TrainingArguments,), ["--output-dir", "o", flag, value])
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "0", "-1"])
