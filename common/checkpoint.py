@@ -344,9 +344,9 @@ def changed_settings(saved_state, current_state):
     return changes
 
 
-def data_fingerprint(examples):
-    """A hash of the encoded training examples (token ids and labels, in order): resume compares
-    it, so a dataset edited in place, another --max-length or chat template is noticed."""
+def examples_digest(examples):
+    """sha256 (16 hex digits) of encoded examples' token ids and labels, in order: covers the data,
+    the chat template, masking and --max-length. Resume and the teacher cache both compare it."""
     import hashlib
     from array import array
 
@@ -356,7 +356,13 @@ def data_fingerprint(examples):
             values = example.get(name, ())
             digest.update(array("q", [len(values)]).tobytes())
             digest.update(array("q", values).tobytes())
-    return f"{len(examples)} examples, sha256 {digest.hexdigest()[:16]}"
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(examples):
+    """The training data as resume compares it, so a dataset edited in place, another
+    --max-length or chat template is noticed."""
+    return f"{len(examples)} examples, sha256 {examples_digest(examples)}"
 
 
 def _fsync_dir(path):

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoint import write_json_atomic
+from common.checkpoint import examples_digest, write_json_atomic
 from common.errors import UserError
 from common.losses import log_probs, shift_for_next_token
 from common.models import weights_fingerprint
@@ -49,22 +49,13 @@ def tokenizer_fingerprint(tokenizer):
                         "special": sorted(map(str, tokenizer.all_special_tokens))})[:16]
 
 
-def examples_fingerprint(examples):
-    """Hash of the encoded examples: covers the data, the chat template, masking and max length."""
-    digest = hashlib.sha256()
-    for example in examples:
-        digest.update(np.asarray(example["input_ids"], dtype=np.int64).tobytes())
-        digest.update(np.asarray(example["labels"], dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def cache_identity(teacher_name, tokenizer, examples, dataset, max_length, top_k, temperature):
     """What a cache must agree on to be reused (shown side by side when it does not)."""
     return {"format": FORMAT_VERSION, "teacher": str(teacher_name),
             "teacher_weights": weights_fingerprint(teacher_name) if teacher_name else None,
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "chat_template": fingerprint(tokenizer.chat_template or "")[:16],
-            "dataset": str(dataset), "examples": examples_fingerprint(examples),
+            "dataset": str(dataset), "examples": examples_digest(examples),
             "num_examples": len(examples), "max_length": max_length, "top_k": top_k,
             "temperature": temperature}
 
