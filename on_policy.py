@@ -53,11 +53,17 @@ class OnPolicyArguments:
     lmbda: float = field(default=0.5, metadata={
         "help": "Probability that an optimizer step is on-policy (student samples); the rest are "
                 "off-policy steps on the dataset replies. 1 = always on-policy."})
-    kl: Literal["forward", "reverse", "jsd"] = field(default="reverse", metadata={
+    kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse"] = field(
+        default="reverse", metadata={
         "help": "Divergence: reverse = KL(student‖teacher) (default, GKD/MiniLLM), forward = "
-                "KL(teacher‖student), jsd = generalized JSD with --beta."})
+                "KL(teacher‖student), jsd = generalized JSD with --beta, skew_forward / "
+                "skew_reverse = DistiLLM's skew KL with --skew (bounded where the teacher gives "
+                "a token ~0)."})
     beta: float = field(default=0.5, metadata={
         "help": "JSD mixture weight in (0, 1), with --kl jsd only."})
+    skew: float = field(default=0.1, metadata={
+        "help": "Skew in (0, 1), with --kl skew_forward / skew_reverse only: skew_reverse = "
+                "KL(p_s ‖ skew*p_s + (1-skew)*p_t). 0.1 is DistiLLM's."})
     temperature: float = field(default=1.0, metadata={
         "help": "Sampling temperature of the student's on-policy samples."})
     loss_temperature: float = field(default=1.0, metadata={
@@ -93,6 +99,8 @@ class OnPolicyArguments:
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
             (self.kl != "jsd" or 0 < self.beta < 1,
              f"--beta must be strictly between 0 and 1 for --kl jsd, got {self.beta}"),
+            (not self.kl.startswith("skew") or 0 < self.skew < 1,
+             f"--skew must be strictly between 0 and 1 for --kl {self.kl}, got {self.skew}"),
             (not self.teacher_cache or self.kl == "forward",
              "--teacher-cache needs --kl forward: the cache keeps the teacher's top K per "
              "position, which defines forward KL only (reverse KL and JSD need every token)"),
@@ -219,7 +227,7 @@ def main(argv=None):
     vocab_size = real_vocab_size(tokenizer)
     loss_fn = make_kd_loss_fn(accelerator, teacher, vocab_size, gkd_args.kl,
                               gkd_args.loss_temperature, gkd_args.beta,
-                              loss_chunk_size=gkd_args.loss_chunk_size)
+                              loss_chunk_size=gkd_args.loss_chunk_size, skew=gkd_args.skew)
     collate_fn, live_loss_fn = None, loss_fn
     if gkd_args.teacher_cache and gkd_args.lmbda == 1.0:
         accelerator.print("note: --lmbda 1 has no off-policy steps: --teacher-cache is not used "

@@ -6,6 +6,8 @@ distribution at every assistant position, over the full vocabulary (Hinton et al
     --kl reverse   KL(p_student ‖ p_teacher), mode-seeking (MiniLLM): the student concentrates on
                    the teacher's main modes
     --kl jsd       generalized Jensen-Shannon with --beta (GKD)
+    --kl skew_forward, skew_reverse
+                   DistiLLM's skew KL with --skew: bounded where the teacher gives a token ~0
 
 Loss per supervised token = (1 - alpha) * T² * divergence(T) + alpha * cross-entropy on the data.
 Teacher and student must share a tokenizer (use cross_tokenizer.py otherwise); a teacher whose
@@ -44,12 +46,20 @@ from common.sharding import prepare_teacher
 
 @dataclass
 class TokenLevelArguments:
-    kl: Literal["forward", "reverse", "jsd"] = field(default="forward", metadata={
-        "help": "Divergence: forward = KL(teacher‖student), mode-covering; reverse = "
-                "KL(student‖teacher), mode-seeking; jsd = generalized JSD weighted by --beta."})
+    kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse"] = field(
+        default="forward", metadata={
+            "help": "Divergence: forward = KL(teacher‖student), mode-covering; reverse = "
+                "KL(student‖teacher), mode-seeking; jsd = generalized JSD weighted by --beta; "
+                "skew_forward / skew_reverse = DistiLLM's skew KL with --skew: the second "
+                "distribution is mixed with --skew of the first, which bounds the loss where the "
+                "teacher gives a token ~0."})
     beta: float = field(default=0.5, metadata={
         "help": "JSD mixture weight in (0, 1), with --kl jsd only: m = beta*p_teacher + "
                 "(1-beta)*p_student; 0.5 is the symmetric JSD."})
+    skew: float = field(default=0.1, metadata={
+        "help": "Skew in (0, 1), with --kl skew_forward / skew_reverse only: skew_forward = "
+                "KL(p_t ‖ skew*p_t + (1-skew)*p_s), skew_reverse = KL(p_s ‖ skew*p_s + "
+                "(1-skew)*p_t); each token's log-ratio is at most log(1/skew). 0.1 is DistiLLM's."})
     temperature: float = field(default=1.0, metadata={
         "help": "Softmax temperature T applied to both models; the divergence is scaled by T²."})
     alpha: float = field(default=0.0, metadata={
@@ -84,6 +94,9 @@ class TokenLevelArguments:
         if self.kl == "jsd" and not 0.0 < self.beta < 1.0:
             raise UserError(f"--beta must be strictly between 0 and 1 for --kl jsd, got "
                             f"{self.beta}; use --kl forward or --kl reverse for the end points")
+        if self.kl.startswith("skew") and not 0.0 < self.skew < 1.0:
+            raise UserError(f"--skew must be strictly between 0 and 1 for --kl {self.kl}, got "
+                            f"{self.skew}; use --kl forward or --kl reverse for skew 0")
 
 
 def main(argv=None):
@@ -147,7 +160,7 @@ def main(argv=None):
     else:
         loss_fn = make_kd_loss_fn(accelerator, load_teacher(), vocab_size, kd_args.kl,
                                   kd_args.temperature, kd_args.beta, kd_args.alpha,
-                                  loss_chunk_size=kd_args.loss_chunk_size)
+                                  loss_chunk_size=kd_args.loss_chunk_size, skew=kd_args.skew)
     student = load_model(model_args.student, model_args.student_dtype,
                          model_args.trust_remote_code, "student")
     check_vocab_fits(student, tokenizer, "student")

@@ -22,11 +22,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common.losses import KL_KINDS
+from common.losses import KL_KINDS, cross_entropy, distillation_loss
 
 # One chunk's float32 logits take about this much; the chunk's other temporaries (the other model's
 # logits, two log-softmaxes, the KL's terms, the gradient) are a small multiple of it.
 DEFAULT_CHUNK_BYTES = 128 * 2**20
+# Divergences whose gradient _chunk_loss_and_grad writes in closed form; the rest use autograd.
+_CLOSED_FORM_KINDS = ("forward", "reverse", "jsd")
 
 
 def auto_chunk_size(vocab_size, chunk_bytes=DEFAULT_CHUNK_BYTES):
@@ -41,7 +43,7 @@ def auto_chunk_size(vocab_size, chunk_bytes=DEFAULT_CHUNK_BYTES):
 def chunked_kd_loss(student_hidden, student_weight, target_ids, vocab_size, *, student_bias=None,
                     teacher_hidden=None, teacher_weight=None, teacher_bias=None,
                     teacher_logits=None, kind="forward", temperature=1.0, beta=0.5, alpha=0.0,
-                    chunk_size=0, compute_dtype=None, teacher_compute_dtype=None):
+                    skew=0.1, chunk_size=0, compute_dtype=None, teacher_compute_dtype=None):
     """Σ over N supervised positions of (1 - alpha)·T²·D(T) + alpha·CE, one chunk of logits at a time.
 
     Inputs, for N supervised positions (those whose next token is supervised):
@@ -52,8 +54,9 @@ def chunked_kd_loss(student_hidden, student_weight, target_ids, vocab_size, *, s
     - target_ids (N,): the tokens the data says come next (for the cross-entropy term).
     - vocab_size: only ids [0, vocab_size) are compared; rows of padded embedding matrices beyond
       it are not part of either distribution (and get zero gradient).
-    - kind / temperature / beta: the divergence D, as in `common.losses.distillation_loss`
-      (forward = KL(p_t ‖ p_s), reverse = KL(p_s ‖ p_t), jsd = generalized JSD(beta)).
+    - kind / temperature / beta / skew: the divergence D, as in
+      `common.losses.distillation_loss` (forward = KL(p_t ‖ p_s), reverse = KL(p_s ‖ p_t),
+      jsd = generalized JSD(beta), skew_forward / skew_reverse = DistiLLM's skew KL(skew)).
     - chunk_size: positions per chunk; ≤ 0 picks `auto_chunk_size(vocab_size)`.
     - compute_dtype / teacher_compute_dtype: dtype of each output layer's matmul (None = its
       weight's dtype; pass bfloat16 under bf16 mixed precision, as autocast would). Log-softmax
@@ -73,7 +76,7 @@ def chunked_kd_loss(student_hidden, student_weight, target_ids, vocab_size, *, s
         raise ValueError(f"student ({num_positions}), teacher ({teacher_rows.shape[0]}) and "
                          f"targets ({tuple(target_ids.shape)}) must cover the same positions")
     settings = {"vocab_size": vocab_size, "kind": kind, "temperature": temperature, "beta": beta,
-                "alpha": alpha, "chunk_size": chunk_size if chunk_size > 0
+                "alpha": alpha, "skew": skew, "chunk_size": chunk_size if chunk_size > 0
                 else auto_chunk_size(vocab_size),
                 # Inside forward() grad mode is always off; whether the caller wants gradients
                 # (not under torch.no_grad: evaluation) must be read here.
@@ -181,6 +184,9 @@ def _chunk_loss_and_grad(student_logits, teacher_logits, target_ids, settings, n
     """
     kind, temperature, beta, alpha = (settings["kind"], settings["temperature"], settings["beta"],
                                       settings["alpha"])
+    if kind not in _CLOSED_FORM_KINDS:
+        return _chunk_loss_and_grad_by_autograd(student_logits, teacher_logits, target_ids,
+                                                settings, needs_grad)
     positions = torch.arange(target_ids.shape[0], device=target_ids.device)
     logits = student_logits.float()  # the same storage when already float32
     # Each row's largest logit is subtracted first, in place, so that everything below works on
@@ -244,6 +250,23 @@ def _chunk_loss_and_grad(student_logits, teacher_logits, target_ids, settings, n
     if ce_grad is not None:
         grad.add_(ce_grad, alpha=alpha)
     return kd, ce, grad
+
+
+def _chunk_loss_and_grad_by_autograd(student_logits, teacher_logits, target_ids, settings,
+                                     needs_grad):
+    """_chunk_loss_and_grad for the divergences without a closed form here (skew KL): the loss
+    of common.losses on the chunk and its gradient by autograd. About twice the chunk's memory
+    of the closed forms, still bounded by the chunk size."""
+    alpha = settings["alpha"]
+    with torch.enable_grad():  # autograd.Function.forward runs with grad mode off
+        logits = student_logits.detach().float().requires_grad_(needs_grad)
+        kd = distillation_loss(logits, teacher_logits, settings["kind"], settings["temperature"],
+                               settings["beta"], settings["skew"]).sum()
+        ce = cross_entropy(logits, target_ids).sum()
+        grad = None
+        if needs_grad:
+            (grad,) = torch.autograd.grad((1.0 - alpha) * kd + alpha * ce, logits)
+    return kd.detach(), ce.detach(), grad
 
 
 def _sum_of_p_log_ratio(probs, log_probs, other_log_probs):

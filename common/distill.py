@@ -25,7 +25,7 @@ _MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=1.0, beta=0.5,
-                    alpha=0.0, loss_chunk_size=0):
+                    alpha=0.0, loss_chunk_size=0, skew=0.1):
     """loss_fn(student, batch) -> (Σ per-token loss, {"kd": Σ, "ce": Σ}) over supervised positions.
 
     Per token: (1 - alpha) * T² * divergence(T) + alpha * cross-entropy on the batch's labels.
@@ -57,7 +57,7 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
         del teacher_logits  # the full (B, T, V) tensor is the largest thing alive here
         student_selected = student_selected[:, :vocab_size]
         teacher_selected = teacher_selected[:, :vocab_size]
-        kd = distillation_loss(student_selected, teacher_selected, kl, temperature, beta)
+        kd = distillation_loss(student_selected, teacher_selected, kl, temperature, beta, skew)
         ce = cross_entropy(student_selected, targets)
         loss = (1.0 - alpha) * kd.sum() + alpha * ce.sum()
         return loss, {"kd": kd.sum().detach(), "ce": ce.sum().detach()}
@@ -88,7 +88,7 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
         return chunked_kd_loss(
             student_hidden, student_layer.weight, target_labels[supervised], vocab_size,
             student_bias=student_layer.bias, **teacher_inputs, kind=kl, temperature=temperature,
-            beta=beta, alpha=alpha, chunk_size=loss_chunk_size, compute_dtype=matmul_dtype,
+            beta=beta, alpha=alpha, skew=skew, chunk_size=loss_chunk_size, compute_dtype=matmul_dtype,
             teacher_compute_dtype=matmul_dtype)
 
     return loss_fn

@@ -8,6 +8,11 @@ Directions, with p_t the teacher's and p_s the student's next-token distribution
 - forward KL = KL(p_t ‖ p_s) = Σ_v p_t(v) (log p_t(v) − log p_s(v))   mode-covering (Hinton)
 - reverse KL = KL(p_s ‖ p_t) = Σ_v p_s(v) (log p_s(v) − log p_t(v))   mode-seeking (MiniLLM)
 - generalized JSD(β) = β KL(p_t ‖ m) + (1−β) KL(p_s ‖ m), m = β p_t + (1−β) p_s   (GKD)
+- skew forward KL(α) = KL(p_t ‖ α p_t + (1−α) p_s)                        (DistiLLM)
+- skew reverse KL(α) = KL(p_s ‖ α p_s + (1−α) p_t)                        (DistiLLM)
+  Mixing a share α of the first distribution into the second bounds every log-ratio by
+  log(1/α): a token the teacher gives ~0 no longer costs (and pulls) without limit, the cause of
+  plain reverse KL's large, clipped gradients against a confident teacher.
 
 All work in float32 whatever the logits' dtype (float64 logits stay float64: references in tests),
 and tokens a model gives probability 0 (a -inf logit, e.g. a masked vocabulary entry) contribute 0
@@ -19,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-KL_KINDS = ("forward", "reverse", "jsd")
+KL_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse")
 
 
 def _at_least_float32(tensor):
@@ -64,28 +69,51 @@ def reverse_kl(student_logits, teacher_logits, temperature=1.0):
                               log_probs(teacher_logits, temperature))
 
 
+def _log_mixture(log_p, log_q, weight):
+    """log(weight·p + (1−weight)·q), 0 < weight < 1, without NaN where both are 0."""
+    # logaddexp(-inf, -inf) differentiates to NaN: computed from zeros, then set to -inf.
+    both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
+    return torch.logaddexp((log_p + math.log(weight)).masked_fill(both_zero, 0.0),
+                           (log_q + math.log(1.0 - weight)).masked_fill(both_zero, 0.0)
+                           ).masked_fill_(both_zero, float("-inf"))
+
+
 def generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):
     """β KL(p_t ‖ m) + (1−β) KL(p_s ‖ m) with m = β p_t + (1−β) p_s, per token; 0 < β < 1.
 
     β = 0.5 is the symmetric Jensen-Shannon divergence; small β behaves like a scaled forward KL,
-    β near 1 like a scaled reverse KL. The mixture is built in log space with logsumexp.
+    β near 1 like a scaled reverse KL. The mixture is built in log space (logaddexp).
     """
     if not 0.0 < beta < 1.0:
         raise ValueError(f"generalized JSD needs 0 < beta < 1, got {beta}")
     teacher_log_probs = log_probs(teacher_logits, temperature)
     student_log_probs = log_probs(student_logits, temperature)
-    # A token both give probability 0 has mixture probability 0, but logaddexp(-inf, -inf)
-    # differentiates to NaN: it is computed from zeros instead and set to -inf afterwards.
-    both_zero = torch.isneginf(teacher_log_probs) & torch.isneginf(student_log_probs)
-    mixture_log_probs = torch.logaddexp(
-        (teacher_log_probs + math.log(beta)).masked_fill_(both_zero, 0.0),
-        (student_log_probs + math.log(1.0 - beta)).masked_fill_(both_zero, 0.0),
-    ).masked_fill_(both_zero, float("-inf"))
+    mixture_log_probs = _log_mixture(teacher_log_probs, student_log_probs, beta)
     return (beta * _kl_from_log_probs(teacher_log_probs, mixture_log_probs)
             + (1.0 - beta) * _kl_from_log_probs(student_log_probs, mixture_log_probs))
 
 
-def distillation_loss(student_logits, teacher_logits, kind="forward", temperature=1.0, beta=0.5):
+def skew_kl(log_p, log_q, skew):
+    """KL(p ‖ skew·p + (1−skew)·q) per row, 0 < skew < 1; at most log(1/skew) per row."""
+    if not 0.0 < skew < 1.0:
+        raise ValueError(f"skew KL needs 0 < skew < 1, got {skew}")
+    return _kl_from_log_probs(log_p, _log_mixture(log_p, log_q, skew))
+
+
+def skew_forward_kl(student_logits, teacher_logits, skew=0.1, temperature=1.0):
+    """KL(p_t ‖ skew·p_t + (1−skew)·p_s) per token, shape (N,) (DistiLLM's SKL)."""
+    return skew_kl(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature),
+                   skew)
+
+
+def skew_reverse_kl(student_logits, teacher_logits, skew=0.1, temperature=1.0):
+    """KL(p_s ‖ skew·p_s + (1−skew)·p_t) per token, shape (N,) (DistiLLM's SRKL)."""
+    return skew_kl(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature),
+                   skew)
+
+
+def distillation_loss(student_logits, teacher_logits, kind="forward", temperature=1.0, beta=0.5,
+                      skew=0.1):
     """The chosen divergence per token, times T² so gradients keep their size as T changes."""
     if kind == "forward":
         loss = forward_kl(student_logits, teacher_logits, temperature)
@@ -93,6 +121,10 @@ def distillation_loss(student_logits, teacher_logits, kind="forward", temperatur
         loss = reverse_kl(student_logits, teacher_logits, temperature)
     elif kind == "jsd":
         loss = generalized_jsd(student_logits, teacher_logits, beta, temperature)
+    elif kind == "skew_forward":
+        loss = skew_forward_kl(student_logits, teacher_logits, skew, temperature)
+    elif kind == "skew_reverse":
+        loss = skew_reverse_kl(student_logits, teacher_logits, skew, temperature)
     else:
         raise ValueError(f"unknown divergence {kind!r}; expected one of {KL_KINDS}")
     return loss * temperature ** 2

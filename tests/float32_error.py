@@ -70,7 +70,7 @@ def assert_close(got, reference, roundings, scale=None, what="value"):
 
 
 def kd_loss_float64(student_logits, teacher_logits, target_ids=None, kind="forward",
-                    temperature=1.0, beta=0.5, alpha=0.0):
+                    temperature=1.0, beta=0.5, alpha=0.0, skew=0.1):
     """(1 − α)·T²·Σ D + α·Σ CE over (N, V) logits in float64, by the textbook formulas of
     common/losses.py's docstring. Returns (loss, Σ T²·D, Σ CE, T²·D per position, d loss / d
     student_logits)."""
@@ -85,10 +85,18 @@ def kd_loss_float64(student_logits, teacher_logits, target_ids=None, kind="forwa
         divergence = (p * (log_p - log_q)).sum(-1)
     elif kind == "reverse":
         divergence = (q * (log_q - log_p)).sum(-1)
-    else:
+    elif kind == "jsd":
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
         divergence = (beta * (p * (log_p - log_m)).sum(-1)
                       + (1.0 - beta) * (q * (log_q - log_m)).sum(-1))
+    elif kind in ("skew_forward", "skew_reverse"):
+        first, log_first, second = (p, log_p, q) if kind == "skew_forward" else (q, log_q, p)
+        # where first is 0 (an underflowed masked token) the term is 0; the mixture is set to 1
+        # there before the log, so that no log(0) sends NaN through the gradient
+        mixture = torch.where(first > 0, skew * first + (1.0 - skew) * second, 1.0)
+        divergence = (first * (log_first - mixture.log())).sum(-1)
+    else:
+        raise ValueError(f"no float64 reference for {kind!r}")
     per_position = temperature ** 2 * divergence
     ce = torch.zeros((), dtype=torch.float64)
     if target_ids is not None:
@@ -106,7 +114,7 @@ MASKED_COLUMNS = {"teacher": ([8, 9, 10], []), "student": ([], [0, 1]),
 
 def is_infinite(kind, teacher_columns, student_columns):
     """Forward KL is infinite where the student gives 0 to a token the teacher does not, reverse
-    KL the other way round; the JSD's mixture is never 0 where either is not."""
+    KL the other way round; the mixtures of the JSD and skew KL are never 0 where either is not."""
     if kind == "forward":
         return bool(set(student_columns) - set(teacher_columns))
     if kind == "reverse":

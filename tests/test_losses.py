@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from common.losses import (KL_KINDS, cross_entropy, distillation_loss, forward_kl,
-                           generalized_jsd, masked_mean, reverse_kl, shift_for_next_token)
+                           generalized_jsd, masked_mean, reverse_kl, shift_for_next_token,
+                           skew_forward_kl, skew_reverse_kl)
 from float32_error import (MASKED_COLUMNS, UNIT_ROUNDOFF, assert_close, is_infinite,
                            kd_loss_float64, large_logits, log_prob_scale, loss_roundings)
 
@@ -86,6 +87,30 @@ def test_jsd_matches_naive_mixture(logits):
     # symmetric JSD is bounded by log 2 (up to float32 error)
     error_bound = loss_roundings(11, 1) * UNIT_ROUNDOFF * 2 * log_prob_scale(student, teacher)
     assert (generalized_jsd(student, teacher, 0.5) <= math.log(2) + error_bound).all()
+
+
+@pytest.mark.parametrize("skew", [0.1, 0.5])
+def test_skew_kl_matches_naive_mixture_and_is_bounded(logits, skew):
+    """DistiLLM: skew forward KL = KL(p_t ‖ α p_t + (1−α) p_s), skew reverse KL = KL(p_s ‖ α p_s +
+    (1−α) p_t); each is at most log(1/α), even against a teacher that gives a token ~0, where
+    plain reverse KL grows without bound."""
+    student, teacher = logits
+    p_t, p_s = probs64(teacher), probs64(student)
+    assert_close_per_token(skew_forward_kl(student, teacher, skew),
+                           naive_kl(p_t, skew * p_t + (1 - skew) * p_s), student, teacher)
+    assert_close_per_token(skew_reverse_kl(student, teacher, skew),
+                           naive_kl(p_s, skew * p_s + (1 - skew) * p_t), student, teacher)
+    confident = teacher.clone()
+    confident[:, 0] = -60.0  # p_t ≈ 1e-26 where the student puts real mass
+    student = student.clone()
+    student[:, 0] = 8.0
+    error_bound = loss_roundings(11, 1) * UNIT_ROUNDOFF * 2 * log_prob_scale(student, confident)
+    assert (skew_reverse_kl(student, confident, skew) <= math.log(1 / skew) + error_bound).all()
+    assert (reverse_kl(student, confident) > 40).all()  # the unbounded plain reverse KL
+    assert torch.equal(distillation_loss(student, confident, "skew_reverse", skew=skew),
+                       skew_reverse_kl(student, confident, skew))
+    with pytest.raises(ValueError, match="skew"):
+        skew_reverse_kl(student, teacher, 0.0)
 
 
 def test_temperature_softens_and_scales_by_t_squared(logits):

@@ -1,6 +1,7 @@
 """on_policy.py: the on/off-policy draw, what on-policy steps supervise, and end-to-end runs."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -112,9 +113,11 @@ def test_lmbda_zero_step_equals_token_level(tiny, tmp_path):
 
 
 def test_end_to_end_lmbda_one_and_half(tiny, tmp_path):
-    run_script("on_policy.py", *args(tiny, tmp_path / "a", "--lmbda", "1.0", "--max-steps", "8"))
+    run_script("on_policy.py", *args(tiny, tmp_path / "a", "--lmbda", "1.0", "--max-steps", "8",
+                                     "--kl", "skew_reverse"))
     rows = metrics(tmp_path / "a")
     assert len(rows) == 8 and all(row["on_policy"] is True for row in rows)
+    assert all(0 <= row["kd"] <= math.log(1 / 0.1) + 1e-4 for row in rows)  # skew bounds it
     assert all(0 < row["sampled_length"] <= 12 for row in rows)
     AutoModelForCausalLM.from_pretrained(tmp_path / "a")
 
@@ -134,6 +137,7 @@ def test_end_to_end_lmbda_one_and_half(tiny, tmp_path):
 @pytest.mark.parametrize("extra, expected", [
     (["--lmbda", "1.5"], "--lmbda"),
     (["--kl", "jsd", "--beta", "0"], "--beta"),
+    (["--kl", "skew_reverse", "--skew", "1"], "--skew"),
     (["--student", "STUDENT_SP"], "cross_tokenizer.py"),
 ])
 def test_bad_input(tiny, tmp_path, extra, expected):

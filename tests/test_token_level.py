@@ -20,7 +20,7 @@ def base_args(tiny, output_dir, *extra):
             "--log-steps", "4", *extra]
 
 
-@pytest.mark.parametrize("kl", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("kl", ["forward", "reverse", "jsd", "skew_reverse"])
 def test_end_to_end_per_divergence(tiny, tmp_path, kl):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -151,6 +151,7 @@ BAD_INPUTS = {
     "mismatched tokenizers": (lambda t, p: ["--student", t / "student_sp"], "cross_tokenizer.py"),
     "bad alpha": (lambda t, p: ["--alpha", "1.5"], "--alpha"),
     "jsd endpoint beta": (lambda t, p: ["--kl", "jsd", "--beta", "1"], "--beta"),
+    "skew endpoint": (lambda t, p: ["--kl", "skew_forward", "--skew", "0"], "--skew"),
 }
 
 
