@@ -63,10 +63,16 @@ DEFAULT_BUDGET = {"max_steps": 300, "warm_steps": 150, "batch_size": 32, "learni
 # every row (the baselines get the same search), plus the method's own knob where it has one.
 LEARNING_RATES = (3e-4, 1e-3, 3e-3)
 METHOD_KNOBS = {
-    "token_level_forward": [[], ["--alpha", 0.5]],
-    "token_level_reverse": [[], ["--alpha", 0.5]],
-    # GKD's λ (all steps on-policy) and its often-best divergence, JSD(β = 0.9)
-    "on_policy": [[], ["--lmbda", 1.0], ["--kl", "jsd", "--beta", 0.9]],
+    # Hinton's softened targets; and the loss on the teacher's own greedy replies (sequence-level
+    # data with token-level targets, GKD's "supervised KD" on teacher outputs)
+    "token_level_forward": [[], ["--alpha", 0.5], ["--temperature", 2.0],
+                            ["--dataset", "{completions}"]],
+    # DistiLLM's skew reverse KL: reverse KL with each token's log-ratio bounded
+    "token_level_reverse": [[], ["--alpha", 0.5], ["--kl", "skew_reverse"]],
+    # GKD's λ (all steps on-policy) and its often-best divergence, JSD(β = 0.9); DistiLLM's skew
+    # reverse KL; off-policy steps on the teacher's replies instead of the ground truth
+    "on_policy": [[], ["--lmbda", 1.0], ["--kl", "jsd", "--beta", 0.9], ["--kl", "skew_reverse"],
+                  ["--completions", "{completions}"]],
     "cross_tokenizer": [[], ["--hybrid"]],
 }
 VALIDATION_ROWS = 250

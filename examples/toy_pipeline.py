@@ -118,9 +118,15 @@ def method_command(name, assets, student, completions, output_dir, budget, seed,
     """The argument list (script first) that runs stage 2 of row `name` into `output_dir`."""
     train = training_data(assets, budget.get("warm_steps", 0))["method"]
     teacher = assets["teacher"]
+    # "{completions}" in a row's flags names the teacher's replies to stage 2's prompts
+    flags = [completions if flag == "{completions}" else flag
+             for flag in settings.get("flags", [])]
+    if "--dataset" in flags:  # a row's own training data replaces stage 2's ground truth
+        index = flags.index("--dataset")
+        train, flags = flags[index + 1], flags[:index] + flags[index + 2:]
     common = ["--output-dir", output_dir, "--overwrite",
               *budget_flags(budget, seed, method_steps(budget), settings["learning_rate"]),
-              *settings.get("flags", [])]
+              *flags]
     if name in BASELINES:
         return ["sequence_level.py", "--student", student, "--completions", train, *common]
     if name == "sequence_level":
@@ -242,7 +248,7 @@ def settings_key(settings):
         if flag.startswith("--"):
             value = flags[index + 1] if index + 1 < len(flags) and \
                 not flags[index + 1].startswith("--") else "on"
-            parts.append(f"{flag[2:].replace('-', '')}{value}")
+            parts.append(f"{flag[2:].replace('-', '')}{value.strip('{}')}")
     return "_".join(parts)
 
 
