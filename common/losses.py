@@ -1,8 +1,8 @@
 """Distillation losses as pure functions over logits of supervised positions.
 
 Shapes: `student_logits` and `teacher_logits` are (N, V) for N supervised positions over the same
-V-token vocabulary; every function returns a per-token loss of shape (N,). Reduction is separate
-(`masked_mean`, or a sum divided by the token count of the whole accumulation window in the loop).
+V-token vocabulary; every function returns a per-token loss of shape (N,). Reduction is separate:
+the loop divides the sum by the supervised-token count of the whole accumulation window.
 
 Directions, with p_t the teacher's and p_s the student's next-token distribution:
 - forward KL = KL(p_t ‖ p_s) = Σ_v p_t(v) (log p_t(v) − log p_s(v))   mode-covering (Hinton)
@@ -133,12 +133,6 @@ def distillation_loss(student_logits, teacher_logits, kind="forward", temperatur
 def cross_entropy(student_logits, target_ids):
     """Next-token cross-entropy per token, shape (N,), in float32 (or float64)."""
     return F.cross_entropy(_at_least_float32(student_logits), target_ids, reduction="none")
-
-
-def masked_mean(values, mask):
-    """Mean of `values` where `mask` is true; 0 (not NaN) when nothing is selected."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def shift_for_next_token(logits, labels):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from common.losses import (KL_KINDS, cross_entropy, distillation_loss, forward_kl,
-                           generalized_jsd, masked_mean, reverse_kl, shift_for_next_token,
+                           generalized_jsd, reverse_kl, shift_for_next_token,
                            skew_forward_kl, skew_reverse_kl)
 from float32_error import (MASKED_COLUMNS, UNIT_ROUNDOFF, assert_close, is_infinite,
                            kd_loss_float64, large_logits, log_prob_scale, loss_roundings)
@@ -197,12 +197,6 @@ def test_large_logits_and_shifts_keep_float32_precision(kind, student_shift, tea
     (grad,) = torch.autograd.grad(loss.sum(), shifted)
     assert_close_per_token(loss, expected, student, teacher, temperature, temperature ** 2)
     assert_close(grad, expected_grad, 2 * loss_roundings(11, 1), what="gradient")
-
-
-def test_masked_mean_all_masked_is_zero_not_nan():
-    values = torch.tensor([1.0, 2.0, 3.0])
-    assert masked_mean(values, torch.zeros(3, dtype=torch.bool)).item() == 0.0
-    assert masked_mean(values, torch.tensor([True, False, True])).item() == pytest.approx(2.0)
 
 
 def test_all_masked_batch_selects_nothing_and_sums_to_zero():
