@@ -56,7 +56,8 @@ from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.errors import UserError, run_cli
 from common.losses import cross_entropy, shared_vocab_kl, uld_loss
-from common.models import check_vocab_fits, freeze, load_model, load_tokenizer, real_vocab_size
+from common.models import (check_vocab_fits, freeze, load_model, load_student, load_tokenizer,
+                           real_vocab_size)
 from common.sharding import prepare_teacher
 
 
@@ -224,8 +225,8 @@ def main(argv=None):
 
     teacher = freeze(load_model(model_args.teacher, model_args.dtype,
                                 model_args.trust_remote_code, "teacher"))
-    student = load_model(model_args.student, model_args.student_dtype,
-                         model_args.trust_remote_code, "student")
+    student = load_student(model_args.student, model_args.student_dtype,
+                        model_args.trust_remote_code)
     check_vocab_fits(teacher, teacher_tokenizer, "teacher")
     check_vocab_fits(student, tokenizer, "student")
     shared = None

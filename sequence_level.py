@@ -672,7 +672,7 @@ def main(argv=None):
     from common.distill import make_ce_loss_fn
     from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                    prepare_output_dir)
-    from common.models import check_vocab_fits, load_model, load_tokenizer, real_vocab_size
+    from common.models import check_vocab_fits, load_student, load_tokenizer, real_vocab_size
     from common.sharding import unsharded_loading
     from common.train import make_accelerator, train
 
@@ -728,8 +728,8 @@ def main(argv=None):
         with accelerator.main_process_first():
             eval_examples = encode_dataset(eval_data_args(data_args, train_args), encoder,
                                            log=accelerator.print)
-    student = load_model(model_args.student, model_args.student_dtype,
-                         model_args.trust_remote_code, "student")
+    student = load_student(model_args.student, model_args.student_dtype,
+                        model_args.trust_remote_code)
     check_vocab_fits(student, student_tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
