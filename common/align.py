@@ -233,6 +233,14 @@ def _components(node):
             yield from _components(value)
 
 
+def _swaps_space_and_marker(part):
+    """A Replace(' ', '▁') normalizer or Replace('▁', ' ') decoder. Compared as strings, not
+    searched for in json.dumps(part): that writes '▁' as '\\u2581'."""
+    pattern = part.get("pattern") or {}
+    return part.get("type") == "Replace" and {pattern.get("String"), part.get("content")} == {
+        " ", "▁"}
+
+
 def token_bytes(tokenizer):
     """The byte string each token id stands for (None for special tokens), shape [len(tokenizer)].
 
@@ -240,13 +248,13 @@ def token_bytes(tokenizer):
     conventions ('▁' = space, '<0xNN>' byte-fallback tokens) and plain vocabularies.
     """
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    parts = list(_components([spec.get("pre_tokenizer"), spec.get("decoder")]))
+    parts = list(_components([spec.get("normalizer"), spec.get("pre_tokenizer"),
+                              spec.get("decoder")]))
     byte_level = any(p.get("type") == "ByteLevel" for p in parts)
     metaspace = next((p.get("replacement", "▁") for p in parts if p.get("type") == "Metaspace"),
                      None)
-    if metaspace is None and any(p.get("type") == "Replace" and "▁" in json.dumps(p)
-                                 for p in parts):
-        metaspace = "▁"  # older SentencePiece conversions: Replace('▁', ' ') in the decoder
+    if metaspace is None and any(_swaps_space_and_marker(p) for p in parts):
+        metaspace = "▁"  # Llama-2, Mistral, Gemma conversions: Replace rules, no Metaspace
     byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
     unicode_to_byte = _gpt2_unicode_to_byte() if byte_level else None
     added = {index: token for index, token in tokenizer.added_tokens_decoder.items()}

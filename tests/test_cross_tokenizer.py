@@ -215,6 +215,27 @@ def test_shared_vocabulary_maps_both_space_and_byte_conventions(tokenizers):
     assert all(student_bytes[s] == teacher_bytes[t] for s, t in zip(student_ids, teacher_ids))
 
 
+def test_hybrid_shares_the_same_strings_for_replace_rule_and_metaspace_tokenizers(tiny,
+                                                                                   tmp_path):
+    """Llama-2 / Mistral / Gemma conversions mark spaces with Replace rules, not a Metaspace
+    pre-tokenizer: their '▁have' is b" have" all the same, shared with the teacher's 'Ġhave'."""
+    from examples.tiny_setup import build_sentencepiece_tokenizer, toy_conversations
+
+    rows = toy_conversations(80)  # the rows build() trains on
+    teacher = AutoTokenizer.from_pretrained(tiny / "teacher")
+    shared = {}
+    for space_rule in ("metaspace", "replace"):
+        build_sentencepiece_tokenizer(rows, space_rule=space_rule).save_pretrained(
+            tmp_path / space_rule)
+        student = AutoTokenizer.from_pretrained(tmp_path / space_rule)
+        shared[space_rule] = shared_vocabulary(student, teacher)
+    spec = json.loads(student.backend_tokenizer.to_str())  # the Replace-rule twin, as saved
+    assert spec["pre_tokenizer"] is None and "Replace" in json.dumps(spec["normalizer"])
+    assert shared["replace"] == shared["metaspace"]
+    words = [t for t in teacher.convert_ids_to_tokens(shared["replace"][1]) if t.startswith("Ġ")]
+    assert len(words) > 20
+
+
 # --- the loss -----------------------------------------------------------------------------------
 
 def permuted(logits, seed):
