@@ -201,8 +201,8 @@ def main(argv=None):
     check_offsets(teacher_tokenizer, "teacher")
     check_offsets(tokenizer, "student")
     # Each model keeps its own template: its logits only make sense in the format it knows.
-    ensure_chat_template(teacher_tokenizer)
-    ensure_chat_template(tokenizer)
+    ensure_chat_template(teacher_tokenizer, "teacher", model_args.chat_template)
+    ensure_chat_template(tokenizer, "student", model_args.chat_template)
 
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)

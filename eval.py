@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from common.args import DataArguments, parse_args
+from common.chat import read_chat_template
 from common.errors import UserError, run_cli
 
 # Trailing sentence punctuation dropped for exact match ("42." == "42"); brackets and quotes stay.
@@ -73,8 +74,14 @@ class EvalArguments:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Allow models/tokenizers that ship their own Python code (trusted repos only)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bars."})
+    chat_template: Optional[str] = field(default=None, metadata={
+        "help": "Jinja chat template file for every model whose tokenizer has none (a base model, "
+                "a GGUF conversion). Default: the generic <|user|>/<|assistant|> template of "
+                "docs/data_and_masking.md, with a warning."})
 
     def __post_init__(self):
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)  # a bad path fails now, not after loading
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
@@ -567,7 +574,8 @@ def main(argv=None):
         entries.insert(0, (eval_args.teacher, True))
     # Tokenizers first: a misspelled model fails in seconds, not after the others are scored.
     tokenizers = {name: ensure_chat_template(
-        load_tokenizer(name, eval_args.trust_remote_code, "teacher" if is_teacher else "model"))
+        load_tokenizer(name, eval_args.trust_remote_code, "teacher" if is_teacher else "model"),
+        "teacher" if is_teacher else "model", eval_args.chat_template)
         for name, is_teacher in entries}
     log(f"{len(samples)} conversations from {data_args.dataset}"
         + (f" (warning: {skip_note})" if skip_note else ""))

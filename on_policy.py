@@ -197,7 +197,7 @@ def main(argv=None):
     teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code, "teacher")
     tokenizer = load_tokenizer(model_args.student, model_args.trust_remote_code, "student")
     check_same_tokenizer(teacher_tokenizer, tokenizer, model_args.teacher, model_args.student)
-    use_teacher_template(tokenizer, teacher_tokenizer)
+    use_teacher_template(tokenizer, teacher_tokenizer, model_args.chat_template)
 
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)

@@ -393,7 +393,8 @@ def generate_local(model_args, data_args, seq_args, jobs, writer, device):
     from common.models import freeze, load_model, load_tokenizer
 
     tokenizer = ensure_chat_template(load_tokenizer(model_args.teacher,
-                                                    model_args.trust_remote_code, "teacher"))
+                                                    model_args.trust_remote_code, "teacher"),
+                                     "teacher", model_args.chat_template)
     stop_ids = {ChatEncoder(tokenizer, data_args.max_length).end_of_turn_token_id,
                 tokenizer.eos_token_id}
     encoded, too_long = [], 0
@@ -695,7 +696,8 @@ def main(argv=None):
     student_tokenizer = None
     if model_args.student:  # load early: a bad student path should fail before any generation
         student_tokenizer = ensure_chat_template(load_tokenizer(
-            model_args.student, model_args.trust_remote_code, "student"))
+            model_args.student, model_args.trust_remote_code, "student"), "student",
+            model_args.chat_template)
 
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)

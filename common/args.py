@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 from transformers import HfArgumentParser
 
+from common.chat import read_chat_template
 from common.errors import UserError
 
 
@@ -33,8 +34,14 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Allow models/tokenizers that ship their own Python code. Off by default: "
                 "only enable it for repositories you trust."})
+    chat_template: Optional[str] = field(default=None, metadata={
+        "help": "Jinja chat template file for a teacher or student whose tokenizer has none (a "
+                "base model, a GGUF conversion). Default: the generic <|user|>/<|assistant|> "
+                "template of docs/data_and_masking.md, with a warning."})
 
     def __post_init__(self):
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)  # a bad path fails now, not after loading
         if self.student_dtype is None:
             self.student_dtype = self.dtype
         if self.student_dtype == "float16" and not has_accelerator():

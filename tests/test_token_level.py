@@ -159,6 +159,28 @@ def test_bfloat16_student_only_when_asked_and_with_a_warning(tiny, tmp_path, cap
         "--student-dtype float32 --mixed-precision bf16" in warning[0]
 
 
+def test_models_without_a_chat_template_warn_or_take_the_given_one(tiny, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    for name in ("teacher", "student"):  # as a base model or a GGUF conversion comes
+        shutil.copytree(tiny / name, tmp_path / name)
+        (tmp_path / name / "chat_template.jinja").unlink()
+        assert AutoTokenizer.from_pretrained(tmp_path / name).chat_template is None
+    args = ["--teacher", tmp_path / "teacher", "--student", tmp_path / "student",
+            "--max-steps", "1"]
+    result = run_script("token_level.py", *base_args(tiny, tmp_path / "default", *args))
+    warnings = [line for line in result.stderr.splitlines() if "chat template" in line]
+    assert len(warnings) == 1 and "--chat-template FILE" in warnings[0], warnings
+    template = (tiny / "teacher" / "chat_template.jinja").read_text()
+    (tmp_path / "template.jinja").write_text(template)
+    result = run_script("token_level.py", *base_args(tiny, tmp_path / "given", *args,
+                                                     "--chat-template", tmp_path / "template.jinja"))
+    assert "chat template" not in result.stderr
+    assert AutoTokenizer.from_pretrained(tmp_path / "given").chat_template == template
+
+
 # --- bad input: one line on stderr, exit status 2, nothing written --------------------------------
 
 def run_main(argv):
@@ -194,6 +216,8 @@ BAD_INPUTS = {
     "mismatched tokenizers": (lambda t, p: ["--student", t / "student_sp"], "cross_tokenizer.py"),
     "bad alpha": (lambda t, p: ["--alpha", "1.5"], "--alpha"),
     "jsd endpoint beta": (lambda t, p: ["--kl", "jsd", "--beta", "1"], "--beta"),
+    "missing chat template file": (lambda t, p: ["--chat-template", p / "nope.jinja"],
+                                   "cannot be read"),
 }
 
 
