@@ -399,14 +399,21 @@ def evaluate_model(name, model, tokenizer, samples, eval_args, data_args, teache
     replies, generated_tokens, seconds, stopped = generate_replies(
         model, tokenizer, encoder, samples, eval_args)
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordTokenizer())
-    scored = [(reply, sample) for reply, sample in zip(replies, samples) if reply is not None]
-    result["rouge_l"] = sum(rouge_l(r, s.reference, scorer) for r, s in scored) / len(scored)
-    result["exact_match"] = sum(exact_match(r, s.reference, s.answers)
-                                for r, s in scored) / len(scored)
+    # One entry per conversation, in dataset order, so that the --output JSON shows every reply
+    # with its scores (None where the prompt could not be rendered or left no room to generate).
+    rows = [{"prompt": sample.prompt_messages[-1]["content"], "reference": sample.reference,
+             "reply": reply,
+             "exact_match": None if reply is None else exact_match(reply, sample.reference,
+                                                                   sample.answers),
+             "rouge_l": None if reply is None else rouge_l(reply, sample.reference, scorer)}
+            for reply, sample in zip(replies, samples)]
+    scored = [row for row in rows if row["reply"] is not None]
+    result["rouge_l"] = sum(row["rouge_l"] for row in scored) / len(scored)
+    result["exact_match"] = sum(row["exact_match"] for row in scored) / len(scored)
     result.update(tokens_per_second=generated_tokens / max(seconds, 1e-9),
                   generated_tokens=generated_tokens, generation_seconds=seconds,
                   stopped_fraction=stopped, generated_replies=len(scored),
-                  example_reply=scored[0][0])
+                  example_reply=scored[0]["reply"], replies=rows)
     return result
 
 
