@@ -192,15 +192,22 @@ def score_references(model, examples, vocab_size, batch_size, pad_token_id, teac
     Returns {"tokens", "nll"} and, with a teacher fed the same input ids, {"kl", "top1"}: the summed
     KL(p_teacher ‖ p_model) and the count of positions where both argmaxes agree. Only the first
     `vocab_size` logits count (the tokenizer's real ids; embeddings may have padded rows).
+
+    Memory: logits exist only at scored positions, a chunk of positions at a time (about 128 MiB
+    of float32 logits per model), as in training (common/distill.py): at a 262,144-token
+    vocabulary full logits at every position would be the largest tensors by far.
     """
     import torch
     from tqdm.auto import tqdm
 
     from common.chat import collate
-    from common.losses import cross_entropy, forward_kl, shift_for_next_token
+    from common.chunked import auto_chunk_size
+    from common.losses import cross_entropy, forward_kl
 
     device = next(model.parameters()).device
     totals = {"tokens": 0, "nll": 0.0, "kl": 0.0, "top1": 0}
+    chunk_size = auto_chunk_size(vocab_size)
+    heads = {}
     # Similar lengths together waste less padding; the sums do not depend on the order.
     examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     starts = range(0, len(examples), batch_size)
@@ -208,23 +215,38 @@ def score_references(model, examples, vocab_size, batch_size, pad_token_id, teac
         for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in
                      collate(examples[start:start + batch_size], pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-            model_logits, targets = shift_for_next_token(logits, batch["labels"])
-            del logits
-            model_logits = model_logits[:, :vocab_size].float()
+            model_outputs = scored_outputs(model, batch, heads)
+            teacher_outputs = None if teacher is None else scored_outputs(teacher, batch, heads)
+            targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
             totals["tokens"] += targets.numel()
-            totals["nll"] += cross_entropy(model_logits, targets).sum().item()
-            if teacher is not None:
-                teacher_logits, _ = shift_for_next_token(
-                    teacher(input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"]).logits, batch["labels"])
-                teacher_logits = teacher_logits[:, :vocab_size].float()
-                totals["kl"] += forward_kl(model_logits, teacher_logits).sum().item()
-                totals["top1"] += (model_logits.argmax(-1) ==
-                                   teacher_logits.argmax(-1)).sum().item()
-                del teacher_logits
+            for rows in torch.arange(targets.numel(), device=device).split(chunk_size):
+                model_logits = heads[id(model)](model_outputs[rows])[:, :vocab_size].float()
+                totals["nll"] += cross_entropy(model_logits, targets[rows]).sum().item()
+                if teacher is not None:
+                    teacher_logits = heads[id(teacher)](teacher_outputs[rows])[:, :vocab_size]
+                    teacher_logits = teacher_logits.float()
+                    totals["kl"] += forward_kl(model_logits, teacher_logits).sum().item()
+                    totals["top1"] += (model_logits.argmax(-1) ==
+                                       teacher_logits.argmax(-1)).sum().item()
     return totals
+
+
+def scored_outputs(model, batch, heads):
+    """What predicts each supervised token of `batch` (position t predicts label t+1): the final
+    hidden states (N, H) when `model`'s logits are its output layer applied to them, else its
+    logits (N, V). heads[id(model)] (set on first use) turns a chunk of these into logits."""
+    from common.distill import output_layer_passes_hidden_states, why_output_layer_is_not_plain
+
+    if id(model) not in heads:
+        plain = why_output_layer_is_not_plain(model, batch["input_ids"],
+                                              batch["attention_mask"]) is None
+        heads[id(model)] = model.get_output_embeddings() if plain else (lambda logits: logits)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    supervised = batch["labels"][:, 1:] != -100
+    if heads[id(model)] is model.get_output_embeddings():
+        with output_layer_passes_hidden_states(model):
+            return model(**inputs).logits[:, :-1][supervised]
+    return model(**inputs).logits[:, :-1][supervised]
 
 
 def context_length(model):

@@ -189,6 +189,36 @@ def test_teacher_against_itself_has_zero_kl_and_full_top1_agreement(tiny, teache
     assert totals["top1"] == totals["tokens"]
 
 
+def test_logits_are_made_only_at_scored_positions_a_chunk_at_a_time(tiny, student, teacher,
+                                                                    monkeypatch):
+    """At a 262,144-token vocabulary full logits at every position were the largest tensors of
+    eval.py: both output layers now see scored positions only, a chunk of positions per call."""
+    import common.chunked
+
+    monkeypatch.setattr(common.chunked, "auto_chunk_size", lambda vocab_size: 4)
+    (model, tokenizer), (teacher_model, _) = student, teacher
+    _, examples = eval_script.encode_for(tokenizer, tiny_samples(tiny, 6), 1024, "student")
+    calls = []
+
+    def record(layer, inputs, output):  # the positions each real projection is applied to
+        if output.shape[-1] == layer.out_features:  # not the hidden-state pass-through
+            calls.append(tuple(inputs[0].shape[:-1]))
+
+    hooks = [m.get_output_embeddings().register_forward_hook(record)
+             for m in (model, teacher_model)]
+    try:
+        totals = eval_script.score_references(model, examples, len(tokenizer), 4,
+                                              tokenizer.pad_token_id, teacher=teacher_model,
+                                              progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    chunks = [shape[0] for shape in calls if len(shape) == 1]
+    assert max(chunks) == 4 and sum(chunks) == 2 * totals["tokens"]
+    # Whole sequences reach an output layer only in the 16-token probe that checks it is plain.
+    assert all(shape[0] * shape[1] <= 16 for shape in calls if len(shape) == 2)
+
+
 def hand_agreement(student_model, teacher_model, tokenizer, conversations):
     """(mean KL(p_teacher ‖ p_student), top-1 agreement) over supervised positions: unpadded
     forwards, real vocabulary only (the tiny teacher's embedding is padded by 37 rows), the KL
