@@ -56,7 +56,8 @@ from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.errors import UserError, run_cli
 from common.losses import cross_entropy, shared_vocab_kl, uld_loss
-from common.models import check_vocab_fits, freeze, load_model, load_tokenizer, real_vocab_size
+from common.models import (check_vocab_fits, freeze, load_model, load_student, load_tokenizer,
+                           real_vocab_size)
 from common.sharding import prepare_teacher
 
 
@@ -200,8 +201,8 @@ def main(argv=None):
     check_offsets(teacher_tokenizer, "teacher")
     check_offsets(tokenizer, "student")
     # Each model keeps its own template: its logits only make sense in the format it knows.
-    ensure_chat_template(teacher_tokenizer)
-    ensure_chat_template(tokenizer)
+    ensure_chat_template(teacher_tokenizer, "teacher", model_args.chat_template)
+    ensure_chat_template(tokenizer, "student", model_args.chat_template)
 
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
@@ -224,8 +225,8 @@ def main(argv=None):
 
     teacher = freeze(load_model(model_args.teacher, model_args.dtype,
                                 model_args.trust_remote_code, "teacher"))
-    student = load_model(model_args.student, model_args.student_dtype,
-                         model_args.trust_remote_code, "student")
+    student = load_student(model_args.student, model_args.student_dtype,
+                        model_args.trust_remote_code)
     check_vocab_fits(teacher, teacher_tokenizer, "teacher")
     check_vocab_fits(student, tokenizer, "student")
     shared = None

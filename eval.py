@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from common.args import DataArguments, parse_args
+from common.chat import read_chat_template
 from common.errors import UserError, run_cli
 
 # Trailing sentence punctuation dropped for exact match ("42." == "42"); brackets and quotes stay.
@@ -73,8 +74,14 @@ class EvalArguments:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Allow models/tokenizers that ship their own Python code (trusted repos only)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bars."})
+    chat_template: Optional[str] = field(default=None, metadata={
+        "help": "Jinja chat template file for every model whose tokenizer has none (a base model, "
+                "a GGUF conversion). Default: the generic <|user|>/<|assistant|> template of "
+                "docs/data_and_masking.md, with a warning."})
 
     def __post_init__(self):
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)  # a bad path fails now, not after loading
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
@@ -185,15 +192,22 @@ def score_references(model, examples, vocab_size, batch_size, pad_token_id, teac
     Returns {"tokens", "nll"} and, with a teacher fed the same input ids, {"kl", "top1"}: the summed
     KL(p_teacher ‖ p_model) and the count of positions where both argmaxes agree. Only the first
     `vocab_size` logits count (the tokenizer's real ids; embeddings may have padded rows).
+
+    Memory: logits exist only at scored positions, a chunk of positions at a time (about 128 MiB
+    of float32 logits per model), as in training (common/distill.py): at a 262,144-token
+    vocabulary full logits at every position would be the largest tensors by far.
     """
     import torch
     from tqdm.auto import tqdm
 
     from common.chat import collate
-    from common.losses import cross_entropy, forward_kl, shift_for_next_token
+    from common.chunked import auto_chunk_size
+    from common.losses import cross_entropy, forward_kl
 
     device = next(model.parameters()).device
     totals = {"tokens": 0, "nll": 0.0, "kl": 0.0, "top1": 0}
+    chunk_size = auto_chunk_size(vocab_size)
+    heads = {}
     # Similar lengths together waste less padding; the sums do not depend on the order.
     examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     starts = range(0, len(examples), batch_size)
@@ -201,23 +215,38 @@ def score_references(model, examples, vocab_size, batch_size, pad_token_id, teac
         for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in
                      collate(examples[start:start + batch_size], pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-            model_logits, targets = shift_for_next_token(logits, batch["labels"])
-            del logits
-            model_logits = model_logits[:, :vocab_size].float()
+            model_outputs = scored_outputs(model, batch, heads)
+            teacher_outputs = None if teacher is None else scored_outputs(teacher, batch, heads)
+            targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
             totals["tokens"] += targets.numel()
-            totals["nll"] += cross_entropy(model_logits, targets).sum().item()
-            if teacher is not None:
-                teacher_logits, _ = shift_for_next_token(
-                    teacher(input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"]).logits, batch["labels"])
-                teacher_logits = teacher_logits[:, :vocab_size].float()
-                totals["kl"] += forward_kl(model_logits, teacher_logits).sum().item()
-                totals["top1"] += (model_logits.argmax(-1) ==
-                                   teacher_logits.argmax(-1)).sum().item()
-                del teacher_logits
+            for rows in torch.arange(targets.numel(), device=device).split(chunk_size):
+                model_logits = heads[id(model)](model_outputs[rows])[:, :vocab_size].float()
+                totals["nll"] += cross_entropy(model_logits, targets[rows]).sum().item()
+                if teacher is not None:
+                    teacher_logits = heads[id(teacher)](teacher_outputs[rows])[:, :vocab_size]
+                    teacher_logits = teacher_logits.float()
+                    totals["kl"] += forward_kl(model_logits, teacher_logits).sum().item()
+                    totals["top1"] += (model_logits.argmax(-1) ==
+                                       teacher_logits.argmax(-1)).sum().item()
     return totals
+
+
+def scored_outputs(model, batch, heads):
+    """What predicts each supervised token of `batch` (position t predicts label t+1): the final
+    hidden states (N, H) when `model`'s logits are its output layer applied to them, else its
+    logits (N, V). heads[id(model)] (set on first use) turns a chunk of these into logits."""
+    from common.distill import output_layer_passes_hidden_states, why_output_layer_is_not_plain
+
+    if id(model) not in heads:
+        plain = why_output_layer_is_not_plain(model, batch["input_ids"],
+                                              batch["attention_mask"]) is None
+        heads[id(model)] = model.get_output_embeddings() if plain else (lambda logits: logits)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    supervised = batch["labels"][:, 1:] != -100
+    if heads[id(model)] is model.get_output_embeddings():
+        with output_layer_passes_hidden_states(model):
+            return model(**inputs).logits[:, :-1][supervised]
+    return model(**inputs).logits[:, :-1][supervised]
 
 
 def context_length(model):
@@ -392,14 +421,21 @@ def evaluate_model(name, model, tokenizer, samples, eval_args, data_args, teache
     replies, generated_tokens, seconds, stopped = generate_replies(
         model, tokenizer, encoder, samples, eval_args)
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordTokenizer())
-    scored = [(reply, sample) for reply, sample in zip(replies, samples) if reply is not None]
-    result["rouge_l"] = sum(rouge_l(r, s.reference, scorer) for r, s in scored) / len(scored)
-    result["exact_match"] = sum(exact_match(r, s.reference, s.answers)
-                                for r, s in scored) / len(scored)
+    # One entry per conversation, in dataset order, so that the --output JSON shows every reply
+    # with its scores (None where the prompt could not be rendered or left no room to generate).
+    rows = [{"prompt": sample.prompt_messages[-1]["content"], "reference": sample.reference,
+             "reply": reply,
+             "exact_match": None if reply is None else exact_match(reply, sample.reference,
+                                                                   sample.answers),
+             "rouge_l": None if reply is None else rouge_l(reply, sample.reference, scorer)}
+            for reply, sample in zip(replies, samples)]
+    scored = [row for row in rows if row["reply"] is not None]
+    result["rouge_l"] = sum(row["rouge_l"] for row in scored) / len(scored)
+    result["exact_match"] = sum(row["exact_match"] for row in scored) / len(scored)
     result.update(tokens_per_second=generated_tokens / max(seconds, 1e-9),
                   generated_tokens=generated_tokens, generation_seconds=seconds,
                   stopped_fraction=stopped, generated_replies=len(scored),
-                  example_reply=scored[0][0])
+                  example_reply=scored[0]["reply"], replies=rows)
     return result
 
 
@@ -567,7 +603,8 @@ def main(argv=None):
         entries.insert(0, (eval_args.teacher, True))
     # Tokenizers first: a misspelled model fails in seconds, not after the others are scored.
     tokenizers = {name: ensure_chat_template(
-        load_tokenizer(name, eval_args.trust_remote_code, "teacher" if is_teacher else "model"))
+        load_tokenizer(name, eval_args.trust_remote_code, "teacher" if is_teacher else "model"),
+        "teacher" if is_teacher else "model", eval_args.chat_template)
         for name, is_teacher in entries}
     log(f"{len(samples)} conversations from {data_args.dataset}"
         + (f" (warning: {skip_note})" if skip_note else ""))

@@ -44,7 +44,7 @@ from common.checkpoint import (check_output_dir, finish_run, make_run_config,
 from common.distill import make_kd_loss_fn
 from common.errors import UserError, run_cli
 from common.models import (check_same_tokenizer, check_vocab_fits, freeze, load_model,
-                           load_tokenizer, real_vocab_size)
+                           load_student, load_tokenizer, real_vocab_size)
 from common.sharding import full_params_for_generation, prepare_teacher
 
 
@@ -205,7 +205,7 @@ def main(argv=None):
     teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code, "teacher")
     tokenizer = load_tokenizer(model_args.student, model_args.trust_remote_code, "student")
     check_same_tokenizer(teacher_tokenizer, tokenizer, model_args.teacher, model_args.student)
-    use_teacher_template(tokenizer, teacher_tokenizer)
+    use_teacher_template(tokenizer, teacher_tokenizer, model_args.chat_template)
 
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
@@ -217,8 +217,8 @@ def main(argv=None):
 
     teacher = freeze(load_model(model_args.teacher, model_args.dtype,
                                 model_args.trust_remote_code, "teacher"))
-    student = load_model(model_args.student, model_args.student_dtype,
-                         model_args.trust_remote_code, "student")
+    student = load_student(model_args.student, model_args.student_dtype,
+                        model_args.trust_remote_code)
     check_vocab_fits(teacher, tokenizer, "teacher")
     check_vocab_fits(student, tokenizer, "student")
     if train_args.gradient_checkpointing:

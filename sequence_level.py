@@ -393,7 +393,8 @@ def generate_local(model_args, data_args, seq_args, jobs, writer, device):
     from common.models import freeze, load_model, load_tokenizer
 
     tokenizer = ensure_chat_template(load_tokenizer(model_args.teacher,
-                                                    model_args.trust_remote_code, "teacher"))
+                                                    model_args.trust_remote_code, "teacher"),
+                                     "teacher", model_args.chat_template)
     stop_ids = {ChatEncoder(tokenizer, data_args.max_length).end_of_turn_token_id,
                 tokenizer.eos_token_id}
     encoded, too_long = [], 0
@@ -672,7 +673,7 @@ def main(argv=None):
     from common.distill import make_ce_loss_fn
     from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                    prepare_output_dir)
-    from common.models import check_vocab_fits, load_model, load_tokenizer, real_vocab_size
+    from common.models import check_vocab_fits, load_student, load_tokenizer, real_vocab_size
     from common.sharding import unsharded_loading
     from common.train import make_accelerator, train
 
@@ -695,7 +696,8 @@ def main(argv=None):
     student_tokenizer = None
     if model_args.student:  # load early: a bad student path should fail before any generation
         student_tokenizer = ensure_chat_template(load_tokenizer(
-            model_args.student, model_args.trust_remote_code, "student"))
+            model_args.student, model_args.trust_remote_code, "student"), "student",
+            model_args.chat_template)
 
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
@@ -728,8 +730,8 @@ def main(argv=None):
         with accelerator.main_process_first():
             eval_examples = encode_dataset(eval_data_args(data_args, train_args), encoder,
                                            log=accelerator.print)
-    student = load_model(model_args.student, model_args.student_dtype,
-                         model_args.trust_remote_code, "student")
+    student = load_student(model_args.student, model_args.student_dtype,
+                        model_args.trust_remote_code)
     check_vocab_fits(student, student_tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()

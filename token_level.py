@@ -40,7 +40,7 @@ from common.checkpoint import (check_output_dir, finish_run, make_run_config,
 from common.distill import make_ce_loss_fn, make_kd_loss_fn
 from common.errors import UserError, run_cli
 from common.models import (check_same_tokenizer, check_vocab_fits, freeze, load_model,
-                           load_tokenizer, real_vocab_size)
+                           load_student, load_tokenizer, real_vocab_size)
 from common.sharding import prepare_teacher
 
 
@@ -122,7 +122,7 @@ def main(argv=None):
         teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code,
                                            "teacher")
         check_same_tokenizer(teacher_tokenizer, tokenizer, model_args.teacher, model_args.student)
-        use_teacher_template(tokenizer, teacher_tokenizer)
+        use_teacher_template(tokenizer, teacher_tokenizer, model_args.chat_template)
 
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
@@ -161,8 +161,8 @@ def main(argv=None):
         loss_fn = make_kd_loss_fn(accelerator, load_teacher(), vocab_size, kd_args.kl,
                                   kd_args.temperature, kd_args.beta, kd_args.alpha,
                                   loss_chunk_size=kd_args.loss_chunk_size, skew=kd_args.skew)
-    student = load_model(model_args.student, model_args.student_dtype,
-                         model_args.trust_remote_code, "student")
+    student = load_student(model_args.student, model_args.student_dtype,
+                           model_args.trust_remote_code)
     check_vocab_fits(student, tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()

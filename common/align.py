@@ -16,8 +16,9 @@ characters absorb what differs:
 `align_spans` then pairs every student token with the teacher token, among those whose span
 overlaps it, whose end offset is closest (ties: closest start, then order within a group of tokens
 with identical offsets, which is how a multi-byte character split into byte tokens looks on either
-side). A student token no teacher token overlaps (its reply was cut shorter on the teacher side by
---max-length) has no partner and is left out of training.
+side). The teacher's first reply token also covers -1, so leading whitespace only the student keeps
+has a partner. A student token no teacher token overlaps (its reply was cut shorter on the teacher
+side by --max-length) has no partner and is left out of training.
 
 `encode_pair` puts the two together for one conversation: the student's `input_ids`, `labels` (-100
 except on student reply tokens that have a partner) and `teacher_positions` (the teacher position of
@@ -124,9 +125,16 @@ def align_spans(student_spans, teacher_spans):
     and ends non-decreasing). Candidates are the teacher spans that overlap the student span; the
     partner is the one whose end is closest, then whose start is closest; within a group of
     identical teacher spans (bytes of one character) the k-th student token with identical offsets
-    takes the k-th teacher token of the group (the last one when the group is shorter).
+    takes the k-th teacher token of the group (the last one when the group is shorter). The
+    first teacher span counts as starting at -1 or before.
     """
     teacher_starts = [start for start, _ in teacher_spans]
+    if teacher_starts:
+        # The teacher's first reply token also covers the virtual character before the reply:
+        # whitespace only the student keeps there, alone or merged with the header's newline
+        # ("\n " under a template whose generation prompt ends in "\n"), is predicted at the same
+        # point of the text, and pairs with it instead of being left out.
+        teacher_starts[0] = min(teacher_starts[0], -1)
     teacher_ends = [end for _, end in teacher_spans]
     partners, previous_span, rank = [], None, 0
     for student_start, student_end in student_spans:
@@ -233,6 +241,14 @@ def _components(node):
             yield from _components(value)
 
 
+def _swaps_space_and_marker(part):
+    """A Replace(' ', '▁') normalizer or Replace('▁', ' ') decoder. Compared as strings, not
+    searched for in json.dumps(part): that writes '▁' as '\\u2581'."""
+    pattern = part.get("pattern") or {}
+    return part.get("type") == "Replace" and {pattern.get("String"), part.get("content")} == {
+        " ", "▁"}
+
+
 def token_bytes(tokenizer):
     """The byte string each token id stands for (None for special tokens), shape [len(tokenizer)].
 
@@ -240,13 +256,13 @@ def token_bytes(tokenizer):
     conventions ('▁' = space, '<0xNN>' byte-fallback tokens) and plain vocabularies.
     """
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    parts = list(_components([spec.get("pre_tokenizer"), spec.get("decoder")]))
+    parts = list(_components([spec.get("normalizer"), spec.get("pre_tokenizer"),
+                              spec.get("decoder")]))
     byte_level = any(p.get("type") == "ByteLevel" for p in parts)
     metaspace = next((p.get("replacement", "▁") for p in parts if p.get("type") == "Metaspace"),
                      None)
-    if metaspace is None and any(p.get("type") == "Replace" and "▁" in json.dumps(p)
-                                 for p in parts):
-        metaspace = "▁"  # older SentencePiece conversions: Replace('▁', ' ') in the decoder
+    if metaspace is None and any(_swaps_space_and_marker(p) for p in parts):
+        metaspace = "▁"  # Llama-2, Mistral, Gemma conversions: Replace rules, no Metaspace
     byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
     unicode_to_byte = _gpt2_unicode_to_byte() if byte_level else None
     added = {index: token for index, token in tokenizer.added_tokens_decoder.items()}

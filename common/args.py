@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 from transformers import HfArgumentParser
 
+from common.chat import read_chat_template
 from common.errors import UserError
 
 
@@ -23,16 +24,24 @@ class ModelArguments:
     student: Optional[str] = field(default=None, metadata={
         "help": "Student to train: a local model directory or a Hugging Face Hub id."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "Weight dtype for loading both models ('auto' = as stored in the checkpoint). "
-                "For GPU training prefer float32 weights with --mixed-precision bf16."})
+        "help": "Weight dtype for loading both models ('auto' = as stored in the checkpoint for "
+                "the teacher, float32 for the student). For bf16 compute keep the student's "
+                "weights float32 and pass --mixed-precision bf16."})
     student_dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = field(
         default=None, metadata={"help": "Override --dtype for the student only (the trained "
-                                        "weights and optimizer state use it)."})
+                                        "weights and optimizer state use it; 'auto' = float32, "
+                                        "bfloat16/float16 = pure low-precision training)."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Allow models/tokenizers that ship their own Python code. Off by default: "
                 "only enable it for repositories you trust."})
+    chat_template: Optional[str] = field(default=None, metadata={
+        "help": "Jinja chat template file for a teacher or student whose tokenizer has none (a "
+                "base model, a GGUF conversion). Default: the generic <|user|>/<|assistant|> "
+                "template of docs/data_and_masking.md, with a warning."})
 
     def __post_init__(self):
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)  # a bad path fails now, not after loading
         if self.student_dtype is None:
             self.student_dtype = self.dtype
         if self.student_dtype == "float16" and not has_accelerator():

@@ -23,6 +23,7 @@ writes after an assistant reply, up to and including its first special token (`<
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import NamedTuple
 
 from common.errors import UserError
@@ -45,19 +46,52 @@ class SkipRow(Exception):
     """This conversation cannot be used; the message is the reason, counted in a warning."""
 
 
-def ensure_chat_template(tokenizer, fallback_template=None):
-    """Give a template-less tokenizer `fallback_template` (or the documented default)."""
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = fallback_template or DEFAULT_CHAT_TEMPLATE
+def read_chat_template(path):
+    """The text of a --chat-template file."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise UserError(f"--chat-template {path} cannot be read ({reason}); pass a Jinja chat "
+                        f"template file (a model's chat_template.jinja)") from None
+    if not text.strip():
+        raise UserError(f"--chat-template {path} is empty; pass a Jinja chat template file")
+    return text
+
+
+_TEMPLATE_WARNINGS = set()
+
+
+def ensure_chat_template(tokenizer, what="model", chat_template_file=None):
+    """Give a tokenizer that ships no chat template (a base model, a GGUF conversion) the
+    --chat-template file, else the documented default, which it was never trained on: that one
+    is said once per model."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer
+    if chat_template_file:
+        tokenizer.chat_template = read_chat_template(chat_template_file)
+        return tokenizer
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    name = getattr(tokenizer, "name_or_path", "") or "?"
+    if name not in _TEMPLATE_WARNINGS and os.environ.get("RANK", "0") == "0":
+        _TEMPLATE_WARNINGS.add(name)
+        print(f"warning: the {what} {name} has no chat template; using the generic "
+              f"<|user|>/<|assistant|> one (docs/data_and_masking.md), which it was not trained "
+              f"on; pass --chat-template FILE (a Jinja template) to use its own",
+              file=sys.stderr)
     return tokenizer
 
 
-def use_teacher_template(student_tokenizer, teacher_tokenizer):
+def use_teacher_template(student_tokenizer, teacher_tokenizer, chat_template_file=None):
     """Same-vocabulary methods render with the teacher's template (its logits only make sense in
-    the format it was trained on); the exported student keeps that template."""
-    if getattr(teacher_tokenizer, "chat_template", None):
-        student_tokenizer.chat_template = teacher_tokenizer.chat_template
-    return ensure_chat_template(student_tokenizer)
+    the format it was trained on); the exported student keeps that template. A teacher without
+    one lends the student --chat-template, else the student's own, else the default."""
+    if not getattr(teacher_tokenizer, "chat_template", None) and not chat_template_file and \
+            getattr(student_tokenizer, "chat_template", None):
+        return student_tokenizer
+    ensure_chat_template(teacher_tokenizer, "teacher", chat_template_file)
+    student_tokenizer.chat_template = teacher_tokenizer.chat_template
+    return student_tokenizer
 
 
 def render(tokenizer, messages, add_generation_prompt=False):

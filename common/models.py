@@ -1,6 +1,8 @@
 """Loading teacher, student and tokenizers; freezing the teacher; vocabulary compatibility checks."""
 
 import hashlib
+import os
+import sys
 from pathlib import Path
 
 from common.errors import UserError
@@ -89,6 +91,19 @@ def load_model(name, dtype="auto", trust_remote_code=False, what="model"):
     except Exception as exc:
         raise _load_error(name, what, exc) from None
     return model
+
+
+def load_student(name, dtype="auto", trust_remote_code=False):
+    """The model to train. 'auto' means float32 whatever the checkpoint stores: most Hub
+    checkpoints are bfloat16, and AdamW on bfloat16 weights drops every update smaller than
+    1/256 of the weight, so the student barely learns (bf16 compute is --mixed-precision's job).
+    A low-precision dtype is used only when asked for, with a warning."""
+    if dtype in ("bfloat16", "float16") and os.environ.get("RANK", "0") == "0":
+        print(f"warning: the student's weights and optimizer state are {dtype} (--dtype or "
+              f"--student-dtype {dtype}), which loses small updates; for float32 weights with "
+              f"{dtype} compute pass --student-dtype float32 --mixed-precision "
+              f"{'bf16' if dtype == 'bfloat16' else 'fp16'}", file=sys.stderr)
+    return load_model(name, "float32" if dtype == "auto" else dtype, trust_remote_code, "student")
 
 
 def freeze(model):

@@ -120,11 +120,14 @@ def build_bpe_tokenizer(rows, vocab_size=400):
         additional_special_tokens=[HEADER_START, HEADER_END], chat_template=CHAT_TEMPLATE)
 
 
-def build_sentencepiece_tokenizer(rows, vocab_size=300):
+def build_sentencepiece_tokenizer(rows, vocab_size=300, space_rule="metaspace"):
     """SentencePiece-style (Metaspace '▁', byte fallback) tokenizer with a different vocabulary.
 
     The 256 <0x..> byte tokens are ordinary vocabulary entries (as in Llama 2's), not special
-    tokens: decode(skip_special_tokens=True) must keep them, or non-ASCII text vanishes."""
+    tokens: decode(skip_special_tokens=True) must keep them, or non-ASCII text vanishes.
+    space_rule="replace" gives the same vocabulary with spaces turned into '▁' by Replace rules
+    instead of a Metaspace pre-tokenizer: a normalizer Prepend('▁') + Replace(' ', '▁') and no
+    pre-tokenizer, as Llama-2, Mistral and Gemma conversions have."""
     tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
@@ -137,6 +140,11 @@ def build_sentencepiece_tokenizer(rows, vocab_size=300):
     # The trainer registers every special token as an added token; demote the byte tokens.
     spec = json.loads(tokenizer.to_str())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in byte_tokens]
+    if space_rule == "replace":
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+        spec["pre_tokenizer"] = None
     tokenizer = Tokenizer.from_str(json.dumps(spec))
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=SP_BOS, eos_token=SP_EOS, pad_token=SP_PAD,

@@ -104,6 +104,32 @@ def test_default_template_for_tokenizers_without_one(tiny):
                                                    "3 + 3 = 6.<|end_of_turn|>"]
 
 
+def test_missing_chat_template_warns_once_per_model(tiny, tmp_path, monkeypatch, capsys):
+    """A base model or a GGUF conversion ships no template: the generic default is used, and said
+    once per model with the flag that passes the right one; a --chat-template file is used as is."""
+    from common import chat
+
+    monkeypatch.setattr(chat, "_TEMPLATE_WARNINGS", set())
+    monkeypatch.delenv("RANK", raising=False)
+    for name in ["student", "student", "teacher"]:
+        tokenizer = AutoTokenizer.from_pretrained(tiny / name)
+        tokenizer.chat_template = None
+        ensure_chat_template(tokenizer, name)
+        assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2, warnings
+    for name, warning in zip(["student", "teacher"], warnings):
+        assert warning.startswith(f"warning: the {name} {tiny / name} has no chat template")
+        assert "<|user|>" in warning and "--chat-template FILE" in warning
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(CHATML_WITH_DEFAULT_SYSTEM)
+    tokenizer.chat_template = None
+    monkeypatch.setattr(chat, "_TEMPLATE_WARNINGS", set())
+    ensure_chat_template(tokenizer, "teacher", str(template_file))
+    assert tokenizer.chat_template == CHATML_WITH_DEFAULT_SYSTEM
+    assert capsys.readouterr().err == ""
+
+
 def test_truncation_keeps_the_start_and_skips_rows_with_nothing_left(tokenizer):
     full = ChatEncoder(tokenizer, 512).encode(CONVERSATION)
     first_supervised = next(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX)

@@ -177,6 +177,33 @@ def test_whitespace_before_the_reply_does_not_shift_the_alignment(tiny):
     assert digits == {"4": "4", "2": "2"}, partners
 
 
+def test_whitespace_led_reply_merged_with_the_header_newline_keeps_a_teacher_partner():
+    """A reply starting with whitespace under a template whose generation prompt ends in "\n"
+    (ChatML, no trim): the student's first reply token is "\n " ('ĊĠ', the header's newline and
+    the reply's first space). The trimming teacher has no such token; the student's is paired
+    with the teacher's first reply token rather than left out of training."""
+    from examples.tiny_setup import (CHAT_TEMPLATE, CHATML_TEMPLATE, build_bpe_tokenizer,
+                                     toy_conversations)
+
+    rows = toy_conversations(80)
+    teacher = build_bpe_tokenizer(rows)  # "<|/header|>\n{{ content | trim }}"
+    # Trained on text where "\n " is frequent, so that it is one token, as in real vocabularies.
+    student = build_bpe_tokenizer(rows + [{"messages": [{"role": "user",
+                                                         "content": "x\n  y " * 50}]}])
+    student.chat_template = CHATML_TEMPLATE.replace("<|im_start|>", "<|header|>").replace(
+        "<|im_end|>", "<|end_of_turn|>")
+    assert teacher.chat_template == CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "What is 12 + 30?"},
+                {"role": "assistant", "content": "  12 + 30 = 42."}]
+    pair = encode_pair(ChatEncoder(student, 512), ChatEncoder(teacher, 512), messages)
+    student_tokens = student.convert_ids_to_tokens(pair["input_ids"])
+    teacher_tokens = teacher.convert_ids_to_tokens(pair["teacher_input_ids"])
+    aligned = [(student_tokens[j], teacher_tokens[pair["teacher_positions"][j]])
+               for j, label in enumerate(pair["labels"]) if label != IGNORE_INDEX]
+    assert len(aligned) == pair["num_reply_tokens"]  # every student reply token has a partner
+    assert aligned[:3] == [("ĊĠ", "12"), ("Ġ12", "12"), ("Ġ+", "Ġ+")]
+
+
 def test_align_spans_rules():
     # closest end among overlapping teacher tokens; ties broken by the closest start
     assert align_spans([(0, 2)], [(0, 1), (1, 3)]) == [0]
@@ -187,6 +214,8 @@ def test_align_spans_rules():
     assert align_spans([(2, 3)] * 3, [(0, 2), (2, 3), (2, 3)]) == [1, 2, 2]
     assert align_spans([(2, 3)] * 3, [(0, 2), (2, 3)]) == [1, 1, 1]
     assert align_spans([(2, 3)], [(0, 2), (2, 3), (2, 3), (2, 3)]) == [1]
+    # text before the reply only the student has (-1 alone) pairs with the teacher's first token
+    assert align_spans([(-1, 0), (-1, 2), (2, 3)], [(0, 2), (2, 3)]) == [0, 0, 1]
     # nothing overlaps (teacher cut short)
     assert align_spans([(0, 1), (5, 7)], [(0, 2)]) == [0, -1]
     assert align_spans([(0, 1)], []) == [-1]
@@ -213,6 +242,27 @@ def test_shared_vocabulary_maps_both_space_and_byte_conventions(tokenizers):
     assert not set(shared) & set(student.all_special_tokens)
     student_bytes, teacher_bytes = token_bytes(student), token_bytes(teacher)
     assert all(student_bytes[s] == teacher_bytes[t] for s, t in zip(student_ids, teacher_ids))
+
+
+def test_hybrid_shares_the_same_strings_for_replace_rule_and_metaspace_tokenizers(tiny,
+                                                                                   tmp_path):
+    """Llama-2 / Mistral / Gemma conversions mark spaces with Replace rules, not a Metaspace
+    pre-tokenizer: their '▁have' is b" have" all the same, shared with the teacher's 'Ġhave'."""
+    from examples.tiny_setup import build_sentencepiece_tokenizer, toy_conversations
+
+    rows = toy_conversations(80)  # the rows build() trains on
+    teacher = AutoTokenizer.from_pretrained(tiny / "teacher")
+    shared = {}
+    for space_rule in ("metaspace", "replace"):
+        build_sentencepiece_tokenizer(rows, space_rule=space_rule).save_pretrained(
+            tmp_path / space_rule)
+        student = AutoTokenizer.from_pretrained(tmp_path / space_rule)
+        shared[space_rule] = shared_vocabulary(student, teacher)
+    spec = json.loads(student.backend_tokenizer.to_str())  # the Replace-rule twin, as saved
+    assert spec["pre_tokenizer"] is None and "Replace" in json.dumps(spec["normalizer"])
+    assert shared["replace"] == shared["metaspace"]
+    words = [t for t in teacher.convert_ids_to_tokens(shared["replace"][1]) if t.startswith("Ġ")]
+    assert len(words) > 20
 
 
 # --- the loss -----------------------------------------------------------------------------------

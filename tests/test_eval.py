@@ -152,6 +152,33 @@ def test_perplexity_equals_exp_of_hand_computed_nll(tiny, student):
     assert result["generated_replies"] == 16 and result["tokens_per_second"] > 0
 
 
+def test_every_reply_is_kept_with_its_scores(tiny, student):
+    """--output holds each generated reply (not one example), so rows can be inspected; a prompt
+    the template refuses keeps its place with reply None."""
+    model, _ = student
+    samples = tiny_samples(tiny, 6)
+    samples[2].prompt_messages = [{"role": "tool", "content": "refused"}]
+    tokenizer = load_tokenizer(str(tiny / "student"))
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
+                               "{{ raise_exception('no tools') }}{% endif %}{{ m['content'] }}"
+                               "{{ eos_token }}{% endfor %}")
+    eval_args = eval_script.EvalArguments(models=["s"], max_new_tokens=3, batch_size=4,
+                                          no_progress=True)
+    data_args = eval_script.EvalDataArguments(dataset=str(tiny / "test.jsonl"))
+    result = eval_script.evaluate_model("student", model, tokenizer, samples, eval_args,
+                                        data_args)
+    rows = result["replies"]
+    assert [row["reference"] for row in rows] == [s.reference for s in samples]
+    assert [row["prompt"] for row in rows] == [s.prompt_messages[-1]["content"] for s in samples]
+    assert rows[2] == {"prompt": "refused", "reference": samples[2].reference, "reply": None,
+                       "exact_match": None, "rouge_l": None}
+    scored = [row for k, row in enumerate(rows) if k != 2]
+    assert all(isinstance(row["reply"], str) for row in scored)
+    assert result["generated_replies"] == 5 and result["example_reply"] == rows[0]["reply"]
+    assert result["rouge_l"] == pytest.approx(sum(row["rouge_l"] for row in scored) / 5)
+    assert result["exact_match"] == pytest.approx(sum(row["exact_match"] for row in scored) / 5)
+
+
 def test_teacher_against_itself_has_zero_kl_and_full_top1_agreement(tiny, teacher):
     model, tokenizer = teacher
     _, examples = eval_script.encode_for(tokenizer, tiny_samples(tiny, 6), 1024, "teacher")
@@ -160,6 +187,36 @@ def test_teacher_against_itself_has_zero_kl_and_full_top1_agreement(tiny, teache
     assert totals["tokens"] > 0
     assert totals["kl"] / totals["tokens"] == pytest.approx(0.0, abs=1e-6)
     assert totals["top1"] == totals["tokens"]
+
+
+def test_logits_are_made_only_at_scored_positions_a_chunk_at_a_time(tiny, student, teacher,
+                                                                    monkeypatch):
+    """At a 262,144-token vocabulary full logits at every position were the largest tensors of
+    eval.py: both output layers now see scored positions only, a chunk of positions per call."""
+    import common.chunked
+
+    monkeypatch.setattr(common.chunked, "auto_chunk_size", lambda vocab_size: 4)
+    (model, tokenizer), (teacher_model, _) = student, teacher
+    _, examples = eval_script.encode_for(tokenizer, tiny_samples(tiny, 6), 1024, "student")
+    calls = []
+
+    def record(layer, inputs, output):  # the positions each real projection is applied to
+        if output.shape[-1] == layer.out_features:  # not the hidden-state pass-through
+            calls.append(tuple(inputs[0].shape[:-1]))
+
+    hooks = [m.get_output_embeddings().register_forward_hook(record)
+             for m in (model, teacher_model)]
+    try:
+        totals = eval_script.score_references(model, examples, len(tokenizer), 4,
+                                              tokenizer.pad_token_id, teacher=teacher_model,
+                                              progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    chunks = [shape[0] for shape in calls if len(shape) == 1]
+    assert max(chunks) == 4 and sum(chunks) == 2 * totals["tokens"]
+    # Whole sequences reach an output layer only in the 16-token probe that checks it is plain.
+    assert all(shape[0] * shape[1] <= 16 for shape in calls if len(shape) == 2)
 
 
 def hand_agreement(student_model, teacher_model, tokenizer, conversations):
@@ -375,6 +432,7 @@ def test_cli_end_to_end(tiny, student, teacher, tmp_path):
             assert key in result
         assert result["perplexity"] > 1.0 and 0.0 <= result["rouge_l"] <= 1.0
         assert result["generated_tokens"] <= 16 * 12
+    assert all(len(result["replies"]) == 16 for result in results.values())
     assert results["teacher"]["kl_to_teacher"] == 0.0
     assert results["teacher"]["top1_agreement"] == 1.0
     assert results["student"]["kl_to_teacher"] > 0.0

@@ -116,6 +116,71 @@ def latest_checkpoint_step(out):
     return list_checkpoints(out)[-1][0]
 
 
+def bfloat16_copy(source, destination):
+    """`source` saved in bfloat16, as most Hub checkpoints are (Llama-3.2, Qwen2.5, Gemma)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(source).to(torch.bfloat16).save_pretrained(destination)
+    AutoTokenizer.from_pretrained(source).save_pretrained(destination)
+    return destination
+
+
+def test_bfloat16_checkpoint_trains_a_float32_student_by_default(tiny, tmp_path):
+    """--dtype auto must not train in pure bfloat16 (AdamW loses the small updates): weights,
+    optimizer state and the exported config are float32."""
+    student = bfloat16_copy(tiny / "student", tmp_path / "student_bf16")
+    assert json.loads((student / "config.json").read_text())["dtype"] == "bfloat16"
+    out = tmp_path / "out"
+    result = run_script("token_level.py", *base_args(tiny, out, "--student", student,
+                                                     "--max-steps", "3", "--save-steps", "2"))
+    assert "bfloat16" not in result.stderr  # no low-precision warning
+    optimizer = torch.load(out / "checkpoints" / "step_000002" / "optimizer.bin",
+                           weights_only=False)
+    moments = [t for state in optimizer["state"].values() for t in state.values()
+               if t.is_floating_point() and t.dim() > 0]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
+    assert all(t.dtype == torch.float32 for t in final_weights(out).values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_bfloat16_student_only_when_asked_and_with_a_warning(tiny, tmp_path, capsys):
+    from common.models import load_student
+
+    student = bfloat16_copy(tiny / "student", tmp_path / "student_bf16")
+
+    def warnings():  # stderr also holds transformers' progress bars
+        return [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+
+    assert load_student(str(student)).dtype == torch.float32
+    assert warnings() == []
+    assert load_student(str(student), "bfloat16").dtype == torch.bfloat16
+    warning = warnings()
+    assert len(warning) == 1 and warning[0].startswith("warning: ") and \
+        "--student-dtype float32 --mixed-precision bf16" in warning[0]
+
+
+def test_models_without_a_chat_template_warn_or_take_the_given_one(tiny, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    for name in ("teacher", "student"):  # as a base model or a GGUF conversion comes
+        shutil.copytree(tiny / name, tmp_path / name)
+        (tmp_path / name / "chat_template.jinja").unlink()
+        assert AutoTokenizer.from_pretrained(tmp_path / name).chat_template is None
+    args = ["--teacher", tmp_path / "teacher", "--student", tmp_path / "student",
+            "--max-steps", "1"]
+    result = run_script("token_level.py", *base_args(tiny, tmp_path / "default", *args))
+    warnings = [line for line in result.stderr.splitlines() if "chat template" in line]
+    assert len(warnings) == 1 and "--chat-template FILE" in warnings[0], warnings
+    template = (tiny / "teacher" / "chat_template.jinja").read_text()
+    (tmp_path / "template.jinja").write_text(template)
+    result = run_script("token_level.py", *base_args(tiny, tmp_path / "given", *args,
+                                                     "--chat-template", tmp_path / "template.jinja"))
+    assert "chat template" not in result.stderr
+    assert AutoTokenizer.from_pretrained(tmp_path / "given").chat_template == template
+
+
 # --- bad input: one line on stderr, exit status 2, nothing written --------------------------------
 
 def run_main(argv):
@@ -152,6 +217,8 @@ BAD_INPUTS = {
     "bad alpha": (lambda t, p: ["--alpha", "1.5"], "--alpha"),
     "jsd endpoint beta": (lambda t, p: ["--kl", "jsd", "--beta", "1"], "--beta"),
     "skew endpoint": (lambda t, p: ["--kl", "skew_forward", "--skew", "0"], "--skew"),
+    "missing chat template file": (lambda t, p: ["--chat-template", p / "nope.jinja"],
+                                   "cannot be read"),
 }
 
 
