@@ -231,3 +231,36 @@ def make_server_loss_fn(accelerator, server, vocab_size, alpha=0.0, loss_chunk_s
                                         "teacher_tail": teacher_tail.to(device)})
 
     return loss_fn
+
+
+def make_server_on_policy_loss_fn(accelerator, server, vocab_size, kl, loss_chunk_size=0):
+    """loss_fn(student, batch) for on_policy.py with the teacher on a server.
+
+    kl "forward": the top-K forward KL on every batch. kl "sampled_reverse": on the student's own
+    samples (batches the sampler marked "on_policy") the sampled reverse-KL estimator, which needs
+    one teacher log-prob per token; dataset replies (off-policy steps) are not samples of the
+    student, so they get the top-K forward KL. Stats: "kd" sums the KL (estimate) per token.
+    """
+    from common.distill import make_head_loss_fn
+    from common.losses import log_probs, sampled_reverse_kl
+
+    top_k_loss_fn = make_server_loss_fn(accelerator, server, vocab_size,
+                                        loss_chunk_size=loss_chunk_size)
+
+    def terms(logits, targets, teacher_sampled_log_probs):
+        surrogate = sampled_reverse_kl(logits, targets, teacher_sampled_log_probs)
+        with torch.no_grad():  # the value to log: log p_s(x) − log p_t(x), the sampled reverse KL
+            student_log_prob = log_probs(logits).gather(-1, targets[:, None]).squeeze(-1)
+            estimate = (student_log_prob - teacher_sampled_log_probs).sum()
+        return surrogate.sum(), {"kd": estimate}
+
+    sampled_loss_fn = make_head_loss_fn(accelerator, vocab_size, terms, loss_chunk_size,
+                                        row_keys=("teacher_sampled_log_probs",))
+
+    def loss_fn(student, batch):
+        if kl != "sampled_reverse" or "on_policy" not in batch:
+            return top_k_loss_fn(student, batch)
+        teacher_sampled = server.sampled_logprobs(batch).to(batch["input_ids"].device)
+        return sampled_loss_fn(student, {**batch, "teacher_sampled_log_probs": teacher_sampled})
+
+    return loss_fn

@@ -35,7 +35,7 @@ class LoopbackVllm:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
         self.max_logprobs, self.failures = max_logprobs, list(failures)
         self.has_tokenize = has_tokenize
-        self.statuses, self.bytes_sent = Counter(), 0
+        self.statuses, self.bytes_sent, self.logprobs_asked = Counter(), 0, Counter()
         self.lock = threading.Lock()
         server = self
 
@@ -76,6 +76,8 @@ class LoopbackVllm:
                 if failure:
                     return self.error(failure, "InternalServerError", "try again")
                 logprobs = body.get("logprobs")
+                with server.lock:
+                    server.logprobs_asked[logprobs] += 1
                 if logprobs is not None and logprobs > server.max_logprobs:
                     return self.error(400, "BadRequestError",
                                       f"Requested sample logprobs of {logprobs}, which is greater "
