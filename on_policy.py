@@ -9,7 +9,7 @@ micro-batch and every process takes the same draw and a resumed run draws the sa
 KL at T=1 by default (MiniLLM / GKD), normalized by the number of sampled tokens counted after
 sampling, over the whole accumulation window.
 
-The teacher may run on an inference server (--teacher-api-base, vLLM; docs/server_teacher.md).
+The teacher may run on an inference server (--teacher-api-base, vLLM; docs/token_level.md).
 It then returns log-probs, not logits: --kl sampled_reverse scores on-policy samples with the
 teacher's log-prob of each sampled token only (an unbiased, noisy reverse-KL estimator, as in
 Thinking Machines' on-policy distillation), and off-policy steps use forward KL over the

@@ -14,7 +14,7 @@ Teacher and student must share a tokenizer (use cross_tokenizer.py otherwise); a
 embedding matrix is padded beyond the tokenizer is fine: only real token ids are compared.
 
 The teacher may run on an inference server instead (--teacher-api-base, vLLM's OpenAI-compatible
-API; see docs/server_teacher.md): it returns its top --teacher-top-k log-probs per position and
+API; see docs/token_level.md): it returns its top --teacher-top-k log-probs per position and
 the loss is forward KL over those K tokens plus one tail bucket, the offline teacher cache's loss.
 
 Examples:

@@ -9,7 +9,7 @@ null for both. vLLM reads `echo` with `max_tokens: 0` as "score the prompt, gene
 turns `logprobs` into its `prompt_logprobs` extension; it refuses K above its --max-logprobs
 (default 20) with a 400 that names the limit. Written against vLLM's completion protocol
 (vllm/entrypoints/openai/completion/protocol.py and serving.py) as of 2025; not run here against a
-real vLLM server (see docs/server_teacher.md).
+real vLLM server (see docs/token_level.md).
 
 Teacher and student positions are the same tokens, so the rows line up with the student's logits
 exactly as the offline teacher cache's rows do (common/teacher_cache.py): the same sparse loss
