@@ -9,6 +9,12 @@ micro-batch and every process takes the same draw and a resumed run draws the sa
 KL at T=1 by default (MiniLLM / GKD), normalized by the number of sampled tokens counted after
 sampling, over the whole accumulation window.
 
+The teacher may run on an inference server (--teacher-api-base, vLLM; docs/token_level.md).
+It then returns log-probs, not logits: --kl sampled_reverse scores on-policy samples with the
+teacher's log-prob of each sampled token only (an unbiased, noisy reverse-KL estimator, as in
+Thinking Machines' on-policy distillation), and off-policy steps use forward KL over the
+teacher's top --teacher-top-k plus a tail bucket; --kl forward uses the top-K forward KL on both.
+
 Examples:
     python on_policy.py --teacher Qwen/Qwen2.5-1.5B-Instruct --student Qwen/Qwen2.5-0.5B-Instruct \
         --dataset train.jsonl --output-dir runs/gkd --lmbda 0.5 --max-new-tokens 256 \
@@ -22,6 +28,11 @@ Examples:
         --dataset runs/tiny/train.jsonl --lmbda 1.0 --max-new-tokens 12 --max-steps 8 \
         --output-dir runs/tiny/gkd
 
+    # the teacher on a vLLM server: sampled reverse KL on-policy, top-K forward KL off-policy
+    python on_policy.py --teacher-api-base http://localhost:8000/v1 \
+        --teacher-api-model Qwen/Qwen2.5-7B-Instruct --kl sampled_reverse \
+        --student Qwen/Qwen2.5-0.5B-Instruct --dataset train.jsonl --output-dir runs/gkd-served
+
     # off-policy steps read an offline teacher cache (built on the first run, shareable with
     # token_level.py runs over the same data); on-policy steps still run the teacher
     python on_policy.py --teacher ... --student ... --dataset train.jsonl --kl forward \
@@ -32,12 +43,16 @@ import dataclasses
 import math
 import random
 import sys
+
+import torch
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from common.api_client import TeacherApiArguments, redact_url, redacted_command
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
                          parse_args)
-from common.chat import IGNORE_INDEX, ChatEncoder, collate, encode_dataset, use_teacher_template
+from common.chat import (IGNORE_INDEX, ChatEncoder, collate, encode_dataset,
+                         ensure_chat_template, use_teacher_template)
 from common import teacher_cache
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
@@ -49,16 +64,25 @@ from common.sharding import full_params_for_generation, prepare_teacher
 
 
 @dataclass
-class OnPolicyArguments:
+class OnPolicyArguments(TeacherApiArguments):
+    # The server options (--teacher-api-base, --api-key-env, ...) come first, from common/api_client.
     lmbda: float = field(default=0.5, metadata={
         "help": "Probability that an optimizer step is on-policy (student samples); the rest are "
                 "off-policy steps on the dataset replies. 1 = always on-policy."})
-    kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse"] = field(
+    kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse",
+                "sampled_reverse"] = field(
         default="reverse", metadata={
         "help": "Divergence: reverse = KL(student‖teacher) (default, GKD/MiniLLM), forward = "
                 "KL(teacher‖student), jsd = generalized JSD with --beta, skew_forward / "
                 "skew_reverse = DistiLLM's skew KL with --skew (bounded where the teacher gives "
-                "a token ~0)."})
+                "a token ~0). With --teacher-api-base: forward = forward KL over the teacher's "
+                "top --teacher-top-k plus a tail bucket (biased low: the rest is one lump), or "
+                "sampled_reverse = on on-policy steps, per sampled token x, advantage = log "
+                "p_teacher(x) - log p_student(x) (detached) and loss = -advantage * log "
+                "p_student(x): its expected gradient is the reverse KL's (unbiased) but from one "
+                "sample per position (noisy), and its logged loss is not the KL (kd is the "
+                "sampled KL estimate); off-policy steps (dataset replies, not student samples) "
+                "then use the top-K forward KL."})
     beta: float = field(default=0.5, metadata={
         "help": "JSD mixture weight in (0, 1), with --kl jsd only."})
     skew: float = field(default=0.1, metadata={
@@ -81,6 +105,10 @@ class OnPolicyArguments:
                 "forward."})
     cache_top_k: int = field(default=32, metadata={
         "help": "Teacher tokens kept per position in --teacher-cache (plus one tail bucket)."})
+    teacher_top_k: int = field(default=20, metadata={
+        "help": "With --teacher-api-base: teacher log-probs per position asked of the server for "
+                "the top-K forward KL (at most its own maximum, vLLM's --max-logprobs, default "
+                "20)."})
     loss_chunk_size: int = field(default=0, metadata={
         "help": "Supervised positions per chunk of the memory-bounded loss: both output layers "
                 "and the divergence run on this many positions at a time, so about one chunk of "
@@ -89,7 +117,24 @@ class OnPolicyArguments:
                 "vocabulary); -1 = no chunking: full logits at every position."})
 
     def __post_init__(self):
+        super().__post_init__()
+        served = bool(self.teacher_api_base)
         checks = [
+            (self.kl != "sampled_reverse" or served,
+             "--kl sampled_reverse is for a teacher on a server (--teacher-api-base), which "
+             "returns log-probs of sampled tokens; with a local teacher use --kl reverse, the exact "
+             "reverse KL"),
+            (not served or self.kl in ("forward", "sampled_reverse"),
+             f"--teacher-api-base supports --kl forward (top-K) or sampled_reverse, not "
+             f"{self.kl}: the server returns log-probs of its top K and of the sampled tokens, "
+             f"not every token's"),
+            (not served or self.loss_temperature == 1.0,
+             "--teacher-api-base needs --loss-temperature 1: the server's log-probs are at "
+             "temperature 1, and a top K cannot be re-tempered without the rest"),
+            (not (served and self.teacher_cache),
+             "--teacher-cache cannot be filled from --teacher-api-base yet; build it with a local "
+             "--teacher"),
+            (self.teacher_top_k >= 1, f"--teacher-top-k must be >= 1, got {self.teacher_top_k}"),
             (0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}"),
             (math.isfinite(self.temperature) and self.temperature > 0,
              f"--temperature must be > 0 and finite, got {self.temperature}"),
@@ -168,8 +213,9 @@ class OnPolicySampler:
             stats["lengths"].append(len(sampled))
             stats["stopped"] += completion.finish_reason == "stop"
         device = batch["input_ids"].device
-        return {name: tensor.to(device)
-                for name, tensor in collate(examples, self.tokenizer.pad_token_id).items()}
+        sampled = collate(examples, self.tokenizer.pad_token_id)
+        sampled["on_policy"] = torch.ones(len(examples))  # the student's own samples
+        return {name: tensor.to(device) for name, tensor in sampled.items()}
 
     def step_metrics(self, step):
         stats = self.stats.pop(step, None)
@@ -196,16 +242,27 @@ def main(argv=None):
     if gkd_args.completions:
         data_args = dataclasses.replace(data_args, dataset=gkd_args.completions,
                                         messages_field="messages")
-    for flag, value in [("--teacher", model_args.teacher), ("--student", model_args.student),
-                        ("--dataset", data_args.dataset)]:
+    served = bool(gkd_args.teacher_api_base)
+    if served and model_args.teacher:
+        raise UserError("pass either --teacher (a local model) or --teacher-api-base, not both")
+    for flag, value in [("--teacher", model_args.teacher or served),
+                        ("--student", model_args.student), ("--dataset", data_args.dataset)]:
         if not value:
             raise UserError(f"{flag} is required (see --help)")
     check_output_dir(train_args.output_dir, train_args.resume, train_args.overwrite)
 
-    teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code, "teacher")
     tokenizer = load_tokenizer(model_args.student, model_args.trust_remote_code, "student")
-    check_same_tokenizer(teacher_tokenizer, tokenizer, model_args.teacher, model_args.student)
-    use_teacher_template(tokenizer, teacher_tokenizer, model_args.chat_template)
+    if served:  # the student's template renders the ids the server scores
+        from common.server_teacher import ServerTeacher
+
+        ensure_chat_template(tokenizer, "student", model_args.chat_template)
+        server = ServerTeacher(gkd_args, gkd_args.teacher_top_k, real_vocab_size(tokenizer))
+        server.check(tokenizer)  # same tokenizer, K within the server's maximum
+    else:
+        teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code,
+                                           "teacher")
+        check_same_tokenizer(teacher_tokenizer, tokenizer, model_args.teacher, model_args.student)
+        use_teacher_template(tokenizer, teacher_tokenizer, model_args.chat_template)
 
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
@@ -215,19 +272,25 @@ def main(argv=None):
         eval_examples = encode_dataset(eval_data_args(held_out_data_args, train_args), encoder,
                                        log=accelerator.print) if train_args.eval_dataset else None
 
-    teacher = freeze(load_model(model_args.teacher, model_args.dtype,
-                                model_args.trust_remote_code, "teacher"))
     student = load_student(model_args.student, model_args.student_dtype,
-                        model_args.trust_remote_code)
-    check_vocab_fits(teacher, tokenizer, "teacher")
+                           model_args.trust_remote_code)
     check_vocab_fits(student, tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    teacher = prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
     vocab_size = real_vocab_size(tokenizer)
-    loss_fn = make_kd_loss_fn(accelerator, teacher, vocab_size, gkd_args.kl,
-                              gkd_args.loss_temperature, gkd_args.beta,
-                              loss_chunk_size=gkd_args.loss_chunk_size, skew=gkd_args.skew)
+    if served:  # held-out data is scored with the top-K forward KL
+        from common.server_teacher import make_server_on_policy_loss_fn
+
+        loss_fn = make_server_on_policy_loss_fn(accelerator, server, vocab_size, gkd_args.kl,
+                                                gkd_args.loss_chunk_size)
+    else:
+        teacher = freeze(load_model(model_args.teacher, model_args.dtype,
+                                    model_args.trust_remote_code, "teacher"))
+        check_vocab_fits(teacher, tokenizer, "teacher")
+        teacher = prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
+        loss_fn = make_kd_loss_fn(accelerator, teacher, vocab_size, gkd_args.kl,
+                                  gkd_args.loss_temperature, gkd_args.beta,
+                                  loss_chunk_size=gkd_args.loss_chunk_size, skew=gkd_args.skew)
     collate_fn, live_loss_fn = None, loss_fn
     if gkd_args.teacher_cache and gkd_args.lmbda == 1.0:
         accelerator.print("note: --lmbda 1 has no off-policy steps: --teacher-cache is not used "
@@ -251,8 +314,12 @@ def main(argv=None):
             return (cached_loss_fn if "teacher_ids" in batch else live_loss_fn)(student, batch)
 
     output_dir = prepare_output_dir(accelerator, train_args.output_dir, train_args.overwrite)
-    run_config = make_run_config("on_policy", " ".join(sys.argv), model=model_args, data=data_args,
-                                 training=train_args, on_policy=gkd_args)
+    # Saved in every checkpoint: the server URL redacted; the key is never among the arguments.
+    logged_gkd_args = dataclasses.replace(gkd_args, teacher_api_base=redact_url(
+        gkd_args.teacher_api_base)) if served else gkd_args
+    run_config = make_run_config("on_policy", redacted_command(sys.argv, gkd_args),
+                                 model=model_args, data=data_args, training=train_args,
+                                 on_policy=logged_gkd_args)
     stop_ids = {encoder.end_of_turn_token_id, tokenizer.eos_token_id}
     sampler = OnPolicySampler(accelerator, tokenizer, stop_ids, encoder.end_of_turn_token_id,
                               gkd_args, train_args.seed)

@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from common.api_client import (TeacherApiArguments, api_error, make_client, redact_url,
+                               redacted_command)
 from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from common.errors import UserError, run_cli
 
@@ -52,19 +54,8 @@ COMPLETIONS_FILE = "teacher_completions.jsonl"
 
 
 @dataclass
-class SequenceLevelArguments:
-    teacher_api_base: Optional[str] = field(default=None, metadata={
-        "help": "Base URL of an OpenAI-compatible chat-completions API (e.g. "
-                "http://localhost:8000/v1); used instead of a local --teacher. Logs and saved "
-                "configs show it with user:password@ and query values as ***."})
-    teacher_api_model: Optional[str] = field(default=None, metadata={
-        "help": "Model name to request from --teacher-api-base."})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
-        "help": "Environment variable holding the API key (never logged or written to disk)."})
-    api_concurrency: int = field(default=8, metadata={"help": "Requests in flight at once."})
-    api_timeout: float = field(default=120.0, metadata={"help": "Seconds per API request."})
-    api_max_retries: int = field(default=6, metadata={
-        "help": "Retries per request on 429 / 5xx / connection errors, with exponential backoff."})
+class SequenceLevelArguments(TeacherApiArguments):
+    # The API options (--teacher-api-base, --api-key-env, ...) come first, from common/api_client.
     max_new_tokens: int = field(default=512, metadata={"help": "Longest teacher completion."})
     temperature: float = field(default=0.0, metadata={
         "help": "Teacher sampling temperature (0 = greedy)."})
@@ -89,12 +80,8 @@ class SequenceLevelArguments:
                 "automatic, ~128 MiB of float32 logits per chunk; -1 = full logits."})
 
     def __post_init__(self):
-        if (self.teacher_api_base is None) != (self.teacher_api_model is None):
-            raise UserError("--teacher-api-base and --teacher-api-model go together; pass both")
+        super().__post_init__()
         checks = [
-            (self.api_concurrency >= 1, f"--api-concurrency must be >= 1, got {self.api_concurrency}"),
-            (self.api_timeout > 0, f"--api-timeout must be > 0, got {self.api_timeout}"),
-            (self.api_max_retries >= 0, f"--api-max-retries must be >= 0, got {self.api_max_retries}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
             (math.isfinite(self.temperature) and self.temperature >= 0,
              f"--temperature must be >= 0 and finite (0 = greedy), got {self.temperature}"),
@@ -438,87 +425,15 @@ def generate_local(model_args, data_args, seq_args, jobs, writer, device):
 
 # --- generation: OpenAI-compatible API ------------------------------------------------------------
 
-def redact_url(url):
-    """`url` fit for logs and saved configs: user:password@ and every query value become ***.
-
-    The request itself uses the URL as given; only what is printed or written is redacted.
-    """
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # malformed (e.g. an unclosed IPv6 bracket): show nothing of it
-        return "<the --teacher-api-base URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = "&".join(f"{name}=***" if sep else "***"
-                     for name, sep, _ in (item.partition("=")
-                                          for item in parts.query.split("&") if item))
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def redact_urls_in(text):
-    """Any user:password@ and query value of any URL in `text` (an exception's message may show
-    the client's own normalised form of the URL, or a request URL) becomes ***."""
-    import re
-
-    text = re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
-    return re.sub(r"([?&][^=&\s/]+=)[^&\s'\"]+", r"\1***", text)
-
-
-def split_query(url):
-    """(URL without its query, {name: value}): the openai client appends paths to base_url, so a
-    query left in it would end up inside the path; it is sent as default_query instead."""
-    from urllib.parse import parse_qsl, urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    return (urlunsplit((parts.scheme, parts.netloc, parts.path, "", parts.fragment)),
-            dict(parse_qsl(parts.query)))
-
-
-def _api_error(exc, seq_args):
-    import openai
-
-    api_base = redact_url(seq_args.teacher_api_base)
-    where = f"{api_base} (model {seq_args.teacher_api_model})"
-    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
-        return UserError(f"the API at {where} rejected the key ({exc.status_code}); put a valid "
-                         f"key in ${seq_args.api_key_env}")
-    if isinstance(exc, openai.NotFoundError):
-        return UserError(f"the API at {where} answered 404: check --teacher-api-base (it usually "
-                         f"ends in /v1) and --teacher-api-model")
-    if isinstance(exc, openai.APITimeoutError):
-        return UserError(f"the API at {where} gave no answer within --api-timeout "
-                         f"{seq_args.api_timeout:g} s ({seq_args.api_max_retries} retries); raise "
-                         f"--api-timeout (long completions take a while), or lower "
-                         f"--api-concurrency if the server is overloaded")
-    if isinstance(exc, openai.APIConnectionError):
-        return UserError(f"cannot reach the API at {api_base} after "
-                         f"{seq_args.api_max_retries} retries; check the URL and that the server "
-                         f"is up")
-    if isinstance(exc, openai.APIStatusError):
-        return UserError(f"the API at {where} kept failing ({exc.status_code}) after "
-                         f"{seq_args.api_max_retries} retries; rerun later to continue")
-    detail = redact_urls_in(str(exc).replace(seq_args.teacher_api_base, api_base))
-    return UserError(f"the API at {where} failed: {type(exc).__name__}: {detail}")
-
-
 def generate_api(seq_args, jobs, writer, stop):
     """Ask the API for every job, `api_concurrency` requests at a time; each answer is written
     as soon as it comes. Stops (GenerationStopped) soon after `stop.signum` is set, without
     waiting for the requests in flight."""
     import queue
 
-    import openai
     from tqdm.auto import tqdm
 
-    api_key = os.environ.get(seq_args.api_key_env)
-    if not api_key:
-        print(f"warning: ${seq_args.api_key_env} is not set; sending requests without a key")
-    base_url, query = split_query(seq_args.teacher_api_base)  # e.g. Azure's ?api-version=...
-    client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", default_query=query,
-                           max_retries=seq_args.api_max_retries, timeout=seq_args.api_timeout)
+    client = make_client(seq_args)
 
     def ask(prompt):
         response = client.chat.completions.create(
@@ -567,7 +482,7 @@ def generate_api(seq_args, jobs, writer, stop):
             if error is not None:
                 if stop.signum is not None:
                     continue  # stopping anyway: keep the answers that did come
-                raise _api_error(error, seq_args) from None
+                raise api_error(error, seq_args) from None
             writer.write(job[0], job[1], job[2], *answer)
             progress.update(1)
     finally:
@@ -737,11 +652,10 @@ def main(argv=None):
         student.gradient_checkpointing_enable()
     prepare_output_dir(accelerator, output_dir, train_args.overwrite, keep=(COMPLETIONS_FILE,))
     # run_config is saved in every checkpoint and the output: no credentials from the API URL.
-    command, logged_seq_args = " ".join(sys.argv), seq_args
+    command, logged_seq_args = redacted_command(sys.argv, seq_args), seq_args
     if seq_args.teacher_api_base:
-        api_base = redact_url(seq_args.teacher_api_base)
-        command = command.replace(seq_args.teacher_api_base, api_base)
-        logged_seq_args = dataclasses.replace(seq_args, teacher_api_base=api_base)
+        logged_seq_args = dataclasses.replace(seq_args,
+                                              teacher_api_base=redact_url(seq_args.teacher_api_base))
     run_config = {**make_run_config("sequence_level", command, model=model_args, data=data_args,
                                     training=train_args, sequence_level=logged_seq_args),
                   "completions": str(cache_path)}

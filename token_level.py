@@ -13,6 +13,10 @@ Loss per supervised token = (1 - alpha) * T² * divergence(T) + alpha * cross-en
 Teacher and student must share a tokenizer (use cross_tokenizer.py otherwise); a teacher whose
 embedding matrix is padded beyond the tokenizer is fine: only real token ids are compared.
 
+The teacher may run on an inference server instead (--teacher-api-base, vLLM's OpenAI-compatible
+API; see docs/token_level.md): it returns its top --teacher-top-k log-probs per position and
+the loss is forward KL over those K tokens plus one tail bucket, the offline teacher cache's loss.
+
 Examples:
     python token_level.py --teacher Qwen/Qwen2.5-1.5B-Instruct --student Qwen/Qwen2.5-0.5B \
         --dataset train.jsonl --output-dir runs/kd --kl forward --temperature 2.0 \
@@ -21,20 +25,29 @@ Examples:
     accelerate launch --num_processes 4 token_level.py --teacher ... --student ... \
         --dataset train.jsonl --output-dir runs/kd --mixed-precision bf16
 
+    # the teacher on a vLLM server (vllm serve Qwen/Qwen2.5-7B-Instruct --max-logprobs 20), the key
+    # (if the server wants one) in $OPENAI_API_KEY
+    python token_level.py --teacher-api-base http://localhost:8000/v1 \
+        --teacher-api-model Qwen/Qwen2.5-7B-Instruct --teacher-top-k 20 \
+        --student Qwen/Qwen2.5-0.5B --dataset train.jsonl --output-dir runs/kd-served
+
     # offline, on tiny local models (see examples/tiny_setup.py):
     python token_level.py --teacher runs/tiny/teacher --student runs/tiny/student \
         --dataset runs/tiny/train.jsonl --output-dir runs/tiny/kd --max-steps 12 --kl reverse
 """
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from common.api_client import TeacherApiArguments, redact_url, redacted_command
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
                          parse_args)
 from common import teacher_cache
-from common.chat import ChatEncoder, collate, encode_dataset, use_teacher_template
+from common.chat import (ChatEncoder, collate, encode_dataset, ensure_chat_template,
+                         use_teacher_template)
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.distill import make_ce_loss_fn, make_kd_loss_fn
@@ -45,7 +58,8 @@ from common.sharding import prepare_teacher
 
 
 @dataclass
-class TokenLevelArguments:
+class TokenLevelArguments(TeacherApiArguments):
+    # The server options (--teacher-api-base, --api-key-env, ...) come first, from common/api_client.
     kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse"] = field(
         default="forward", metadata={
             "help": "Divergence: forward = KL(teacher‖student), mode-covering; reverse = "
@@ -71,6 +85,12 @@ class TokenLevelArguments:
     cache_top_k: int = field(default=32, metadata={
         "help": "Teacher tokens kept per position in --teacher-cache (plus one tail bucket); "
                 "about 6 bytes each."})
+    teacher_top_k: int = field(default=20, metadata={
+        "help": "With --teacher-api-base: teacher log-probs per position asked of the server (at "
+                "most its own maximum, vLLM's --max-logprobs, default 20). The loss is forward KL "
+                "over these K tokens plus one bucket for the rest: biased low against the full "
+                "forward KL (the rest is compared as one lump), exact when K covers the "
+                "vocabulary."})
     loss_chunk_size: int = field(default=0, metadata={
         "help": "Supervised positions per chunk of the memory-bounded loss: both output layers "
                 "and the divergence run on this many positions at a time, so about one chunk of "
@@ -79,6 +99,7 @@ class TokenLevelArguments:
                 "vocabulary); -1 = no chunking: full logits at every position."})
 
     def __post_init__(self):
+        super().__post_init__()
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise UserError(f"--temperature must be > 0 and finite, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -86,6 +107,20 @@ class TokenLevelArguments:
         if self.teacher_cache and self.kl != "forward":
             raise UserError("--teacher-cache supports --kl forward only: reverse KL and JSD need "
                             "the teacher's probability of every token, the cache keeps its top K")
+        if self.teacher_api_base:
+            if self.kl != "forward":
+                raise UserError("--teacher-api-base supports --kl forward only: the server returns "
+                                "the teacher's top K per position, which defines forward KL only")
+            if self.temperature != 1.0:
+                raise UserError("--teacher-api-base needs --temperature 1: the server's log-probs "
+                                "are at temperature 1, and a top K cannot be re-tempered without "
+                                "the rest of the distribution")
+            if self.teacher_cache:
+                raise UserError("--teacher-cache cannot be filled from --teacher-api-base yet; "
+                                "build it with a local --teacher, or train from the server "
+                                "without a cache")
+        if self.teacher_top_k < 1:
+            raise UserError(f"--teacher-top-k must be >= 1, got {self.teacher_top_k}")
         if self.cache_top_k < 1:
             raise UserError(f"--cache-top-k must be >= 1, got {self.cache_top_k}")
         if self.loss_chunk_size < -1:
@@ -109,7 +144,10 @@ def main(argv=None):
         description=__doc__.split("\n\n")[0])
     cached_meta = teacher_cache.read_meta(kd_args.teacher_cache) if kd_args.teacher_cache else None
     use_cache_only = bool(cached_meta and cached_meta.get("complete")) and not model_args.teacher
-    for flag, value in [("--teacher", model_args.teacher or use_cache_only),
+    served = bool(kd_args.teacher_api_base)
+    if served and model_args.teacher:
+        raise UserError("pass either --teacher (a local model) or --teacher-api-base, not both")
+    for flag, value in [("--teacher", model_args.teacher or use_cache_only or served),
                         ("--student", model_args.student), ("--dataset", data_args.dataset)]:
         if not value:
             raise UserError(f"{flag} is required (see --help)")
@@ -118,6 +156,12 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_args.student, model_args.trust_remote_code, "student")
     if use_cache_only:  # no teacher at all: the cache brings the template it was made with
         tokenizer.chat_template = cached_meta.get("chat_template_text") or tokenizer.chat_template
+    elif served:  # the student's template renders the ids the server scores
+        from common.server_teacher import ServerTeacher
+
+        ensure_chat_template(tokenizer, "student", model_args.chat_template)
+        server = ServerTeacher(kd_args, kd_args.teacher_top_k, real_vocab_size(tokenizer))
+        server.check(tokenizer)  # same tokenizer, K within the server's maximum
     else:
         teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code,
                                            "teacher")
@@ -144,7 +188,12 @@ def main(argv=None):
         return prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
 
     collate_fn, eval_loss_fn, eval_collate_fn = None, None, None
-    if kd_args.teacher_cache:
+    if served:  # held-out data is scored against the served teacher too
+        from common.server_teacher import make_server_loss_fn
+
+        loss_fn = make_server_loss_fn(accelerator, server, vocab_size, kd_args.alpha,
+                                      kd_args.loss_chunk_size)
+    elif kd_args.teacher_cache:
         for index, example in enumerate(examples):
             example["example_index"] = index  # cache rows are found by example, never by step
         cache = teacher_cache.prepare(
@@ -168,8 +217,12 @@ def main(argv=None):
         student.gradient_checkpointing_enable()
 
     output_dir = prepare_output_dir(accelerator, train_args.output_dir, train_args.overwrite)
-    run_config = make_run_config("token_level", " ".join(sys.argv), model=model_args,
-                                 data=data_args, training=train_args, token_level=kd_args)
+    # Saved in every checkpoint: the server URL redacted; the key is never among the arguments.
+    logged_kd_args = dataclasses.replace(kd_args, teacher_api_base=redact_url(
+        kd_args.teacher_api_base)) if served else kd_args
+    run_config = make_run_config("token_level", redacted_command(sys.argv, kd_args),
+                                 model=model_args, data=data_args, training=train_args,
+                                 token_level=logged_kd_args)
     student, state = train(accelerator, student, examples, train_args, loss_fn,
                            tokenizer.pad_token_id, run_config, collate_fn=collate_fn,
                            eval_examples=eval_examples, eval_loss_fn=eval_loss_fn,

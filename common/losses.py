@@ -130,6 +130,25 @@ def distillation_loss(student_logits, teacher_logits, kind="forward", temperatur
     return loss * temperature ** 2
 
 
+def sampled_reverse_kl(student_logits, sampled_ids, teacher_sampled_log_probs):
+    """Per-token surrogate whose gradient estimates that of reverse KL(p_s ‖ p_t), shape (N,),
+    from the teacher's log-probability of each SAMPLED token only (x ~ p_s, one per position):
+
+        advantage(x) = log p_t(x) − log p_s(x)           (detached: a reward, not a path)
+        loss(x)      = −advantage(x) · log p_s(x)
+
+    E_x~p_s[∇loss] = Σ_x p_s(x) (log p_s(x) − log p_t(x)) ∇log p_s(x) = ∇KL(p_s ‖ p_t) (the
+    score-function identity; Σ_x p_s ∇log p_s = 0): unbiased, but from one sample per position,
+    so noisy. Valid only on the student's own samples (on-policy), at temperature 1. The value
+    is not the KL: −advantage, the per-token sampled reverse KL, is its estimate.
+
+    student_logits (N, V); sampled_ids (N,); teacher_sampled_log_probs (N,).
+    """
+    student_log_prob = log_probs(student_logits).gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
+    advantage = (teacher_sampled_log_probs.to(student_log_prob.dtype) - student_log_prob).detach()
+    return -advantage * student_log_prob
+
+
 def cross_entropy(student_logits, target_ids):
     """Next-token cross-entropy per token, shape (N,), in float32 (or float64)."""
     return F.cross_entropy(_at_least_float32(student_logits), target_ids, reduction="none")

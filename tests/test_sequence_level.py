@@ -379,7 +379,7 @@ def test_query_in_the_api_url_is_sent_as_a_query(tiny, tmp_path):
 
 
 def test_urls_inside_error_text_are_redacted():
-    from sequence_level import redact_url, redact_urls_in
+    from common.api_client import redact_url, redact_urls_in
 
     text = ("Connection error: https://u:pw@host/v1/?key=secret1&v=2 and "
             "'http://x:secret2@h:8/v1/chat/completions?api-key=secret3'")
