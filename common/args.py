@@ -150,6 +150,14 @@ class TrainingArguments:
     group_by_length: bool = field(default=False, metadata={
         "help": "Batch conversations of similar length together (within shuffled groups of 64 "
                 "global batches) to cut padding; the batches' order stays shuffled."})
+    report_to: Literal["none", "tensorboard", "wandb", "trackio", "mlflow", "all"] = field(
+        default="none", metadata={
+            "help": "Also log the metrics.jsonl numbers, the run's settings and its name to an "
+                    "experiment tracker: tensorboard (event files in OUTPUT_DIR/tensorboard), "
+                    "wandb, trackio, mlflow, or all of those installed. Projects: $WANDB_PROJECT, "
+                    "$TRACKIO_PROJECT, $MLFLOW_EXPERIMENT_NAME (default 'distillation')."})
+    run_name: Optional[str] = field(default=None, metadata={
+        "help": "The run's name in the tracker (default: --output-dir's last folder)."})
 
     def __post_init__(self):
         checks = [
@@ -178,6 +186,32 @@ class TrainingArguments:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        installed_trackers(self.report_to)  # a missing package fails now, not after loading
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio",
+                    "mlflow": "mlflow"}
+
+
+def installed_trackers(report_to):
+    """The tracker names --report-to asks for; one line naming the pip package when one is not
+    installed (accelerate would leave it out without a word)."""
+    import importlib.util
+
+    if report_to == "none":
+        return []
+    installed = [name for name, package in TRACKER_PACKAGES.items()
+                 if importlib.util.find_spec(package) is not None]
+    if report_to == "all":
+        if not installed:
+            raise UserError("--report-to all found no tracker installed (tensorboard, wandb, "
+                            "trackio, mlflow): pip install tensorboard")
+        return installed
+    if report_to not in installed:
+        raise UserError(f"--report-to {report_to} needs the {TRACKER_PACKAGES[report_to]} "
+                        f"package, which is not installed: pip install "
+                        f"{TRACKER_PACKAGES[report_to]} (or --report-to none)")
+    return [report_to]
 
 
 def eval_data_args(data_args, train_args):

@@ -25,6 +25,7 @@ from common.errors import UserError
 STATE_FILE = "trainer_state.json"
 RUN_CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard writes its event files here
 CHECKPOINTS = "checkpoints"
 EXPORT_TMP = ".tmp-export"
 # What the export wrote before it recorded its files in run_config.json: the names
@@ -192,14 +193,15 @@ def _exported_names(output_dir):
 
 def clear_output_dir(output_dir, keep=()):
     """For --overwrite: remove what an earlier run of this suite wrote, and only that: its
-    checkpoints, metrics.jsonl, run_config.json, the exported student's files (as recorded in
-    run_config.json) and temporary files. Everything else (a dataset, notes, a completions file,
-    a teacher cache) is kept, as are the names in `keep`. Returns the kept entries' names."""
+    checkpoints, metrics.jsonl, tensorboard/, run_config.json, the exported student's files (as
+    recorded in run_config.json) and temporary files. Everything else (a dataset, notes, a
+    completions file, a teacher cache) is kept, as are the names in `keep`. Returns the kept
+    entries' names."""
     path = Path(output_dir)
     if not path.is_dir():
         return []
-    ours = {METRICS_FILE, RUN_CONFIG_FILE, EXPORT_TMP, f".{METRICS_FILE}.tmp",
-            f".{RUN_CONFIG_FILE}.tmp", *_exported_names(path)} - set(keep)
+    ours = {METRICS_FILE, RUN_CONFIG_FILE, EXPORT_TMP, TENSORBOARD_DIR,
+            f".{METRICS_FILE}.tmp", f".{RUN_CONFIG_FILE}.tmp", *_exported_names(path)} - set(keep)
     kept = []
     for child in sorted(path.iterdir()):
         is_dir = child.is_dir() and not child.is_symlink()
@@ -293,7 +295,7 @@ RESULT_NEUTRAL_SETTINGS = frozenset({
     "eval_dataset_split", "eval_steps", "resume", "overwrite", "allow_changed_settings",
     "max_bad_steps", "gradient_checkpointing", "loss_chunk_size", "batch_size",
     "trust_remote_code", "api_key_env", "api_concurrency", "api_timeout", "api_max_retries",
-    "generation_batch_size", "generate_only"})
+    "generation_batch_size", "generate_only", "report_to", "run_name"})
 # Parts of a run config that are records, not settings (the completions path of
 # sequence_level.py follows --output-dir unless --completions names it).
 _RECORD_KEYS = frozenset({"command", "versions", "completions", "finished", "final_step",

@@ -538,7 +538,10 @@ def test_rows_scored_with_the_same_settings_are_reused(tiny, tmp_path, monkeypat
     output = tmp_path / "r.json"
     common = ["--teacher", tiny / "teacher", "--dataset", tiny / "test.jsonl", "--max-samples", 4,
               "--batch-size", 4, "--no-progress", "--output", output]
-    argv = lambda *extra: [str(a) for a in ["--models", tiny / "student", kd, *common, *extra]]  # noqa: E731
+
+    def argv(*extra):
+        return [str(a) for a in ["--models", tiny / "student", kd, *common, *extra]]
+
     loaded = counting_model_loads(monkeypatch)
     first = eval_script.main(argv("--max-new-tokens", 3))
     assert loaded == ["teacher", "student", "kd"]
