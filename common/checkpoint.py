@@ -535,12 +535,16 @@ def finish_run(accelerator, student, tokenizer, output_dir, run_config, state,
 
 
 def export_student(accelerator, model, tokenizer, output_dir, run_config, end_of_turn_id=None):
-    """Save the trained student as a plain `save_pretrained` directory with its tokenizer."""
+    """Save the trained student as a plain `save_pretrained` directory with its tokenizer. A LoRA
+    student (common/lora.py) is saved merged, and its adapter beside it in OUTPUT_DIR/adapter."""
+    from common.lora import ADAPTER_DIR, is_adapter_model
+
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
     output_dir = Path(output_dir)
     student = accelerator.unwrap_model(model)
+    has_adapter = is_adapter_model(student)
     if end_of_turn_id is not None and getattr(student, "generation_config", None) is not None:
         # Generation should stop at the chat template's end of turn, not only at EOS.
         eos = student.generation_config.eos_token_id
@@ -552,6 +556,12 @@ def export_student(accelerator, model, tokenizer, output_dir, run_config, end_of
     tmp = output_dir / ".tmp-export"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
+        if has_adapter:
+            # The adapter alone (peft picks its weights out of the whole state dict), then the
+            # student with the adapter merged into its weights, in place: the run is over.
+            student.save_pretrained(tmp / ADAPTER_DIR, state_dict=state_dict,
+                                    save_embedding_layers=False)
+            student, state_dict = student.merge_and_unload(), None
         student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         _save_tokenizer_as_given(tokenizer, tmp)
         names = sorted(item.name for item in tmp.iterdir())
