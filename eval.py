@@ -368,12 +368,12 @@ def generate_replies(model, tokenizer, encoder, samples, eval_args, bar=None):
     # Warm-up, so one-time costs (CUDA kernels, allocator) do not count against the first model.
     generate(model, tokenizer, [prompts[usable[0]]], **{**options, "max_new_tokens": 2},
              progress=False)
-    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    synchronize()
-    started = time.perf_counter()
     if bar is not None:  # now the number of generation batches is known
         bar.total = bar.n + math.ceil(len(usable) / eval_args.batch_size)
         bar.refresh()
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
+    started = time.perf_counter()
     completions = generate(model, tokenizer, [prompts[i] for i in usable], **options,
                            progress=not eval_args.no_progress, bar=bar)
     synchronize()
@@ -671,7 +671,8 @@ def reusable_rows(output, settings):
 
 
 def cached_row(rows, model, is_teacher):
-    """The reusable row of this model, or None; the row says why it is (not) reusable."""
+    """The reusable row of this model, or None: scored in the same role, and its files unchanged
+    since (or gone: the row is all that is left of it)."""
     fingerprint = model_fingerprint(model)
     for saved_model, saved_teacher, row in rows:
         if saved_teacher == is_teacher and same_model(saved_model, model) and \

@@ -609,3 +609,11 @@ def test_each_warning_is_given_once(tiny, capsys):
     err = capsys.readouterr().err
     assert err.count(f"warning: {tiny / 'teacher'}: skipped") == 1
     assert err.count(f"warning: {tiny / 'student'}: skipped") == 1
+
+
+def test_the_teacher_is_named_by_listing_it_in_models(tiny):
+    results = eval_script.main([str(a) for a in [
+        "--models", tiny / "student", tiny / "teacher", "--names", "small", "big", "--teacher",
+        tiny / "teacher", "--dataset", tiny / "test.jsonl", "--max-samples", 2,
+        "--max-new-tokens", 1, "--no-progress"]])
+    assert [(r["name"], r["teacher"]) for r in results] == [("big", True), ("small", False)]
