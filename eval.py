@@ -18,7 +18,9 @@ Examples:
 
 Runs on one device (the GPU if there is one); no `accelerate launch`. Every directory the training
 scripts write is a valid --models entry, and so is any Hugging Face causal LM. Each model is scored
-with its own tokenizer and chat template. The teacher, when given, gets a row of its own.
+with its own tokenizer and chat template. The teacher, when given, gets a row of its own. Rows
+are named by --names or each directory's last part. With --output, a model already scored there
+with the same settings (and unchanged files) is reused, not scored again (--rescore to redo it).
 
 Per model, on the held-out conversations:
     perplexity      exp(mean NLL) over every reference assistant token, masked as in training
@@ -33,6 +35,7 @@ Per model, on the held-out conversations:
 """
 
 import dataclasses
+import json
 import math
 import re
 import sys
@@ -54,6 +57,10 @@ class EvalArguments:
     models: list[str] = field(default_factory=list, metadata={
         "help": "Models to score: local directories (e.g. a training script's --output-dir) or "
                 "Hugging Face Hub ids, separated by spaces."})
+    names: list[str] = field(default_factory=list, metadata={
+        "help": "Short row names, one per --models entry in the same order (default: each "
+                "model's directory or Hub id's last part, with parent folders added where two "
+                "would collide). List the teacher in --models too to name its row."})
     teacher: Optional[str] = field(default=None, metadata={
         "help": "Teacher (directory or Hub id): scored in its own row, and every model with the "
                 "same tokenizer gets kl_to_teacher and top1_agreement."})
@@ -62,7 +69,11 @@ class EvalArguments:
     batch_size: int = field(default=8, metadata={
         "help": "Conversations per forward pass and per generation batch."})
     output: Optional[str] = field(default=None, metadata={
-        "help": "Write the numbers and the settings used to this JSON file."})
+        "help": "Write the numbers and the settings used to this JSON file. If it (or the "
+                "NAME.partial.json of a run that failed) already holds a model's row scored "
+                "with the same settings, data and weights, that row is reused, not recomputed."})
+    rescore: bool = field(default=False, metadata={
+        "help": "Score every model again, even those with a reusable row in --output."})
     plot: Optional[str] = field(default=None, metadata={
         "help": "Write a PNG bar chart of the metrics to this file (needs matplotlib)."})
     answers_field: str = field(default="answers", metadata={
@@ -86,6 +97,12 @@ class EvalArguments:
             raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.names and len(self.names) != len(self.models):
+            raise UserError(f"--names has {len(self.names)} names for {len(self.models)} "
+                            f"--models; give one per model, in the same order")
+        repeated = sorted({n for n in self.names if self.names.count(n) > 1})
+        if repeated:
+            raise UserError(f"--names gives {repeated[0]!r} twice; each row needs its own name")
 
 
 @dataclass
@@ -186,7 +203,7 @@ def rouge_l(generation, reference, scorer=None):
 
 
 def score_references(model, examples, vocab_size, batch_size, pad_token_id, teacher=None,
-                     progress=True, desc="scoring"):
+                     progress=True, desc="scoring", bar=None):
     """Sums over the supervised tokens of `examples` (ChatEncoder output).
 
     Returns {"tokens", "nll"} and, with a teacher fed the same input ids, {"kl", "top1"}: the summed
@@ -196,6 +213,7 @@ def score_references(model, examples, vocab_size, batch_size, pad_token_id, teac
     Memory: logits exist only at scored positions, a chunk of positions at a time (about 128 MiB
     of float32 logits per model), as in training (common/distill.py): at a 262,144-token
     vocabulary full logits at every position would be the largest tensors by far.
+    bar: the model's progress bar, advanced once per batch (else a bar of its own).
     """
     import torch
     from tqdm.auto import tqdm
@@ -211,8 +229,12 @@ def score_references(model, examples, vocab_size, batch_size, pad_token_id, teac
     # Similar lengths together waste less padding; the sums do not depend on the order.
     examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     starts = range(0, len(examples), batch_size)
+    if bar is None:
+        starts = tqdm(starts, desc=desc, disable=not progress, leave=False)
+    else:
+        bar.set_postfix_str(desc)
     with torch.no_grad():
-        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        for start in starts:
             batch = {k: v.to(device) for k, v in
                      collate(examples[start:start + batch_size], pad_token_id).items()}
             model_outputs = scored_outputs(model, batch, heads)
@@ -228,6 +250,8 @@ def score_references(model, examples, vocab_size, batch_size, pad_token_id, teac
                     totals["kl"] += forward_kl(model_logits, teacher_logits).sum().item()
                     totals["top1"] += (model_logits.argmax(-1) ==
                                        teacher_logits.argmax(-1)).sum().item()
+            if bar is not None:
+                bar.update()
     return totals
 
 
@@ -284,6 +308,7 @@ class TeacherContext:
     model: object
     tokenizer: object
     examples: list  # the samples encoded with the teacher's tokenizer and chat template
+    encoder: object = None  # the ChatEncoder that made them (the teacher's row reuses both)
 
 
 def tokenizer_mismatch(name, tokenizer, teacher):
@@ -300,7 +325,7 @@ def tokenizer_mismatch(name, tokenizer, teacher):
     return None
 
 
-def teacher_agreement(model, tokenizer, teacher, eval_args):
+def teacher_agreement(model, tokenizer, teacher, eval_args, bar=None):
     """(kl_to_teacher, top1_agreement) of a model with the teacher's tokenizer.
 
     Both models read the same input ids: the conversation rendered with the teacher's template
@@ -311,7 +336,7 @@ def teacher_agreement(model, tokenizer, teacher, eval_args):
     totals = score_references(model, teacher.examples, real_vocab_size(tokenizer),
                               eval_args.batch_size, tokenizer.pad_token_id,
                               teacher=teacher.model, progress=not eval_args.no_progress,
-                              desc="teacher agreement")
+                              desc="teacher agreement", bar=bar)
     tokens = max(totals["tokens"], 1)
     return totals["kl"] / tokens, totals["top1"] / tokens
 
@@ -335,7 +360,7 @@ def prompt_ids(tokenizer, samples):
     return prompts
 
 
-def generate_replies(model, tokenizer, encoder, samples, eval_args):
+def generate_replies(model, tokenizer, encoder, samples, eval_args, bar=None):
     """Greedy replies (None where the prompt cannot be rendered), generated tokens, seconds."""
     import torch
 
@@ -372,11 +397,14 @@ def generate_replies(model, tokenizer, encoder, samples, eval_args):
     # Warm-up, so one-time costs (CUDA kernels, allocator) do not count against the first model.
     generate(model, tokenizer, [prompts[usable[0]]], **{**options, "max_new_tokens": 2},
              progress=False)
+    if bar is not None:  # now the number of generation batches is known
+        bar.total = bar.n + math.ceil(len(usable) / eval_args.batch_size)
+        bar.refresh()
     synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     synchronize()
     started = time.perf_counter()
     completions = generate(model, tokenizer, [prompts[i] for i in usable], **options,
-                           progress=not eval_args.no_progress)
+                           progress=not eval_args.no_progress, bar=bar)
     synchronize()
     seconds = time.perf_counter() - started
     replies = [None] * len(samples)
@@ -387,39 +415,60 @@ def generate_replies(model, tokenizer, encoder, samples, eval_args):
 
 
 def evaluate_model(name, model, tokenizer, samples, eval_args, data_args, teacher=None,
-                   is_teacher=False):
-    """Every metric of one model, as the dict that becomes its row and its JSON entry."""
+                   is_teacher=False, row_name=None):
+    """Every metric of one model, as the dict that becomes its row and its JSON entry.
+
+    name: the directory or Hub id (the row's "model"); row_name: its short name in the table.
+    """
+    from tqdm.auto import tqdm
     from rouge_score import rouge_scorer
 
     from common.models import check_vocab_fits, count_parameters, real_vocab_size
 
+    row_name = row_name or name
     check_vocab_fits(model, tokenizer, name)
-    encoder, examples = encode_for(tokenizer, samples,
-                                   scoring_length(model, data_args.max_length), name)
+    if is_teacher and teacher is not None and teacher.encoder is not None:
+        encoder, examples = teacher.encoder, teacher.examples  # encoded (and warned about) once
+    else:
+        encoder, examples = encode_for(tokenizer, samples,
+                                       scoring_length(model, data_args.max_length), name)
     comparable = teacher is not None and not is_teacher
     mismatch = tokenizer_mismatch(name, tokenizer, teacher) if comparable else None
     # When the model renders conversations exactly as the teacher does, one pass gives both.
     share_pass = comparable and mismatch is None and examples == teacher.examples
-    totals = score_references(model, examples, real_vocab_size(tokenizer), eval_args.batch_size,
-                              tokenizer.pad_token_id, teacher=teacher.model if share_pass else None,
-                              progress=not eval_args.no_progress, desc="perplexity")
-    tokens = max(totals["tokens"], 1)
-    result = {"model": name, "teacher": is_teacher, "parameters": count_parameters(model),
-              "perplexity": math.exp(totals["nll"] / tokens), "scored_tokens": totals["tokens"]}
+    separate_agreement = comparable and mismatch is None and not share_pass
+    # One bar per model, counting batches: perplexity, teacher agreement, then generation (its
+    # count is set once the prompts that fit are known; here the most it can be).
+    batches = math.ceil(len(examples) / eval_args.batch_size) + math.ceil(
+        len(samples) / eval_args.batch_size)
+    if separate_agreement:
+        batches += math.ceil(len(teacher.examples) / eval_args.batch_size)
+    with tqdm(total=batches, desc=row_name, unit="batch", disable=eval_args.no_progress,
+              leave=True, dynamic_ncols=True) as bar:
+        totals = score_references(model, examples, real_vocab_size(tokenizer),
+                                  eval_args.batch_size, tokenizer.pad_token_id,
+                                  teacher=teacher.model if share_pass else None,
+                                  desc="perplexity", bar=bar)
+        tokens = max(totals["tokens"], 1)
+        result = {"model": name, "name": row_name, "teacher": is_teacher,
+                  "parameters": count_parameters(model),
+                  "perplexity": math.exp(totals["nll"] / tokens),
+                  "scored_tokens": totals["tokens"]}
 
-    if teacher is None or mismatch:
-        agreement = (None, None)
-    elif is_teacher:
-        agreement = (0.0, 1.0)  # by definition; no need to run it against itself
-    elif share_pass:
-        agreement = (totals["kl"] / tokens, totals["top1"] / tokens)
-    else:
-        agreement = teacher_agreement(model, tokenizer, teacher, eval_args)
-    result["kl_to_teacher"], result["top1_agreement"] = agreement
-    result["teacher_agreement_note"] = mismatch
+        if teacher is None or mismatch:
+            agreement = (None, None)
+        elif is_teacher:
+            agreement = (0.0, 1.0)  # by definition; no need to run it against itself
+        elif share_pass:
+            agreement = (totals["kl"] / tokens, totals["top1"] / tokens)
+        else:
+            agreement = teacher_agreement(model, tokenizer, teacher, eval_args, bar=bar)
+        result["kl_to_teacher"], result["top1_agreement"] = agreement
+        result["teacher_agreement_note"] = mismatch
 
-    replies, generated_tokens, seconds, stopped = generate_replies(
-        model, tokenizer, encoder, samples, eval_args)
+        replies, generated_tokens, seconds, stopped = generate_replies(
+            model, tokenizer, encoder, samples, eval_args, bar=bar)
+        bar.set_postfix_str("done")
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordTokenizer())
     # One entry per conversation, in dataset order, so that the --output JSON shows every reply
     # with its scores (None where the prompt could not be rendered or left no room to generate).
@@ -454,6 +503,11 @@ COLUMNS = [
 ]
 
 
+def row_name(result):
+    """The row's short name (rows written before --names existed have only the model)."""
+    return result.get("name") or result["model"]
+
+
 def human_count(number):
     for unit, size in [("B", 1e9), ("M", 1e6), ("K", 1e3)]:
         if number >= size:
@@ -479,7 +533,7 @@ def markdown_table(results):
     lines = ["| model | " + " | ".join(header for _, header, _, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for result in results:
-        cells = [result["model"] + (" (teacher)" if result["teacher"] else "")]
+        cells = [row_name(result) + (" (teacher)" if result["teacher"] else "")]
         for key, _, _, fmt in columns:
             value = result[key]
             text = "n/a" if value is None else fmt(value)
@@ -489,7 +543,7 @@ def markdown_table(results):
                 text = f"**{text}**"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"- {r['model']}: {r['teacher_agreement_note']}" for r in results
+    notes = [f"- {row_name(r)}: {r['teacher_agreement_note']}" for r in results
              if r["teacher_agreement_note"]]
     if best:
         notes.insert(0, "Bold: best among the students (the teacher is a reference, not a "
@@ -519,9 +573,7 @@ def plot_results(results, path):
     num_rows = math.ceil(len(columns) / num_columns)
     figure, axes = plt.subplots(num_rows, num_columns, squeeze=False,
                                 figsize=(0.6 * len(results) * num_columns + 3, 3.4 * num_rows))
-    names = [Path(r["model"]).name or r["model"] for r in results]
-    if len(set(names)) < len(names):  # runs/a/final and runs/b/final: show the whole names
-        names = [r["model"] for r in results]
+    names = [row_name(r) for r in results]
     positions = range(len(results))
     for axis, (key, header) in zip(axes.flat, columns):
         for position, result in zip(positions, results):
@@ -551,6 +603,118 @@ def same_model(a, b):
     if path_a.exists() and path_b.exists():
         return path_a.resolve() == path_b.resolve()
     return a == b
+
+
+def short_names(models, given=None):
+    """Row names: `given` where set, else the last part of each directory or Hub id, with parent
+    folders added while two collide (runs/kd/final, runs/seq/final -> kd/final, seq/final), and
+    " (2)", " (3)" after the same model listed twice."""
+    import os
+
+    given = given or [None] * len(models)
+    parts = []
+    for model in models:
+        normalized = os.path.normpath(os.path.expanduser(model))
+        path_parts = Path(normalized).parts
+        if not path_parts or path_parts[-1] in (".", ".."):  # ".", "..": the folder's own name
+            path_parts = Path(normalized).resolve().parts
+        parts.append([p for p in path_parts if p != os.sep] or [model])
+    depth = [1] * len(models)
+
+    def current():
+        return [given[i] or "/".join(parts[i][-depth[i]:]) for i in range(len(models))]
+
+    while True:
+        names = current()
+        grown = False
+        for name in {n for n in names if names.count(n) > 1}:
+            group = [i for i, n in enumerate(names) if n == name]
+            if len({tuple(parts[i]) for i in group}) == 1:
+                continue  # the same path twice: more folders would not tell them apart
+            for i in group:
+                if given[i] is None and depth[i] < len(parts[i]):
+                    depth[i] += 1
+                    grown = True
+        if not grown:
+            break
+    seen = {}
+    for i, name in enumerate(names):
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:  # the same path twice (or a given name equal to a whole path)
+            names[i] = f"{name} ({seen[name]})"
+    return names
+
+
+# Settings that do not change a row's numbers: which models, how rows are named, where output
+# goes. Every other setting (and the data, device and teacher) must match for a row to be reused.
+ROW_NEUTRAL_SETTINGS = frozenset({"models", "names", "output", "plot", "no_progress", "rescore",
+                                  "trust_remote_code", "command", "partial"})
+
+
+def model_fingerprint(name):
+    """What tells whether a model changed since its row was scored: for a local directory, the
+    names, sizes and modification times of its files (a retrained --output-dir differs; reading
+    gigabytes of weights to hash them would cost more than scoring a small model); "missing" for
+    a path that is gone; None for a Hub id (the id names it)."""
+    import hashlib
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+        return "missing" if looks_like_path else None
+    # metrics.jsonl and checkpoints/ change while a run trains, not the exported model.
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()
+                   if f.is_file() and f.name != "metrics.jsonl")
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
+def samples_digest(samples):
+    """sha256 (16 hex digits) of the held-out conversations as scored: notices an edited file."""
+    import hashlib
+
+    text = json.dumps([dataclasses.asdict(s) for s in samples], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def row_settings(settings):
+    return {k: v for k, v in settings.items() if k not in ROW_NEUTRAL_SETTINGS}
+
+
+def reusable_rows(output, settings):
+    """[(model, is_teacher, row)] from --output and its .partial.json scored with these settings
+    (the partial file, newer when it exists, wins), and a note on why none are usable."""
+    wanted = json.dumps(row_settings(settings), sort_keys=True)
+    rows, notes = [], []
+    for path in (Path(output), partial_path(output)):
+        if not path.is_file():
+            continue
+        try:
+            saved = json.loads(path.read_text())
+            same = json.dumps(row_settings(saved["settings"]), sort_keys=True) == wanted
+            found = [(r["model"], bool(r["teacher"]), r) for r in saved["results"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            notes.append(f"{path} is not an eval.py results file")
+            continue
+        if same:
+            rows = [r for r in rows if not any(same_model(r[0], f[0]) and r[1] == f[1]
+                                               for f in found)] + found
+        else:
+            changed = sorted(k for k in set(row_settings(saved["settings"])) |
+                             set(row_settings(settings))
+                             if saved["settings"].get(k) != settings.get(k))
+            notes.append(f"{path} was scored with other settings ({', '.join(changed)})")
+    return rows, notes
+
+
+def cached_row(rows, model, is_teacher):
+    """The reusable row of this model, or None: scored in the same role, and its files unchanged
+    since (or gone: the row is all that is left of it)."""
+    fingerprint = model_fingerprint(model)
+    for saved_model, saved_teacher, row in rows:
+        if saved_teacher == is_teacher and same_model(saved_model, model) and \
+                fingerprint in (row.get("model_fingerprint"), "missing"):
+            return row
+    return None
 
 
 def partial_path(output):
@@ -595,48 +759,85 @@ def main(argv=None):
     from common.chat import ensure_chat_template
     from common.models import check_vocab_fits, freeze, load_model, load_tokenizer
 
+    if eval_args.no_progress:  # transformers' "Loading weights" bars too
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     samples, skip_note = load_samples(data_args, eval_args.answers_field)
-    # (name, is_teacher): the teacher first, once, even if it is also listed in --models.
+    # (model, is_teacher, row name): the teacher first, once, even if it is also listed in
+    # --models (then the name given to it there is its row's name).
+    given_names = dict(zip(eval_args.models, eval_args.names))
     entries = [(name, False) for name in eval_args.models
                if not (eval_args.teacher and same_model(name, eval_args.teacher))]
     if eval_args.teacher:
         entries.insert(0, (eval_args.teacher, True))
+    teacher_given = next((given_names[m] for m in eval_args.models if eval_args.teacher
+                          and same_model(m, eval_args.teacher)), None)
+    names = short_names([model for model, _ in entries],
+                        [teacher_given if is_teacher else given_names.get(model)
+                         for model, is_teacher in entries])
+    entries = [(model, is_teacher, name) for (model, is_teacher), name in zip(entries, names)]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    settings = {**dataclasses.asdict(eval_args), **dataclasses.asdict(data_args),
+                "num_conversations": len(samples), "data_sha256": samples_digest(samples),
+                "teacher_fingerprint": eval_args.teacher and model_fingerprint(eval_args.teacher),
+                "device": str(device), "decoding": "greedy",
+                "command": " ".join(sys.argv if argv is None else ["eval.py", *argv])}
+    reused, notes = {}, []  # {(model, is_teacher): row} of rows an earlier run scored
+    if eval_args.output and not eval_args.rescore:
+        rows, notes = reusable_rows(eval_args.output, settings)
+        for model, is_teacher, name in entries:
+            row = cached_row(rows, model, is_teacher)
+            if row is not None:
+                reused[model, is_teacher] = {**row, "name": name}
+    to_score = [entry for entry in entries if entry[:2] not in reused]
+
     # Tokenizers first: a misspelled model fails in seconds, not after the others are scored.
-    tokenizers = {name: ensure_chat_template(
-        load_tokenizer(name, eval_args.trust_remote_code, "teacher" if is_teacher else "model"),
+    tokenizers = {model: ensure_chat_template(
+        load_tokenizer(model, eval_args.trust_remote_code, "teacher" if is_teacher else "model"),
         "teacher" if is_teacher else "model", eval_args.chat_template)
-        for name, is_teacher in entries}
+        for model, is_teacher, _ in to_score}
     log(f"{len(samples)} conversations from {data_args.dataset}"
         + (f" (warning: {skip_note})" if skip_note else ""))
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for note in notes if not reused else []:  # why nothing could be reused
+        log(f"scoring every model: {note}")
     teacher = None
-    if eval_args.teacher:
-        teacher_tokenizer = tokenizers[eval_args.teacher]
+    if eval_args.teacher and to_score:  # a student scored now needs the teacher's logits
+        teacher_tokenizer = tokenizers.get(eval_args.teacher) or ensure_chat_template(
+            load_tokenizer(eval_args.teacher, eval_args.trust_remote_code, "teacher"), "teacher",
+            eval_args.chat_template)
         teacher_model = freeze(load_model(eval_args.teacher, eval_args.dtype,
                                           eval_args.trust_remote_code, "teacher")).to(device)
         check_vocab_fits(teacher_model, teacher_tokenizer, f"teacher {eval_args.teacher}")
-        _, teacher_examples = encode_for(teacher_tokenizer, samples,
-                                         scoring_length(teacher_model, data_args.max_length),
-                                         eval_args.teacher)
+        teacher_encoder, teacher_examples = encode_for(
+            teacher_tokenizer, samples, scoring_length(teacher_model, data_args.max_length),
+            eval_args.teacher)
         teacher = TeacherContext(eval_args.teacher, teacher_model, teacher_tokenizer,
-                                 teacher_examples)
+                                 teacher_examples, teacher_encoder)
 
-    settings = {**dataclasses.asdict(eval_args), **dataclasses.asdict(data_args),
-                "num_conversations": len(samples), "device": str(device), "decoding": "greedy",
-                "command": " ".join(sys.argv if argv is None else ["eval.py", *argv])}
     results = []
-    for name, is_teacher in entries:
-        log(f"scoring {name}{' (teacher)' if is_teacher else ''}")
+    for model_name, is_teacher, name in entries:
+        role = " (teacher)" if is_teacher else ""
+        shown = f"{name}{role}" + ("" if name == model_name else f": {model_name}")
+        if (model_name, is_teacher) in reused:
+            gone = model_fingerprint(model_name) == "missing"
+            log(f"reusing the row of {shown} from an earlier run with the same settings"
+                + (" (its directory is gone)" if gone else "") + "; --rescore to score it again")
+            results.append(reused[model_name, is_teacher])
+            continue
+        log(f"scoring {shown}")
         try:
-            model = teacher.model if is_teacher else \
-                freeze(load_model(name, eval_args.dtype, eval_args.trust_remote_code)).to(device)
-            results.append(evaluate_model(name, model, tokenizers[name], samples, eval_args,
-                                          data_args, teacher, is_teacher))
+            model = teacher.model if is_teacher else freeze(load_model(
+                model_name, eval_args.dtype, eval_args.trust_remote_code)).to(device)
+            result = evaluate_model(model_name, model, tokenizers[model_name], samples,
+                                    eval_args, data_args, teacher, is_teacher, row_name=name)
+            result["model_fingerprint"] = model_fingerprint(model_name)
+            results.append(result)
         except BaseException as exc:
             # Keep what the models before this one cost: their rows go out before the error.
             if results:
-                partial = f"{name} failed ({type(exc).__name__}); rows of the models before it"
+                partial = f"{model_name} failed ({type(exc).__name__}); rows of the models " \
+                          f"before it"
                 print(markdown_table(results))
                 if eval_args.output:  # beside --output, which keeps its earlier contents
                     try:

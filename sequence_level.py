@@ -48,6 +48,7 @@ from typing import Optional
 from common.api_client import (TeacherApiArguments, api_error, make_client, redact_url,
                                redacted_command)
 from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from common.lora import LoraArguments, add_adapters
 from common.errors import UserError, run_cli
 
 COMPLETIONS_FILE = "teacher_completions.jsonl"
@@ -592,8 +593,9 @@ def main(argv=None):
     from common.sharding import unsharded_loading
     from common.train import make_accelerator, train
 
-    model_args, data_args, train_args, seq_args = parse_args(
-        (ModelArguments, DataArguments, TrainingArguments, SequenceLevelArguments), argv,
+    model_args, data_args, train_args, seq_args, lora_args = parse_args(
+        (ModelArguments, DataArguments, TrainingArguments, SequenceLevelArguments, LoraArguments),
+        argv,
         description=__doc__.split("\n\n")[0])
     if not data_args.dataset and not seq_args.completions:
         raise UserError("--dataset is required (or --completions with a filled cache)")
@@ -650,6 +652,7 @@ def main(argv=None):
     check_vocab_fits(student, student_tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
+    student = add_adapters(accelerator, student, lora_args, train_args.gradient_checkpointing)
     prepare_output_dir(accelerator, output_dir, train_args.overwrite, keep=(COMPLETIONS_FILE,))
     # run_config is saved in every checkpoint and the output: no credentials from the API URL.
     command, logged_seq_args = redacted_command(sys.argv, seq_args), seq_args
@@ -657,7 +660,8 @@ def main(argv=None):
         logged_seq_args = dataclasses.replace(seq_args,
                                               teacher_api_base=redact_url(seq_args.teacher_api_base))
     run_config = {**make_run_config("sequence_level", command, model=model_args, data=data_args,
-                                    training=train_args, sequence_level=logged_seq_args),
+                                    training=train_args, sequence_level=logged_seq_args,
+                                    lora=lora_args),
                   "completions": str(cache_path)}
     loss_fn = make_ce_loss_fn(accelerator, real_vocab_size(student_tokenizer),
                               seq_args.loss_chunk_size)

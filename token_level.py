@@ -52,6 +52,7 @@ from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.distill import make_ce_loss_fn, make_kd_loss_fn
 from common.errors import UserError, run_cli
+from common.lora import LoraArguments, add_adapters
 from common.models import (check_same_tokenizer, check_vocab_fits, freeze, load_model,
                            load_student, load_tokenizer, real_vocab_size)
 from common.sharding import prepare_teacher
@@ -139,8 +140,9 @@ def main(argv=None):
 
     from common.train import make_accelerator, train
 
-    model_args, data_args, train_args, kd_args = parse_args(
-        (ModelArguments, DataArguments, TrainingArguments, TokenLevelArguments), argv,
+    model_args, data_args, train_args, kd_args, lora_args = parse_args(
+        (ModelArguments, DataArguments, TrainingArguments, TokenLevelArguments, LoraArguments),
+        argv,
         description=__doc__.split("\n\n")[0])
     cached_meta = teacher_cache.read_meta(kd_args.teacher_cache) if kd_args.teacher_cache else None
     use_cache_only = bool(cached_meta and cached_meta.get("complete")) and not model_args.teacher
@@ -215,6 +217,7 @@ def main(argv=None):
     check_vocab_fits(student, tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
+    student = add_adapters(accelerator, student, lora_args, train_args.gradient_checkpointing)
 
     output_dir = prepare_output_dir(accelerator, train_args.output_dir, train_args.overwrite)
     # Saved in every checkpoint: the server URL redacted; the key is never among the arguments.
@@ -222,7 +225,7 @@ def main(argv=None):
         kd_args.teacher_api_base)) if served else kd_args
     run_config = make_run_config("token_level", redacted_command(sys.argv, kd_args),
                                  model=model_args, data=data_args, training=train_args,
-                                 token_level=logged_kd_args)
+                                 token_level=logged_kd_args, lora=lora_args)
     student, state = train(accelerator, student, examples, train_args, loss_fn,
                            tokenizer.pad_token_id, run_config, collate_fn=collate_fn,
                            eval_examples=eval_examples, eval_loss_fn=eval_loss_fn,

@@ -2,6 +2,12 @@
 
 Every field's help string shows in `--help`; `__post_init__` rejects bad values with a sentence the
 user can act on. Each script adds one dataclass of its own method's options.
+
+Every script also takes `--config FILE.yaml`: a mapping of flag names (learning_rate or
+learning-rate) to values, which flags on the command line override. A finished run's settings
+become such a file with
+
+    python -m common.args runs/kd/run_config.json > recipe.yaml
 """
 
 import difflib
@@ -153,6 +159,14 @@ class TrainingArguments:
     group_by_length: bool = field(default=False, metadata={
         "help": "Batch conversations of similar length together (within shuffled groups of 64 "
                 "global batches) to cut padding; the batches' order stays shuffled."})
+    report_to: Literal["none", "tensorboard", "wandb", "trackio", "mlflow", "all"] = field(
+        default="none", metadata={
+            "help": "Also log the metrics.jsonl numbers, the run's settings and its name to an "
+                    "experiment tracker: tensorboard (event files in OUTPUT_DIR/tensorboard), "
+                    "wandb, trackio, mlflow, or all of those installed. Projects: $WANDB_PROJECT, "
+                    "$TRACKIO_PROJECT, $MLFLOW_EXPERIMENT_NAME (default 'distillation')."})
+    run_name: Optional[str] = field(default=None, metadata={
+        "help": "The run's name in the tracker (default: --output-dir's last folder)."})
 
     def __post_init__(self):
         checks = [
@@ -181,6 +195,32 @@ class TrainingArguments:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        installed_trackers(self.report_to)  # a missing package fails now, not after loading
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio",
+                    "mlflow": "mlflow"}
+
+
+def installed_trackers(report_to):
+    """The tracker names --report-to asks for; one line naming the pip package when one is not
+    installed (accelerate would leave it out without a word)."""
+    import importlib.util
+
+    if report_to == "none":
+        return []
+    installed = [name for name, package in TRACKER_PACKAGES.items()
+                 if importlib.util.find_spec(package) is not None]
+    if report_to == "all":
+        if not installed:
+            raise UserError("--report-to all found no tracker installed (tensorboard, wandb, "
+                            "trackio, mlflow): pip install tensorboard")
+        return installed
+    if report_to not in installed:
+        raise UserError(f"--report-to {report_to} needs the {TRACKER_PACKAGES[report_to]} "
+                        f"package, which is not installed: pip install "
+                        f"{TRACKER_PACKAGES[report_to]} (or --report-to none)")
+    return [report_to]
 
 
 def eval_data_args(data_args, train_args):
@@ -204,11 +244,87 @@ def unknown_argument_message(argument, parser):
     return f"unknown flag {flag}{suggestion} (see --help)"
 
 
+def flag_actions(parser):
+    """{field_name: argparse action} of every --flag the parser takes."""
+    return {option[2:].replace("-", "_"): action for action in parser._actions
+            for option in action.option_strings if option.startswith("--")}
+
+
+def read_config_file(path):
+    """The mapping a --config YAML file holds (one-line UserError for a missing or bad file)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            values = yaml.safe_load(file)
+    except FileNotFoundError:
+        raise UserError(f"--config {path} does not exist; pass a YAML file of flag names and "
+                        f"values") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config {path} could not be read ({exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"--config {path} is not valid YAML ({where}{problem})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must be a mapping of flag names to values (e.g. "
+                        f"'learning_rate: 1e-4'), not a {type(values).__name__}")
+    return values
+
+
+def config_arguments(path, parser):
+    """The command-line words that a --config file stands for, to go before the real ones (where
+    a flag given twice, the later one wins): argparse then converts and checks every value as
+    if typed, choices included."""
+    actions = flag_actions(parser)
+    words = []
+    for key, value in read_config_file(path).items():
+        name = str(key).replace("-", "_")
+        if name not in actions or name in ("help", "config"):
+            valid = sorted(set(actions) - {"help", "config"})
+            if "-" in str(key):
+                valid = [v.replace("_", "-") for v in valid]
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+            raise UserError(f"unknown key {key!r} in --config {path}"
+                            + (f"; did you mean {close[0]}?" if close else "")
+                            + " (keys are the flag names, see --help)")
+        if value is None:  # null: the flag's default
+            continue
+        flag = f"--{name}"
+        many = actions[name].nargs in ("+", "*")
+        if isinstance(value, dict) or (isinstance(value, list) and not many):
+            raise UserError(f"key {key!r} in --config {path} takes "
+                            f"{'a list or ' if many else ''}one value, not "
+                            f"{'a mapping' if isinstance(value, dict) else 'a list'}")
+        if many:
+            items = value if isinstance(value, list) else [value]
+            words += [flag, *map(yaml_word, items)] if items else []
+        else:
+            words.append(f"{flag}={yaml_word(value)}")  # "=": a value may start with "-"
+    return words
+
+
+def yaml_word(value):
+    """A YAML scalar as the command-line word that means it (true -> 'true', 1e-4 -> '1e-4')."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def parse_args(dataclass_types, argv=None, description=None):
-    """Parse the command line into one instance per dataclass (bad values raise UserError)."""
+    """Parse the command line (and its --config file) into one instance per dataclass (bad
+    values raise UserError)."""
+    import argparse
+
     # No prefix matching: --max-step silently meaning --max-steps would hide typos (and a later
     # flag that shares the prefix would change what an old command line means).
     parser = HfArgumentParser(dataclass_types, description=description, allow_abbrev=False)
+    parser.add_argument("--config", metavar="FILE.yaml", default=None, help=(
+        "YAML file of settings: keys are the flag names (learning_rate or learning-rate), "
+        "values as on the command line; flags given on the command line override it."))
 
     def one_line_error(message):  # argparse would print the whole usage block first
         raise UserError(f"{message} (see --help)")
@@ -219,4 +335,78 @@ def parse_args(dataclass_types, argv=None, description=None):
     _, unknown = parser.parse_known_args(args)
     if unknown:
         raise UserError(unknown_argument_message(unknown[0], parser))
-    return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    finder.add_argument("--config")
+    finder.error = one_line_error
+    config = finder.parse_known_args(args)[0].config
+    if config:
+        args = config_arguments(config, parser) + args
+    # The last output is the namespace of --config, which is no dataclass's field.
+    return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)[
+        :len(dataclass_types)]
+
+
+# What a run did to an existing output (not how it trains): left out of a recipe, so that the
+# recipe starts a fresh run wherever it is used.
+_NOT_RECIPE = ("resume", "overwrite", "allow_changed_settings", "rescore")
+# Records in eval.py's --output settings that are measured, not set.
+_EVAL_RECORDS = ("num_conversations", "data_sha256", "teacher_fingerprint", "device", "decoding",
+                 "command", "partial")
+
+
+def recipe_yaml(record, source):
+    """A --config YAML that reproduces the run recorded in `record`: a run_config.json (from a
+    training script's --output-dir) or an eval.py --output JSON. Values that were redacted
+    before they were saved (credentials in an API URL) are written commented out."""
+    import yaml
+
+    if isinstance(record.get("settings"), dict) and "results" in record:
+        script = "eval.py"
+        groups = {"eval": {k: v for k, v in record["settings"].items() if k not in _EVAL_RECORDS}}
+    elif isinstance(record.get("method"), str):
+        script = f"{record['method']}.py"
+        groups = {name: values for name, values in record.items()
+                  if isinstance(values, dict) and name != "versions"}
+    else:
+        raise UserError(f"{source} is neither a run_config.json of a training run nor an eval.py "
+                        f"--output file")
+    lines = [f"# {script} settings from {source}",
+             f"# python {script} --config THIS.yaml   (flags given after it override it)"]
+    for group, values in groups.items():
+        lines.append(f"\n# {group}")
+        for name, value in values.items():
+            if name in _NOT_RECIPE or value is None:
+                continue
+            line = yaml.safe_dump({name: value}, default_flow_style=True, width=10**6,
+                                  allow_unicode=True).strip()[1:-1]  # "{k: v}" -> "k: v"
+            if "***" in str(value):
+                line = f"# {line}   # credentials were removed before saving: put them back"
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    """python -m common.args RUN_CONFIG.json > recipe.yaml"""
+    import json
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        raise UserError("usage: python -m common.args RUN_DIR/run_config.json > recipe.yaml "
+                        "(or an eval.py --output JSON)")
+    path = args[0]
+    if os.path.isdir(path):
+        path = os.path.join(path, "run_config.json")
+    try:
+        with open(path, encoding="utf-8") as file:
+            record = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not read {path} as JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is not a run_config.json")
+    sys.stdout.write(recipe_yaml(record, path))
+
+
+if __name__ == "__main__":
+    from common.errors import run_cli
+
+    run_cli(main)

@@ -25,6 +25,7 @@ from common.errors import UserError
 STATE_FILE = "trainer_state.json"
 RUN_CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard writes its event files here
 CHECKPOINTS = "checkpoints"
 EXPORT_TMP = ".tmp-export"
 # What the export wrote before it recorded its files in run_config.json: the names
@@ -192,14 +193,15 @@ def _exported_names(output_dir):
 
 def clear_output_dir(output_dir, keep=()):
     """For --overwrite: remove what an earlier run of this suite wrote, and only that: its
-    checkpoints, metrics.jsonl, run_config.json, the exported student's files (as recorded in
-    run_config.json) and temporary files. Everything else (a dataset, notes, a completions file,
-    a teacher cache) is kept, as are the names in `keep`. Returns the kept entries' names."""
+    checkpoints, metrics.jsonl, tensorboard/, run_config.json, the exported student's files (as
+    recorded in run_config.json) and temporary files. Everything else (a dataset, notes, a
+    completions file, a teacher cache) is kept, as are the names in `keep`. Returns the kept
+    entries' names."""
     path = Path(output_dir)
     if not path.is_dir():
         return []
-    ours = {METRICS_FILE, RUN_CONFIG_FILE, EXPORT_TMP, f".{METRICS_FILE}.tmp",
-            f".{RUN_CONFIG_FILE}.tmp", *_exported_names(path)} - set(keep)
+    ours = {METRICS_FILE, RUN_CONFIG_FILE, EXPORT_TMP, TENSORBOARD_DIR,
+            f".{METRICS_FILE}.tmp", f".{RUN_CONFIG_FILE}.tmp", *_exported_names(path)} - set(keep)
     kept = []
     for child in sorted(path.iterdir()):
         is_dir = child.is_dir() and not child.is_symlink()
@@ -293,7 +295,7 @@ RESULT_NEUTRAL_SETTINGS = frozenset({
     "eval_dataset_split", "eval_steps", "resume", "overwrite", "allow_changed_settings",
     "max_bad_steps", "gradient_checkpointing", "loss_chunk_size", "batch_size",
     "trust_remote_code", "api_key_env", "api_concurrency", "api_timeout", "api_max_retries",
-    "generation_batch_size", "generate_only"})
+    "generation_batch_size", "generate_only", "report_to", "run_name"})
 # Parts of a run config that are records, not settings (the completions path of
 # sequence_level.py follows --output-dir unless --completions names it).
 _RECORD_KEYS = frozenset({"command", "versions", "completions", "finished", "final_step",
@@ -533,12 +535,16 @@ def finish_run(accelerator, student, tokenizer, output_dir, run_config, state,
 
 
 def export_student(accelerator, model, tokenizer, output_dir, run_config, end_of_turn_id=None):
-    """Save the trained student as a plain `save_pretrained` directory with its tokenizer."""
+    """Save the trained student as a plain `save_pretrained` directory with its tokenizer. A LoRA
+    student (common/lora.py) is saved merged, and its adapter beside it in OUTPUT_DIR/adapter."""
+    from common.lora import ADAPTER_DIR, is_adapter_model
+
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
     output_dir = Path(output_dir)
     student = accelerator.unwrap_model(model)
+    has_adapter = is_adapter_model(student)
     if end_of_turn_id is not None and getattr(student, "generation_config", None) is not None:
         # Generation should stop at the chat template's end of turn, not only at EOS.
         eos = student.generation_config.eos_token_id
@@ -550,6 +556,12 @@ def export_student(accelerator, model, tokenizer, output_dir, run_config, end_of
     tmp = output_dir / ".tmp-export"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
+        if has_adapter:
+            # The adapter alone (peft picks its weights out of the whole state dict), then the
+            # student with the adapter merged into its weights, in place: the run is over.
+            student.save_pretrained(tmp / ADAPTER_DIR, state_dict=state_dict,
+                                    save_embedding_layers=False)
+            student, state_dict = student.merge_and_unload(), None
         student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         _save_tokenizer_as_given(tokenizer, tmp)
         names = sorted(item.name for item in tmp.iterdir())

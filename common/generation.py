@@ -59,7 +59,7 @@ def generation_config(max_new_tokens, stop_token_ids, pad_token_id, temperature,
 @torch.no_grad()
 def generate(model, tokenizer, prompts_token_ids, max_new_tokens, stop_token_ids,
              temperature=0.0, top_p=1.0, batch_size=8, progress=True, desc="generating",
-             synced_gpus=None):
+             synced_gpus=None, bar=None):
     """Complete every prompt; returns one `Completion` per prompt, in the prompts' order.
 
     prompts_token_ids: list of lists of token ids (already rendered with the chat template).
@@ -68,6 +68,7 @@ def generate(model, tokenizer, prompts_token_ids, max_new_tokens, stop_token_ids
     limit padding; each row stops at its first stop token or after `max_new_tokens`.
     synced_gpus: keep running forward passes until every process is done (needed when the
     weights are sharded, see common/sharding.py); None lets transformers decide.
+    bar: a caller's tqdm bar to advance once per batch instead of showing one of our own.
     """
     from tqdm.auto import tqdm
 
@@ -87,7 +88,10 @@ def generate(model, tokenizer, prompts_token_ids, max_new_tokens, stop_token_ids
     order = sorted(range(len(prompts_token_ids)), key=lambda i: -len(prompts_token_ids[i]))
     completions = [None] * len(prompts_token_ids)
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    for batch_indices in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    if bar is not None:
+        bar.set_postfix_str(desc)
+    for batch_indices in (batches if bar is not None else
+                          tqdm(batches, desc=desc, disable=not progress, leave=False)):
         input_ids, attention_mask = left_pad([prompts_token_ids[i] for i in batch_indices],
                                              pad_token_id)
         output = model.generate(input_ids=input_ids.to(device),
@@ -96,5 +100,7 @@ def generate(model, tokenizer, prompts_token_ids, max_new_tokens, stop_token_ids
         new_tokens = output[:, input_ids.shape[1]:].tolist()
         for index, row_tokens in zip(batch_indices, new_tokens):
             completions[index] = cut_at_stop(row_tokens, stop_token_ids)
+        if bar is not None:
+            bar.update()
     model.train(was_training)
     return completions

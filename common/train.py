@@ -24,9 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from common.chat import IGNORE_INDEX, collate
-from common.checkpoint import (METRICS_FILE, changed_settings, data_fingerprint,
-                               error_on_every_process, known_settings, resumable_checkpoint,
-                               save_checkpoint, setting_name, truncate_metrics)
+from common.checkpoint import (METRICS_FILE, TENSORBOARD_DIR, changed_settings,
+                               data_fingerprint, error_on_every_process, known_settings,
+                               resumable_checkpoint, save_checkpoint, setting_name,
+                               truncate_metrics)
 from common.errors import UserError
 from common.sharding import check_sharding_settings
 
@@ -74,7 +75,8 @@ def make_accelerator(args):
         # one machine is the only case where we can guess it.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     accelerator = Accelerator(gradient_accumulation_plugin=plugin,
-                              mixed_precision=args.mixed_precision, cpu=cpu_only)
+                              mixed_precision=args.mixed_precision, cpu=cpu_only,
+                              log_with=make_trackers(args) or None)
     if not accelerator.is_local_main_process:
         # The libraries' progress bars and notices once per machine, not once per process.
         import transformers
@@ -86,6 +88,65 @@ def make_accelerator(args):
         accelerator.print(warning)
     configure_deepspeed(accelerator, args)
     return accelerator
+
+
+TRACKER_PROJECT = "distillation"
+
+
+def run_name(args):
+    """--run-name, or the output directory's last folder."""
+    return args.run_name or Path(os.path.abspath(args.output_dir)).name
+
+
+def make_trackers(args):
+    """accelerate trackers for --report-to, built here so that the run is named by --run-name and
+    the project by the tracker's usual environment variable (as transformers' integrations do):
+    accelerate would use one name for both."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
+
+    from common.args import installed_trackers
+
+    names = installed_trackers(getattr(args, "report_to", "none"))
+    name = run_name(args) if names else None
+    trackers = []
+    for tracker in names:
+        if tracker == "tensorboard":  # OUTPUT_DIR/tensorboard/RUN_NAME/events.out.tfevents.*
+            trackers.append(TensorBoardTracker(name, str(Path(args.output_dir) / TENSORBOARD_DIR)))
+        elif tracker == "wandb":
+            trackers.append(WandBTracker(os.environ.get("WANDB_PROJECT", TRACKER_PROJECT),
+                                         name=name))
+        elif tracker == "trackio":
+            trackers.append(TrackioTracker(os.environ.get("TRACKIO_PROJECT", TRACKER_PROJECT),
+                                           name=name))
+        elif tracker == "mlflow":  # MLFLOW_EXPERIMENT_NAME, when set, wins inside accelerate
+            trackers.append(MLflowTracker(TRACKER_PROJECT, run_name=name))
+    return trackers
+
+
+def tracker_config(run_config, args):
+    """The run's settings as tracker hyper-parameters: flat "group.field" keys, scalars only
+    (lists joined by commas, unset values left out). run_config is already free of secrets (the
+    API URL is redacted before it is made)."""
+    flat = {"run_name": run_name(args)}
+
+    def add(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                add(f"{prefix}.{key}" if prefix else key, item)
+        elif isinstance(value, (list, tuple)):
+            if value:
+                flat[prefix] = ",".join(map(str, value))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix] = value
+
+    add("", run_config)
+    return flat
+
+
+def tracker_values(row):
+    """A metrics.jsonl row as tracker scalars: its numbers but the step (the x axis)."""
+    return {key: value for key, value in row.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def configure_deepspeed(accelerator, args):
@@ -433,6 +494,15 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                 "data_fingerprint": fingerprint, "args": run_config}
 
     metrics_path = output_dir / METRICS_FILE
+    if accelerator.log_with:
+        # The same rows as metrics.jsonl, at the same steps. A resumed run drops the event rows
+        # after its checkpoint, as truncate_metrics did for metrics.jsonl.
+        from accelerate.tracking import TensorBoardTracker
+
+        for tracker in accelerator.log_with:
+            if isinstance(tracker, TensorBoardTracker) and args.resume:
+                tracker.init_kwargs["purge_step"] = step + 1
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(run_config, args))
     progress = tqdm(total=total_steps, initial=step, desc="training", dynamic_ncols=True,
                     disable=not accelerator.is_local_main_process)
     model.train()
@@ -503,6 +573,7 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                 if accelerator.is_main_process:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
+                    accelerator.log(tracker_values(row), step=step)
                     extras = " | ".join(f"{n} {v:.4f}" for n, v in means.items() if n != "loss")
                     progress.write(f"step {step:05d}/{total_steps} | loss {means['loss']:.4f}"
                                    + (f" | {extras}" if extras else "")
@@ -530,6 +601,7 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                            "eval_supervised_tokens": eval_tokens}
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
+                    accelerator.log(tracker_values(row), step=step)
                     progress.write(f"step {step:05d}/{total_steps} | " + " | ".join(
                         f"eval {n} {v:.4f}" for n, v in means.items()))
             if interrupted and step < total_steps:
@@ -538,6 +610,11 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                     f"stopped by {stop.signal_name or 'a signal to another process'} at step "
                     f"{step}; checkpoint saved, rerun the same command with --resume to continue"))
     progress.close()
+    # The trackers close now (event files flushed, a wandb run ended): accelerator.end_training()
+    # would also destroy the process group, which the export still needs.
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
     if applied_steps == 0:
         # Exporting now would mark the untouched student as a finished, trained run.
         raise error_on_every_process(accelerator, (

@@ -27,7 +27,7 @@ MAIN_SCRIPTS = ["token_level.py", "sequence_level.py", "on_policy.py", "cross_to
 # Options of the launchers and tools shown around the scripts (accelerate, torchrun, pip, Slurm),
 # which the scripts themselves do not take.
 OTHER_TOOLS_FLAGS = {"--config_file", "--num_processes", "--cpu", "--mpirun_hostfile",
-                     "--nproc_per_node", "--shutdown-timeout", "--signal", "--index-url"}
+                     "--nproc_per_node", "--shutdown-timeout", "--signal", "--index-url", "--logdir"}
 
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`([^`\n]+)`")

@@ -417,15 +417,16 @@ def test_cli_end_to_end(tiny, student, teacher, tmp_path):
     assert done.returncode == 0, done.stderr
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 3  # header + teacher + two students
-    assert table[1].startswith(f"| {tiny / 'teacher'} (teacher) |")
-    for name in students:
-        assert any(line.startswith(f"| {name} |") for line in table)
+    # rows are named by the directories' last parts (--names), the JSON keeps the whole paths
+    assert table[1].startswith("| teacher (teacher) |")
+    assert table[2].startswith("| student |") and table[3].startswith("| student_sp |")
 
     report = json.loads(output.read_text())
     assert report["settings"]["max_samples"] == 16 and report["settings"]["max_new_tokens"] == 12
     assert report["settings"]["num_conversations"] == 16
-    results = {Path(r["model"]).name: r for r in report["results"]}
+    results = {r["name"]: r for r in report["results"]}
     assert set(results) == {"teacher", "student", "student_sp"}
+    assert [r["model"] for r in report["results"]] == [str(tiny / "teacher"), *students]
     for result in results.values():
         for key in ("perplexity", "rouge_l", "exact_match", "kl_to_teacher", "top1_agreement",
                     "tokens_per_second", "parameters"):
@@ -524,7 +525,7 @@ def test_rows_scored_before_a_failing_model_are_kept(tiny, tmp_path):
     partial = json.loads((tmp_path / "r.partial.json").read_text())
     assert [Path(r["model"]).name for r in partial["results"]] == ["student"]
     assert "broken" in partial["settings"]["partial"]
-    assert any(line.startswith(f"| {tiny / 'student'} |") for line in done.stdout.splitlines())
+    assert any(line.startswith("| student |") for line in done.stdout.splitlines())
     # a later run that completes removes the stale partial rows
     assert run_eval("--models", tiny / "student", "--dataset", tiny / "test.jsonl",
                     "--max-samples", 4, "--max-new-tokens", 4, "--output", output).returncode == 0
@@ -540,3 +541,137 @@ def test_scoring_is_cut_to_the_model_context(student):
         assert eval_script.scoring_length(model, 8) == 8
     finally:
         model.config.max_position_embeddings = original
+
+
+# ---------------------------------------------------------------------------------------------
+# Row names and resuming from --output
+
+
+def test_short_names_are_last_parts_made_unique():
+    assert eval_script.short_names(["runs/kd", "Qwen/Qwen2.5-0.5B-Instruct", "runs/seq/"]) == \
+        ["kd", "Qwen2.5-0.5B-Instruct", "seq"]
+    # two students exported to .../final: the parent folder tells them apart, only for them
+    assert eval_script.short_names(["runs/kd/final", "runs/seq/final", "runs/x"]) == \
+        ["kd/final", "seq/final", "x"]
+    assert eval_script.short_names(["a/b/m", "c/b/m"]) == ["a/b/m", "c/b/m"]
+    assert eval_script.short_names(["runs/a", "runs/a"]) == ["a", "a (2)"]
+    # a given name stays as given; a default name that collides with it grows instead
+    assert eval_script.short_names(["t/teacher", "runs/kd"], [None, "teacher"]) == \
+        ["t/teacher", "teacher"]
+    assert eval_script.short_names(["."])[0] == Path.cwd().name
+
+
+def test_names_must_match_the_models_one_to_one():
+    parse = lambda *argv: eval_script.parse_args(  # noqa: E731
+        (eval_script.EvalArguments, eval_script.EvalDataArguments), list(argv))
+    assert parse("--models", "a", "b", "--names", "x", "y")[0].names == ["x", "y"]
+    with pytest.raises(UserError, match="--names has 1 names for 2 --models"):
+        parse("--models", "a", "b", "--names", "x")
+    with pytest.raises(UserError, match="'x' twice"):
+        parse("--models", "a", "b", "--names", "x", "x")
+
+
+def counting_model_loads(monkeypatch):
+    """Patch eval.py's model loader to record which models it loads."""
+    import common.models
+
+    loaded = []
+    real_load_model = common.models.load_model
+
+    def load_model(name, *args, **kwargs):
+        loaded.append(Path(name).name)
+        return real_load_model(name, *args, **kwargs)
+
+    monkeypatch.setattr(common.models, "load_model", load_model)
+    return loaded
+
+
+def test_rows_scored_with_the_same_settings_are_reused(tiny, tmp_path, monkeypatch, capsys):
+    """A second run with the same settings loads no model and gives the same rows, even for a
+    model whose directory is gone since; another setting, or a retrained model, is scored again."""
+    import shutil
+
+    kd = tmp_path / "kd"
+    shutil.copytree(tiny / "student", kd)
+    output = tmp_path / "r.json"
+    common = ["--teacher", tiny / "teacher", "--dataset", tiny / "test.jsonl", "--max-samples", 4,
+              "--batch-size", 4, "--no-progress", "--output", output]
+
+    def argv(*extra):
+        return [str(a) for a in ["--models", tiny / "student", kd, *common, *extra]]
+
+    loaded = counting_model_loads(monkeypatch)
+    first = eval_script.main(argv("--max-new-tokens", 3))
+    assert loaded == ["teacher", "student", "kd"]
+    capsys.readouterr()
+
+    loaded.clear()
+    shutil.rmtree(kd)  # scoring it now would fail: its row can only come from the file
+    second = eval_script.main(argv("--max-new-tokens", 3, "--names", "base", "distilled"))
+    assert loaded == []
+    err = capsys.readouterr().err
+    assert err.count("reusing the row of") == 3 and "(its directory is gone)" in err
+    assert [r["name"] for r in second] == ["teacher", "base", "distilled"]
+    assert [{**r, "name": None} for r in second] == [{**r, "name": None} for r in first]
+    assert [r["name"] for r in json.loads(output.read_text())["results"]] == \
+        ["teacher", "base", "distilled"]
+
+    shutil.copytree(tiny / "student", kd)
+    (kd / "config.json").write_text((kd / "config.json").read_text() + " ")  # "retrained"
+    eval_script.main(argv("--max-new-tokens", 3))
+    assert loaded == ["teacher", "kd"]  # the teacher, needed for kd's KL; student reused
+    assert "scoring kd" in capsys.readouterr().err
+
+    loaded.clear()
+    eval_script.main(argv("--max-new-tokens", 2))  # a setting that changes the numbers
+    assert loaded == ["teacher", "student", "kd"]
+    assert "other settings (max_new_tokens)" in capsys.readouterr().err
+    loaded.clear()
+    eval_script.main(argv("--max-new-tokens", 2, "--rescore"))
+    assert loaded == ["teacher", "student", "kd"]
+
+
+def test_rows_of_a_failed_run_are_reused(tiny, tmp_path, monkeypatch):
+    """The rows a failed run wrote to NAME.partial.json are not scored again."""
+    output = tmp_path / "r.json"
+    argv = ["--models", str(tiny / "student"), str(tiny / "student_sp"), "--dataset",
+            str(tiny / "test.jsonl"), "--max-samples", "4", "--max-new-tokens", "2",
+            "--no-progress", "--output", str(output)]
+    import common.models
+
+    real_load_model = common.models.load_model
+
+    def failing_load_model(name, *args, **kwargs):
+        if name.endswith("student_sp"):
+            raise KeyboardInterrupt
+        return real_load_model(name, *args, **kwargs)
+
+    monkeypatch.setattr(common.models, "load_model", failing_load_model)
+    with pytest.raises(KeyboardInterrupt):
+        eval_script.main(argv)
+    assert [r["name"] for r in json.loads(eval_script.partial_path(output).read_text())
+            ["results"]] == ["student"]
+    monkeypatch.setattr(common.models, "load_model", real_load_model)
+    loaded = counting_model_loads(monkeypatch)
+    assert [r["name"] for r in eval_script.main(argv)] == ["student", "student_sp"]
+    assert loaded == ["student_sp"]
+    assert not eval_script.partial_path(output).exists()
+
+
+def test_each_warning_is_given_once(tiny, capsys):
+    """The teacher's conversations are encoded once: its too-long warning was printed twice."""
+    eval_script.main([str(a) for a in [
+        "--models", tiny / "student", "--teacher", tiny / "teacher", "--dataset",
+        tiny / "test.jsonl", "--max-samples", 8, "--max-new-tokens", 2, "--max-length", 60,
+        "--no-progress"]])
+    err = capsys.readouterr().err
+    assert err.count(f"warning: {tiny / 'teacher'}: skipped") == 1
+    assert err.count(f"warning: {tiny / 'student'}: skipped") == 1
+
+
+def test_the_teacher_is_named_by_listing_it_in_models(tiny):
+    results = eval_script.main([str(a) for a in [
+        "--models", tiny / "student", tiny / "teacher", "--names", "small", "big", "--teacher",
+        tiny / "teacher", "--dataset", tiny / "test.jsonl", "--max-samples", 2,
+        "--max-new-tokens", 1, "--no-progress"]])
+    assert [(r["name"], r["teacher"]) for r in results] == [("big", True), ("small", False)]
