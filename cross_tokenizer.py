@@ -217,12 +217,15 @@ def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, u
         its logits) and, with --hybrid, whether the two tokens are the same string."""
         inputs = {"input_ids": batch["teacher_input_ids"],
                   "attention_mask": batch["teacher_attention_mask"]}
-        if "value" not in teacher_rows_are_hidden:
-            teacher_rows_are_hidden["value"] = teacher_hidden_allowed and has_plain_output_layer(
-                teacher, inputs, "teacher")
         mask, batch_rows, partners = aligned_partners(batch["labels"],
                                                       batch["teacher_positions"])
         with torch.no_grad(), accelerator.autocast():
+            # Probed under the autocast its forward runs under: under bf16 a float32 probe's
+            # logits would not match the bf16 rebuilt ones, a false "not plain".
+            if "value" not in teacher_rows_are_hidden:
+                teacher_rows_are_hidden["value"] = (teacher_hidden_allowed
+                                                    and has_plain_output_layer(teacher, inputs,
+                                                                               "teacher"))
             if teacher_rows_are_hidden["value"]:
                 with output_layer_passes_hidden_states(teacher):
                     outputs = teacher(**inputs).logits

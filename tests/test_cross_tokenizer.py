@@ -564,6 +564,35 @@ def test_soft_capped_output_layers_keep_their_full_logits(tiny, chatml_student, 
     assert capsys.readouterr().out.count(f"warning: the {capped}'s output layer") == 1
 
 
+def test_bf16_mixed_precision_keeps_both_output_layers_chunked(tiny, chatml_student, tokenizers,
+                                                               capsys):
+    """Under --mixed-precision bf16 the teacher's forward runs under autocast; probed outside it,
+    its float32 logits missed the bf16 rebuilt ones and it fell back to full logits, warning."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from cross_tokenizer import CrossTokenizerArguments, make_loss_fn
+
+    teacher, student, batch, vocab_sizes, shared = uld_setup(tiny, chatml_student, tokenizers,
+                                                             True)
+    try:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        student = accelerator.prepare(student)  # its forward runs under autocast, as in training
+        results = []
+        for loss_chunk_size in (5, -1):
+            args = CrossTokenizerArguments(top_k=5, hybrid=True, loss_chunk_size=loss_chunk_size)
+            loss_fn = make_loss_fn(accelerator, teacher, *vocab_sizes, args, shared)
+            results.append(uld_step(loss_fn, student, batch))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert "warning: the" not in capsys.readouterr().out
+    (chunked, _, _), (full, _, _) = results
+    assert torch.allclose(chunked, full, rtol=2e-2)  # bf16 matmuls on both sides
+
+
 def test_no_positions_by_vocabulary_tensor_is_ever_made(monkeypatch):
     """At a 262,144-token vocabulary full logits at every position were the largest tensors of a
     step: now both output layers see aligned positions only, a chunk at a time, in the forward
