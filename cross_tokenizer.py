@@ -21,6 +21,10 @@ Loss per aligned student token = alpha * cross-entropy on the student's own repl
 "Paris" and one sure of "London" look the same), the exactness of the pairing (tokens that do not
 share boundaries are paired approximately) and the tail of the distributions beyond --top-k.
 
+Memory: both output layers run only at the positions that predict an aligned token or its partner,
+--loss-chunk-size of them at a time (see make_loss_fn): at a 262,144-token vocabulary full logits
+at every position would dwarf the models.
+
 The log's tok/s (tokens_per_second in metrics.jsonl) counts the student's input tokens only: the
 shared loop sums the batch's `attention_mask`, and the teacher's own rendering of each conversation
 (`teacher_attention_mask`, often longer or shorter) is not in it.
