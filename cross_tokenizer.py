@@ -21,6 +21,10 @@ Loss per aligned student token = alpha * cross-entropy on the student's own repl
 "Paris" and one sure of "London" look the same), the exactness of the pairing (tokens that do not
 share boundaries are paired approximately) and the tail of the distributions beyond --top-k.
 
+Memory: both output layers run only at the positions that predict an aligned token or its partner,
+--loss-chunk-size of them at a time (see make_loss_fn): at a 262,144-token vocabulary full logits
+at every position would dwarf the models.
+
 The log's tok/s (tokens_per_second in metrics.jsonl) counts the student's input tokens only: the
 shared loop sums the batch's `attention_mask`, and the teacher's own rendering of each conversation
 (`teacher_attention_mask`, often longer or shorter) is not in it.
@@ -47,8 +51,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
-from common.align import (check_offsets, encode_pair, select_aligned_logits, shared_vocabulary)
+from common.align import check_offsets, encode_pair, shared_vocabulary
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
                          parse_args)
 from common.chat import ChatEncoder, SkipRow, collate, ensure_chat_template
@@ -81,8 +86,17 @@ class CrossTokenizerArguments:
         "help": "Where the paired tokens are the same string in both vocabularies, add an exact "
                 "KL(teacher‖student) over the tokens the vocabularies share (each distribution "
                 "restricted to them and renormalized)."})
+    loss_chunk_size: int = field(default=0, metadata={
+        "help": "Aligned positions per chunk of the memory-bounded loss: both output layers run "
+                "only at aligned positions, this many at a time, each chunk recomputed in "
+                "backward. 0 = automatic, ~128 MiB of float32 logits of the larger vocabulary "
+                "per chunk (128 positions at 262,144 tokens); -1 = no chunking: both models' full "
+                "logits at every position."})
 
     def __post_init__(self):
+        if self.loss_chunk_size < -1:
+            raise UserError(f"--loss-chunk-size must be a number of positions >= 1, 0 "
+                            f"(automatic) or -1 (no chunking), got {self.loss_chunk_size}")
         if self.top_k < 0:
             raise UserError(f"--top-k must be >= 0 (0 = whole vocabularies), got {self.top_k}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -146,36 +160,90 @@ def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, u
 
     `shared` (for --hybrid) is (student_to_teacher (Vs,), shared student ids, shared teacher ids):
     student_to_teacher[s] is the teacher id of the same string as student id s, or -1.
-    """
 
-    def loss_fn(student, batch):
-        student_logits = student(input_ids=batch["input_ids"],
-                                 attention_mask=batch["attention_mask"]).logits
+    Memory: every term is a function of one aligned position's two rows of logits, so neither
+    model's output layer runs anywhere else. Both bodies run as usual with their output layers
+    passing the final hidden states through (common/distill.py); the hidden states that predict
+    each aligned token and its teacher partner are gathered, and both output layers then run on
+    --loss-chunk-size of them at a time (0 = about 128 MiB of float32 logits of the larger
+    vocabulary per chunk), each chunk recomputed in backward (common.distill.make_head_loss_fn),
+    so the gradients are autograd's own. At a 262,144-token vocabulary the full logits at every
+    position were the largest tensors of a step by far. Full logits instead under FSDP / ZeRO-3,
+    with --loss-chunk-size -1, and for a model whose output layer is not a plain projection of
+    its hidden states (soft-capped logits): that model's logits at the aligned positions.
+    """
+    from common.align import aligned_partners
+    from common.chunked import auto_chunk_size
+    from common.distill import (OutputLayerCheck, make_head_loss_fn,
+                                output_layer_passes_hidden_states, weights_are_sharded)
+
+    loss_chunk_size = uld_args.loss_chunk_size
+    if loss_chunk_size == 0:  # the teacher's vocabulary may be the larger: size chunks by it
+        loss_chunk_size = auto_chunk_size(max(student_vocab_size, teacher_vocab_size))
+    teacher_hidden_allowed = loss_chunk_size > 0 and not weights_are_sharded(accelerator)
+    has_plain_output_layer = OutputLayerCheck(accelerator)
+    teacher_rows_are_hidden = {}  # decided on the first batch; the same for every batch after
+
+    def teacher_logits_of(teacher_rows):
+        if not teacher_rows_are_hidden["value"]:
+            return teacher_rows[:, :teacher_vocab_size]
+        layer = teacher.get_output_embeddings()
+        bias = None if layer.bias is None else layer.bias[:teacher_vocab_size]
         with torch.no_grad(), accelerator.autocast():
-            teacher_logits = teacher(input_ids=batch["teacher_input_ids"],
-                                     attention_mask=batch["teacher_attention_mask"]).logits
-        student_selected, teacher_selected, targets, rows, partners = select_aligned_logits(
-            student_logits, teacher_logits, batch["labels"], batch["teacher_positions"])
-        del teacher_logits
-        # Only the tokenizers' real ids: padded embedding rows are not part of either distribution.
-        student_selected = student_selected[:, :student_vocab_size]
-        teacher_selected = teacher_selected[:, :teacher_vocab_size]
-        uld = uld_loss(student_selected, teacher_selected, uld_args.uld_loss, uld_args.top_k,
+            return F.linear(teacher_rows, layer.weight[:teacher_vocab_size], bias)
+
+    def terms(student_logits, targets, teacher_rows, same_string=None):
+        """The summed loss of some aligned positions (all or one chunk) and its statistics."""
+        teacher_logits = teacher_logits_of(teacher_rows)
+        uld = uld_loss(student_logits, teacher_logits, uld_args.uld_loss, uld_args.top_k,
                        uld_args.temperature)
-        ce = cross_entropy(student_selected, targets)
-        distill, stats = uld, {"uld": uld.sum(), "ce": ce.sum()}
+        ce = cross_entropy(student_logits, targets)
+        distill, stats = uld, {"uld": uld.sum().detach(), "ce": ce.sum().detach()}
         if shared is not None:
-            student_to_teacher, shared_student_ids, shared_teacher_ids = shared
-            same = student_to_teacher[targets] == batch["teacher_input_ids"][rows, partners]
-            index = same.nonzero(as_tuple=True)[0]
-            exact = shared_vocab_kl(student_selected[index], teacher_selected[index],
+            _, shared_student_ids, shared_teacher_ids = shared
+            index = same_string.nonzero(as_tuple=True)[0]
+            exact = shared_vocab_kl(student_logits[index], teacher_logits[index],
                                     shared_student_ids, shared_teacher_ids, uld_args.temperature)
             # Scatter out of place: the hybrid term exists only where the strings match.
             exact = torch.zeros_like(uld).index_put((index,), exact)
             distill = uld + exact
-            stats.update(hybrid=exact.sum(), same_string=same.sum().float())
+            stats.update(hybrid=exact.sum().detach(), same_string=same_string.sum().float())
         loss = uld_args.alpha * ce.sum() + uld_args.distill_weight * distill.sum()
         return loss, stats
+
+    student_loss_fn = make_head_loss_fn(
+        accelerator, student_vocab_size, terms, loss_chunk_size,
+        row_keys=("teacher_rows",) + (("same_string",) if shared is not None else ()))
+
+    def teacher_rows_for(batch):
+        """One row per aligned student token, in the order of make_head_loss_fn's: what predicts
+        its partner (the teacher's final hidden state (H,) when its output layer is plain, else
+        its logits) and, with --hybrid, whether the two tokens are the same string."""
+        inputs = {"input_ids": batch["teacher_input_ids"],
+                  "attention_mask": batch["teacher_attention_mask"]}
+        mask, batch_rows, partners = aligned_partners(batch["labels"],
+                                                      batch["teacher_positions"])
+        with torch.no_grad(), accelerator.autocast():
+            # Probed under the autocast its forward runs under: under bf16 a float32 probe's
+            # logits would not match the bf16 rebuilt ones, a false "not plain".
+            if "value" not in teacher_rows_are_hidden:
+                teacher_rows_are_hidden["value"] = (teacher_hidden_allowed
+                                                    and has_plain_output_layer(teacher, inputs,
+                                                                               "teacher"))
+            if teacher_rows_are_hidden["value"]:
+                with output_layer_passes_hidden_states(teacher):
+                    outputs = teacher(**inputs).logits
+            else:
+                outputs = teacher(**inputs).logits
+        rows = {"teacher_rows": outputs[batch_rows, partners - 1]}
+        if shared is not None:  # the student's target and its partner: the same string?
+            student_to_teacher = shared[0]
+            rows["same_string"] = (student_to_teacher[batch["labels"][:, 1:][mask]]
+                                   == batch["teacher_input_ids"][batch_rows, partners])
+        return rows
+
+    def loss_fn(student, batch):
+        return student_loss_fn(student, {**batch, **teacher_rows_for(batch)})
 
     return loss_fn
 

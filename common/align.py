@@ -193,6 +193,23 @@ def encode_pair(student_encoder, teacher_encoder, messages):
             "num_reply_tokens": sum(len(tokens) for tokens in student_by_reply.values())}
 
 
+def aligned_partners(labels, teacher_positions):
+    """Where each aligned student token's prediction and its partner's are, on both sides.
+
+    labels (B, Ts) with -100 where not supervised, teacher_positions (B, Ts) = teacher position of
+    the partner of each student token. A token at position j is predicted by position j - 1, on
+    both sides. Returns (mask (B, Ts - 1): the student positions that predict an aligned token,
+    batch row of each (N,), teacher position of each partner (N,)); the partner is predicted at
+    teacher position partner - 1 of the same batch row. N counts the mask's True entries in
+    row-major order, the order of every per-token tensor of the loss.
+    """
+    import torch
+
+    mask = labels[:, 1:] != IGNORE_INDEX
+    batch_rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
+    return mask, batch_rows, teacher_positions[:, 1:][mask]
+
+
 def select_aligned_logits(student_logits, teacher_logits, labels, teacher_positions):
     """Rows of both models' logits that predict each aligned student token and its partner.
 
@@ -202,11 +219,7 @@ def select_aligned_logits(student_logits, teacher_logits, labels, teacher_positi
     and teacher row teacher_positions[j] - 1. Returns (student (N, Vs), teacher (N, Vt), student
     target ids (N,), batch row of each (N,), teacher position of each partner (N,)).
     """
-    import torch
-
-    mask = labels[:, 1:] != IGNORE_INDEX
-    batch_rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
-    partner_positions = teacher_positions[:, 1:][mask]
+    mask, batch_rows, partner_positions = aligned_partners(labels, teacher_positions)
     student_selected = student_logits[:, :-1][mask]
     teacher_selected = teacher_logits[batch_rows, partner_positions - 1]
     return student_selected, teacher_selected, labels[:, 1:][mask], batch_rows, partner_positions

@@ -228,7 +228,8 @@ def why_output_layer_is_not_plain(model, input_ids, attention_mask, autocast=Non
     model's forward runs under (accelerate's mixed precision), so the rebuilt logits are made in
     the same precision as the model's own.
     """
-    layer = model.get_output_embeddings()
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    layer = get_output_embeddings() if get_output_embeddings is not None else None
     if not isinstance(layer, torch.nn.Linear):
         return "is not a torch.nn.Linear"
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \

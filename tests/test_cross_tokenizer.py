@@ -408,6 +408,236 @@ def test_an_oracle_student_has_zero_cross_entropy_in_the_loss(tokenizers):
     assert stats["ce"] < 1e-6 and stats["uld"] < 1e-6 and loss < 1e-6
 
 
+# --- the memory-bounded loss: output layers at aligned positions only, a chunk at a time -------
+
+def uld_setup(tiny, chatml_student, tokenizers, hybrid):
+    """The fixtures' teacher (Llama, 37 padded vocabulary rows) and student (Mistral), a batch of
+    three conversations and, for --hybrid, make_loss_fn's shared-vocabulary tables."""
+    from transformers import AutoModelForCausalLM
+
+    from common.models import real_vocab_size
+    from cross_tokenizer import collate_pairs
+
+    teacher_tokenizer, student_tokenizer = tokenizers
+    teacher = AutoModelForCausalLM.from_pretrained(tiny / "teacher").eval().requires_grad_(False)
+    student = AutoModelForCausalLM.from_pretrained(chatml_student)
+    examples = [encode_pair(*encoders(tokenizers), conversation(reply)) for reply in
+                [HARD_REPLY, "Plain ASCII: 42 apples,  7 pears.", "東京 42 cafés"]]
+    batch = collate_pairs(examples, student_tokenizer.pad_token_id, teacher_tokenizer.pad_token_id)
+    vocab_sizes = (real_vocab_size(student_tokenizer), real_vocab_size(teacher_tokenizer))
+    assert teacher.get_output_embeddings().out_features > vocab_sizes[1]  # padded rows to drop
+    shared = None
+    if hybrid:
+        student_ids, teacher_ids = shared_vocabulary(student_tokenizer, teacher_tokenizer)
+        student_to_teacher = torch.full((vocab_sizes[0],), -1, dtype=torch.long)
+        student_to_teacher[torch.tensor(student_ids)] = torch.tensor(teacher_ids)
+        shared = (student_to_teacher, torch.tensor(student_ids), torch.tensor(teacher_ids))
+    return teacher, student, batch, vocab_sizes, shared
+
+
+def uld_step(loss_fn, student, batch):
+    student.zero_grad(set_to_none=True)
+    loss, stats = loss_fn(student, batch)
+    loss.backward()
+    return loss.detach(), stats, {n: p.grad.clone() for n, p in student.named_parameters()}
+
+
+def full_logits_uld_float64(teacher, student, batch, vocab_sizes, args, shared):
+    """What cross_tokenizer.py computed before it chunked: both models' full logits at every
+    position, then the rows that predict each aligned token and its partner, on float64 copies.
+    Returns (loss, stats, student gradients) like uld_step, and the size of the log-probabilities
+    the loss combines (see tests/float32_error.py)."""
+    import copy
+
+    from common.align import select_aligned_logits
+    from common.losses import cross_entropy
+    from float32_error import log_prob_scale
+
+    teacher, student = copy.deepcopy(teacher).double(), copy.deepcopy(student).double()
+    student_logits = student(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits
+    teacher_logits = teacher(input_ids=batch["teacher_input_ids"],
+                             attention_mask=batch["teacher_attention_mask"]).logits
+    student_rows, teacher_rows, targets, rows, partners = select_aligned_logits(
+        student_logits, teacher_logits, batch["labels"], batch["teacher_positions"])
+    student_rows, teacher_rows = student_rows[:, :vocab_sizes[0]], teacher_rows[:, :vocab_sizes[1]]
+    uld = uld_loss(student_rows, teacher_rows, args.uld_loss, args.top_k, args.temperature)
+    ce = cross_entropy(student_rows, targets)
+    stats = {"uld": uld.sum(), "ce": ce.sum()}
+    distill = uld.sum()
+    if shared is not None:
+        same = shared[0][targets] == batch["teacher_input_ids"][rows, partners]
+        exact = shared_vocab_kl(student_rows[same], teacher_rows[same], shared[1], shared[2],
+                                args.temperature)
+        stats.update(hybrid=exact.sum(), same_string=same.sum().double())
+        distill = distill + exact.sum()
+    loss = args.alpha * ce.sum() + args.distill_weight * distill
+    loss.backward()
+    scale = max(log_prob_scale(student_rows, teacher_rows, temperature=args.temperature),
+                log_prob_scale(student_rows))
+    return ((loss.detach(), {k: v.detach() for k, v in stats.items()},
+             {n: p.grad for n, p in student.named_parameters()}), scale)
+
+
+def assert_uld_matches_float64(got, reference, teacher, student, batch, vocab_sizes, hybrid):
+    """Within float32 error of the float64 full-logits loss: both models' forward paths, the loss
+    over the larger vocabulary (twice with --hybrid's second divergence), the student's path and
+    the loss again on the way back, and each weight's gradient summed over the batch's tokens.
+    Per aligned position CE combines one log-probability, ULD and the hybrid KL two each."""
+    from float32_error import assert_close, decoder_roundings, loss_roundings
+
+    (expected_loss, expected_stats, expected_grads), scale = reference
+    num_positions = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    teacher_path = decoder_roundings(teacher.config, batch["teacher_input_ids"].shape[1])
+    student_path = decoder_roundings(student.config, batch["input_ids"].shape[1])
+    loss_path = (2 if hybrid else 1) * loss_roundings(max(vocab_sizes), num_positions)
+    forward = teacher_path + student_path + loss_path
+    backward = forward + student_path + loss_path + batch["input_ids"].numel()
+    assert_close(got[0], expected_loss, forward, 5 * num_positions * scale, "loss")
+    for name, value in expected_stats.items():
+        assert_close(got[1][name], value, forward, 2 * num_positions * scale, name)
+    for name, grad in expected_grads.items():
+        assert_close(got[2][name], grad, backward, what=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("uld_kind, top_k, temperature, alpha, distill_weight, hybrid", [
+    ("kl", 5, 1.0, 1.0, 1.0, False), ("kl", 0, 2.0, 0.5, 1.0, True),
+    ("l1", 5, 1.0, 0.0, 1.0, True), ("l1", 0, 0.7, 1.0, 2.0, False)])
+def test_chunked_loss_equals_the_full_logits_loss(tiny, chatml_student, tokenizers, uld_kind,
+                                                  top_k, temperature, alpha, distill_weight,
+                                                  hybrid):
+    """Loss, statistics and student gradients of the chunked path (5 aligned positions per chunk:
+    several chunks, the last one short) and of --loss-chunk-size -1, in float32, within float32
+    error of the old full-logits computation in float64."""
+    from accelerate import Accelerator
+
+    from cross_tokenizer import CrossTokenizerArguments, make_loss_fn
+
+    teacher, student, batch, vocab_sizes, shared = uld_setup(tiny, chatml_student, tokenizers,
+                                                             hybrid)
+    settings = dict(uld_loss=uld_kind, top_k=top_k, temperature=temperature, alpha=alpha,
+                    distill_weight=distill_weight, hybrid=hybrid)
+    reference = full_logits_uld_float64(teacher, student, batch, vocab_sizes,
+                                        CrossTokenizerArguments(**settings), shared)
+    assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) % 5 != 0
+    for loss_chunk_size in (5, -1):
+        args = CrossTokenizerArguments(**settings, loss_chunk_size=loss_chunk_size)
+        loss_fn = make_loss_fn(Accelerator(cpu=True), teacher, *vocab_sizes, args, shared)
+        got = uld_step(loss_fn, student, batch)
+        assert_uld_matches_float64(got, reference, teacher, student, batch, vocab_sizes, hybrid)
+        assert not any(value.requires_grad for value in got[1].values())
+    if hybrid:
+        assert 0 < reference[0][1]["same_string"] < int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def soft_capped(model):
+    """`model` with its logits capped after the output layer (as Gemma 2 does), with no config
+    field saying so: only the probe of common/distill.py can tell."""
+    def cap(module, inputs, output):
+        output.logits = 2.0 * torch.tanh(output.logits / 2.0)
+        return output
+
+    model.register_forward_hook(cap)
+    return model
+
+
+@pytest.mark.parametrize("capped", ["teacher", "student"])
+def test_soft_capped_output_layers_keep_their_full_logits(tiny, chatml_student, tokenizers,
+                                                          capped, capsys):
+    """A model whose logits are not its output layer applied to its hidden states is scored on
+    its own full logits (one warning); the other model is still chunked; the loss is unchanged."""
+    from accelerate import Accelerator
+
+    from cross_tokenizer import CrossTokenizerArguments, make_loss_fn
+
+    teacher, student, batch, vocab_sizes, shared = uld_setup(tiny, chatml_student, tokenizers,
+                                                             True)
+    soft_capped(teacher if capped == "teacher" else student)
+    settings = dict(top_k=5, alpha=0.5, hybrid=True)
+    reference = full_logits_uld_float64(teacher, student, batch, vocab_sizes,
+                                        CrossTokenizerArguments(**settings), shared)
+    args = CrossTokenizerArguments(**settings, loss_chunk_size=5)
+    loss_fn = make_loss_fn(Accelerator(cpu=True), teacher, *vocab_sizes, args, shared)
+    for _ in range(2):
+        got = uld_step(loss_fn, student, batch)
+        assert_uld_matches_float64(got, reference, teacher, student, batch, vocab_sizes, True)
+    assert capsys.readouterr().out.count(f"warning: the {capped}'s output layer") == 1
+
+
+def test_bf16_mixed_precision_keeps_both_output_layers_chunked(tiny, chatml_student, tokenizers,
+                                                               capsys):
+    """Under --mixed-precision bf16 the teacher's forward runs under autocast; probed outside it,
+    its float32 logits missed the bf16 rebuilt ones and it fell back to full logits, warning."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from cross_tokenizer import CrossTokenizerArguments, make_loss_fn
+
+    teacher, student, batch, vocab_sizes, shared = uld_setup(tiny, chatml_student, tokenizers,
+                                                             True)
+    try:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        student = accelerator.prepare(student)  # its forward runs under autocast, as in training
+        results = []
+        for loss_chunk_size in (5, -1):
+            args = CrossTokenizerArguments(top_k=5, hybrid=True, loss_chunk_size=loss_chunk_size)
+            loss_fn = make_loss_fn(accelerator, teacher, *vocab_sizes, args, shared)
+            results.append(uld_step(loss_fn, student, batch))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert "warning: the" not in capsys.readouterr().out
+    (chunked, _, _), (full, _, _) = results
+    assert torch.allclose(chunked, full, rtol=2e-2)  # bf16 matmuls on both sides
+
+
+def test_no_positions_by_vocabulary_tensor_is_ever_made(monkeypatch):
+    """At a 262,144-token vocabulary full logits at every position were the largest tensors of a
+    step: now both output layers see aligned positions only, a chunk at a time, in the forward
+    and in the recomputing backward."""
+    import common.chunked
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cross_tokenizer import CrossTokenizerArguments, make_loss_fn
+    from test_chunked import LargestTensor
+
+    def llama(vocab, seed):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128))
+
+    student_vocab, teacher_vocab, chunk_size = 3000, 5000, 4
+    monkeypatch.setattr(common.chunked, "auto_chunk_size", lambda vocab_size: chunk_size)
+    teacher, student = llama(teacher_vocab, 0).eval().requires_grad_(False), llama(student_vocab, 1)
+    generator = torch.Generator().manual_seed(0)
+    rows, length = 2, 64
+    input_ids = torch.randint(0, student_vocab, (rows, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :16] = IGNORE_INDEX  # the prompt
+    # a teacher one token longer, each student token partnered with the teacher token after it
+    teacher_positions = torch.arange(1, length + 1).expand(rows, length).clone()
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "labels": labels, "teacher_positions": teacher_positions,
+             "teacher_input_ids": torch.randint(0, teacher_vocab, (rows, length + 1),
+                                                generator=generator),
+             "teacher_attention_mask": torch.ones(rows, length + 1, dtype=torch.long)}
+    num_aligned = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    for top_k in (8, 0):  # 0 sorts whole rows of both vocabularies
+        loss_fn = make_loss_fn(Accelerator(cpu=True), teacher, student_vocab, teacher_vocab,
+                               CrossTokenizerArguments(top_k=top_k))
+        with LargestTensor() as largest:
+            loss, _ = loss_fn(student, batch)
+            loss.backward()
+        # one chunk's rows of the larger vocabulary (a sort keeps values and indices, autograd a
+        # few more), and the weights and their gradients: far below aligned positions x vocab
+        assert largest.numel <= max(4 * chunk_size * teacher_vocab, teacher_vocab * 16)
+        assert largest.numel < num_aligned * teacher_vocab / 4
+
+
 # --- the script ---------------------------------------------------------------------------------
 
 def base_args(tiny, student, output_dir, *extra):
@@ -476,6 +706,7 @@ BAD_INPUTS = {
     "zero temperature": (["--temperature", "0"], "--temperature must be > 0"),
     "negative alpha": (["--alpha", "-0.5"], "--alpha"),
     "nothing to train": (["--alpha", "0", "--distill-weight", "0"], "both 0"),
+    "bad loss chunk size": (["--loss-chunk-size", "-2"], "--loss-chunk-size must be"),
     "missing teacher path": (["--teacher", "./no/such/teacher"], "does not exist"),
     "missing student path": (["--student", "/no/such/student"], "does not exist"),
     "missing dataset": (["--dataset", "/no/such/train.jsonl"], "does not exist"),
