@@ -471,6 +471,11 @@ def parse_args(argv=None):
                         help=f"stage 1: steps of SFT on the ground truth shared by every row "
                              f"before its method (default {DEFAULT_BUDGET['warm_steps']}; 0 = none: "
                              f"every row trains the pretrained student)")
+    parser.add_argument("--references", type=int, default=None,
+                        help="scarce references: stage 2's baselines fine-tune on only the first "
+                             "N reference replies of its data (cycled), every distillation row "
+                             "uses the teacher's replies to all of its prompts instead (the "
+                             "token_level_cached row is left out); default: every reply")
     parser.add_argument("--no-select", action="store_true",
                         help="skip the validation search; use examples/toy_pipeline.ROW_SETTINGS")
     parser.add_argument("--workdir", default="runs/compare",
@@ -503,6 +508,15 @@ def main(argv=None):
               "batch_size": args.batch_size, "learning_rate": args.learning_rate}
     if not 0 <= budget["warm_steps"] < budget["max_steps"]:
         raise SystemExit("--warm-steps must be in [0, --max-steps)")
+    if args.references is not None:
+        if args.references < 1 or not budget["warm_steps"]:
+            raise SystemExit("--references needs N >= 1 and a stage 1 (--warm-steps > 0)")
+        if "token_level_cached" in methods:
+            if args.methods:
+                raise SystemExit("--references leaves out token_level_cached (its cache holds "
+                                 "the teacher on the reference replies)")
+            methods.remove("token_level_cached")
+        budget["references"] = args.references  # only when set: other budgets keep their key
     workdir = Path(args.workdir)
     echo = "all" if args.verbose else "progress"
     assets = build_assets(DEFAULT_SETTINGS, workdir / "assets", echo=echo)
@@ -619,7 +633,11 @@ def main(argv=None):
                       f"{budget['warm_steps']} steps at learning rate {budget['learning_rate']}, "
                       f"shared by every row of a seed and tokenizer",
             "stage2": f"the row's method on the second half, "
-                      f"{budget['max_steps'] - budget['warm_steps']} steps; baselines continue SFT",
+                      f"{budget['max_steps'] - budget['warm_steps']} steps; baselines continue SFT"
+                      + (f" on its first {args.references} reference replies only; every "
+                         f"distillation row trains on the teacher's replies to all of its prompts "
+                         f"(sequence_level's data) instead of references"
+                         if args.references else ""),
             "selection": None if args.no_select else {
                 "seed": SELECTION_SEED, "validation_rows": VALIDATION_ROWS,
                 "learning_rates": list(LEARNING_RATES), "method_knobs": METHOD_KNOBS,

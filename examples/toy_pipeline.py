@@ -53,8 +53,8 @@ ROW_SETTINGS = {
     "sequence_level": {"learning_rate": 3e-3, "flags": []},
     "token_level_forward": {"learning_rate": 3e-3, "flags": []},
     "token_level_cached": {"learning_rate": 3e-3, "flags": []},
-    "token_level_reverse": {"learning_rate": 1e-3, "flags": ["--alpha", 0.5]},
-    "on_policy": {"learning_rate": 1e-3, "flags": []},
+    "token_level_reverse": {"learning_rate": 1e-3, "flags": ["--kl", "skew_reverse"]},
+    "on_policy": {"learning_rate": 1e-3, "flags": ["--completions", "{completions}"]},
     "cross_tokenizer": {"learning_rate": 3e-3, "flags": ["--hybrid"]},
     "cross_tokenizer_baseline": {"learning_rate": 1e-3, "flags": []},
 }
@@ -80,6 +80,17 @@ def training_data(assets, warm_steps):
 def method_steps(budget):
     """Stage-2 optimizer steps: what the budget leaves after stage 1."""
     return budget["max_steps"] - budget.get("warm_steps", 0)
+
+
+def reference_subset(train, references):
+    """The first `references` rows of stage 2's data (written beside it once): what the
+    baselines fine-tune on when references are scarce (budget["references"])."""
+    train = Path(train)
+    path = train.with_name(f"{train.stem}_first{references}.jsonl")
+    if not path.is_file():
+        toy_task.write_jsonl(path.with_suffix(".tmp"), toy_task.read_jsonl(train)[:references])
+        path.with_suffix(".tmp").replace(path)
+    return str(path)
 
 
 def budget_flags(budget, seed, steps, learning_rate):
@@ -121,6 +132,13 @@ def method_command(name, assets, student, completions, output_dir, budget, seed,
     # "{completions}" in a row's flags names the teacher's replies to stage 2's prompts
     flags = [completions if flag == "{completions}" else flag
              for flag in settings.get("flags", [])]
+    references = budget.get("references")
+    if references and name in BASELINES:  # fine-tuning has only the first N reference replies
+        train = reference_subset(train, references)
+    elif references and name == "on_policy" and "--completions" not in flags:
+        flags += ["--completions", completions]  # off-policy steps on the teacher's replies
+    elif references and name not in ("sequence_level", "on_policy", "token_level_cached"):
+        flags = ["--dataset", completions, *flags]  # the teacher's replies stand in for them
     if "--dataset" in flags:  # a row's own training data replaces stage 2's ground truth
         index = flags.index("--dataset")
         train, flags = flags[index + 1], flags[:index] + flags[index + 2:]
