@@ -12,8 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s (runs the scripts several "
-                                       "times); deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (runs a script end to "
+                                       "end, often several times); deselect with -m 'not slow' "
+                                       "for the quick tier")
 
 
 @pytest.fixture(scope="session")

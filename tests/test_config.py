@@ -23,6 +23,7 @@ def settings(run_dir):
     return {key: value for key, value in run_config.items() if key != "command"}
 
 
+@pytest.mark.slow
 def test_a_yaml_config_run_equals_the_command_line_and_run_config_round_trips(tiny, tmp_path):
     out = tmp_path / "out"
     flags = ["--teacher", tiny / "teacher", "--student", tiny / "student", "--dataset",
@@ -101,6 +102,7 @@ def test_bad_config_files_are_one_line_errors(tmp_path, text, message):
     assert message.format(path=path) in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_bad_key_from_the_command_line(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("teacher: t\nlearnig_rate: 1e-4\n")

@@ -646,6 +646,7 @@ def base_args(tiny, student, output_dir, *extra):
             "--log-steps", "4", *extra]
 
 
+@pytest.mark.slow
 def test_end_to_end_across_vocabularies(tiny, chatml_student, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -679,6 +680,7 @@ def test_end_to_end_across_vocabularies(tiny, chatml_student, tmp_path):
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
 
+@pytest.mark.slow
 def test_end_to_end_l1_hybrid_full_vocabulary(tiny, chatml_student, tmp_path):
     out = tmp_path / "out"
     result = run_script("cross_tokenizer.py", *base_args(

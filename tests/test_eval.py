@@ -408,6 +408,7 @@ def run_eval(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tiny, student, teacher, tmp_path):
     output = tmp_path / "r.json"
     students = [str(tiny / "student"), str(tiny / "student_sp")]
@@ -462,6 +463,7 @@ def assert_one_line_error(done, *fragments):
         assert fragment in lines[0]
 
 
+@pytest.mark.slow
 def test_cli_model_that_cannot_be_loaded(tiny, tmp_path):
     dataset = tiny / "test.jsonl"
     assert_one_line_error(run_eval("--models", tiny / "student", tmp_path / "missing",
@@ -471,6 +473,7 @@ def test_cli_model_that_cannot_be_loaded(tiny, tmp_path):
                           "could not be loaded")
 
 
+@pytest.mark.slow
 def test_cli_dataset_without_assistant_replies(tiny, tmp_path):
     user_only = tmp_path / "user_only.jsonl"
     user_only.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
@@ -509,6 +512,7 @@ def test_prompts_beyond_the_context_are_left_out(tiny, student, capsys):
         model.config.max_position_embeddings = original
 
 
+@pytest.mark.slow
 def test_rows_scored_before_a_failing_model_are_kept(tiny, tmp_path):
     import shutil
 

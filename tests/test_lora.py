@@ -22,6 +22,7 @@ def token_level_args(tiny, out, *extra):
             "--learning-rate", "1e-2", "--lora-r", "4", "--lora-dropout", "0.1", *extra]
 
 
+@pytest.mark.slow
 def test_lora_student_trains_adapters_only_and_resumes_exactly(tiny, tmp_path):
     out = tmp_path / "lora"
     args = token_level_args(tiny, out, "--max-steps", "4", "--save-steps", "2")
@@ -57,6 +58,7 @@ def test_lora_student_trains_adapters_only_and_resumes_exactly(tiny, tmp_path):
         assert torch.equal(tensor, adapter[name]), name
 
 
+@pytest.mark.slow
 def test_merged_student_equals_base_plus_adapter(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -79,6 +81,7 @@ def test_merged_student_equals_base_plus_adapter(tiny, tmp_path):
     assert (untrained - merged_logits).abs().max().item() > 100 * bound  # the adapter matters
 
 
+@pytest.mark.slow
 def test_sequence_level_takes_a_lora_student(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -104,6 +107,7 @@ def test_bad_lora_settings(argv, message):
         parse_args((LoraArguments,), argv)
 
 
+@pytest.mark.slow
 def test_unknown_target_module_is_a_one_line_error(tiny, tmp_path):
     result = run_script("token_level.py", *token_level_args(tiny, tmp_path / "o", "--max-steps",
                                                             "1", "--lora-target-modules",

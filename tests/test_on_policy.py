@@ -99,6 +99,7 @@ def test_off_policy_step_leaves_the_batch_alone(sampler_setup):
     assert sampler.step_metrics(3) == {"on_policy": False}
 
 
+@pytest.mark.slow
 def test_lmbda_zero_step_equals_token_level(tiny, tmp_path):
     common = ["--max-steps", "2", "--kl", "reverse", "--seed", "3"]
     run_script("on_policy.py", *args(tiny, tmp_path / "gkd", "--lmbda", "0", *common))
@@ -112,6 +113,7 @@ def test_lmbda_zero_step_equals_token_level(tiny, tmp_path):
         assert a["supervised_tokens"] == b["supervised_tokens"]
 
 
+@pytest.mark.slow
 def test_end_to_end_lmbda_one_and_half(tiny, tmp_path):
     run_script("on_policy.py", *args(tiny, tmp_path / "a", "--lmbda", "1.0", "--max-steps", "8",
                                      "--kl", "skew_reverse"))
@@ -134,6 +136,7 @@ def test_end_to_end_lmbda_one_and_half(tiny, tmp_path):
     assert all(torch.equal(first[name], second[name]) for name in first)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, expected", [
     (["--lmbda", "1.5"], "--lmbda"),
     (["--kl", "jsd", "--beta", "0"], "--beta"),
@@ -148,6 +151,7 @@ def test_bad_input(tiny, tmp_path, extra, expected):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_off_policy_steps_read_the_teacher_cache(tiny, tmp_path):
     """One cache serves token_level.py and on_policy.py; with K = the whole vocabulary the cached
     off-policy steps equal live-teacher ones, so the rows line up with the examples."""
@@ -178,6 +182,7 @@ def test_off_policy_steps_read_the_teacher_cache(tiny, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_teacher_cache_needs_forward_kl(tiny, tmp_path):
     result = run_script("on_policy.py", *args(tiny, tmp_path / "out", "--max-steps", "2",
                                               "--teacher-cache", tmp_path / "cache"), check=False)

@@ -63,6 +63,7 @@ def test_end_layers_refuses_impossible_counts(keep):
         end_layers(6, keep)
 
 
+@pytest.mark.slow
 def test_pruned_student_keeps_the_chosen_layers_and_loads_back(six_layer_model, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,6 +107,7 @@ def test_pruned_student_keeps_the_chosen_layers_and_loads_back(six_layer_model, 
     assert generated.shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_explicit_layers_and_per_layer_attention_kinds(tmp_path):
     """A model whose config lists one attention kind per layer (Qwen2, Gemma...) keeps the kinds
     of the layers it keeps."""
@@ -127,6 +129,7 @@ def test_explicit_layers_and_per_layer_attention_kinds(tmp_path):
         real_model.pruned_model(model, [2, 1])
 
 
+@pytest.mark.slow
 def test_other_tokenizer_student_starts_from_the_source_embeddings(six_layer_model, tmp_path):
     """The cross-tokenizer student of the preset: the same decoder layers, a new vocabulary whose
     embeddings are the mean of the source's embeddings of the same text."""
@@ -223,6 +226,7 @@ def test_existing_outputs_are_left_alone(capsys, tmp_path):
     assert code == 2 and "--student-layers" in err[0]
 
 
+@pytest.mark.slow
 def test_preset_passes_on_the_model_scripts_one_line_error(tmp_path):
     """No gguf package or no wheel: the preset stops with real_model.py's one line, exit 2, and
     writes no result."""

@@ -105,6 +105,7 @@ def one_process_token_level(tiny, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_accelerate_launch_cpu_completes_and_says_it_ran_one_process(one_process_token_level):
     out, result = one_process_token_level
     assert "student saved to" in result.stdout
@@ -114,6 +115,7 @@ def test_accelerate_launch_cpu_completes_and_says_it_ran_one_process(one_process
     assert [row["step"] for row in metrics(out)] == list(range(5, 61, 5))
 
 
+@pytest.mark.slow
 def test_two_processes_preempted_and_resumed_match_one_process(tiny, tmp_path,
                                                                one_process_token_level):
     """configs/ddp.yaml starts two gloo processes on a CPU machine; SIGTERM to the launcher stops
@@ -217,6 +219,7 @@ def one_process_on_policy(tiny, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_on_policy_two_processes_match_one_process(tiny, tmp_path, one_process_on_policy, mode):
     out = tmp_path / mode
@@ -243,6 +246,7 @@ def test_on_policy_two_processes_match_one_process(tiny, tmp_path, one_process_o
 
 # --- sequence_level: the teacher generates on the main process only -------------------------------
 
+@pytest.mark.slow
 def test_sequence_level_two_processes_generate_once_and_train_like_one(tiny, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     common = ["--student", tiny / "student", "--max-steps", "6", "--log-steps", "2",
@@ -352,6 +356,7 @@ def test_too_many_bad_steps_stop_with_the_last_good_checkpoint_intact(tiny, tiny
     assert all(torch.isfinite(tensor).all() for tensor in saved.values())
 
 
+@pytest.mark.slow
 def test_fp16_overflow_is_left_to_the_loss_scaler(tiny, tiny_examples, tmp_path):
     """An inf gradient with a finite loss under fp16 is the loss scaler's: it skips that update
     and lowers its scale, and the run goes on (with --max-bad-steps 1 it would stop otherwise)."""
@@ -369,6 +374,7 @@ def test_fp16_overflow_is_left_to_the_loss_scaler(tiny, tiny_examples, tmp_path)
     assert not torch.equal(snapshots[0][first], snapshots[1][first])  # step 0 applied
 
 
+@pytest.mark.slow
 def test_a_run_whose_every_step_was_non_finite_is_not_finished(tiny, tiny_examples, tmp_path):
     """--temperature inf makes every step NaN: fewer steps than --max-bad-steps must not end in
     an export of the untouched student as a finished run."""
@@ -421,6 +427,7 @@ def snapshot(out):
     return {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, expected", [
     ({"learning_rate": 0.5}, "--learning-rate (0.001 in the checkpoint, 0.5 now)"),
     ({"max_steps": 8}, "--max-steps (6 in the checkpoint, 8 now)"),
@@ -443,6 +450,7 @@ def test_resume_refuses_settings_that_change_the_result(tiny, tiny_examples, sto
     assert snapshot(out) == before  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_resume_ignores_settings_that_cannot_change_the_result(tiny, tiny_examples, stopped_run,
                                                                capsys):
     out, args, final_weights = stopped_run
@@ -453,6 +461,7 @@ def test_resume_ignores_settings_that_cannot_change_the_result(tiny, tiny_exampl
         assert torch.equal(parameter, final_weights[name]), name
 
 
+@pytest.mark.slow
 def test_an_allowed_change_takes_effect(tiny, tiny_examples, stopped_run, capsys):
     """--allow-changed-settings learning-rate: the asked rate is used from the resumed step on
     (the checkpoint's optimizer and schedule would otherwise bring the old one back)."""
@@ -465,12 +474,14 @@ def test_an_allowed_change_takes_effect(tiny, tiny_examples, stopped_run, capsys
     assert [row["lr"] for row in rows] == [1e-3] * 4 + [0.5] * 4
 
 
+@pytest.mark.slow
 def test_an_unknown_allowed_setting_is_refused(tiny, tiny_examples, stopped_run):
     out, args, _ = stopped_run
     with pytest.raises(UserError, match="unknown setting.*learnig_rate"):
         resume(tiny, tiny_examples, out, args, allow_changed_settings="learnig-rate")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin", "trainer_state.json"])
 def test_resume_skips_a_damaged_checkpoint_for_the_previous_one(tiny, tiny_examples, stopped_run,
                                                                capsys, damaged):
@@ -486,6 +497,7 @@ def test_resume_skips_a_damaged_checkpoint_for_the_previous_one(tiny, tiny_examp
         assert torch.equal(parameter, final_weights[name]), name
 
 
+@pytest.mark.slow
 def test_resume_with_every_checkpoint_damaged_is_a_one_line_error(tiny, tiny_examples,
                                                                   stopped_run):
     out, args, _ = stopped_run
@@ -647,6 +659,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_nothing_behind(tiny, tmp_path):
     assert [row["step"] for row in metrics(out)] == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_users_files_and_the_run_is_recorded(tiny, tmp_path):
     """A user keeps the dataset, notes and settings inside the output dir: --overwrite replaces
     the earlier run (its checkpoints, metrics and exported files, as its run_config.json lists

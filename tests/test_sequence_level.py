@@ -115,6 +115,7 @@ def run_with_key(*args, check=True):
         del os.environ["TEST_TEACHER_KEY"]
 
 
+@pytest.mark.slow
 def test_local_teacher(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -139,6 +140,7 @@ def test_local_teacher(tiny, tmp_path):
     assert cache_rows(out / "teacher_completions.jsonl") == rows  # --overwrite keeps the cache
 
 
+@pytest.mark.slow
 def test_api_teacher_with_failing_requests(tiny, tmp_path):
     out = tmp_path / "out"
     with FakeTeacherServer(fail_every=3) as server:
@@ -186,6 +188,7 @@ def unique_prompts(tiny):
             for line in (tiny / "train.jsonl").read_text().splitlines()}
 
 
+@pytest.mark.slow
 def test_killed_generation_keeps_finished_rows_and_asks_only_for_the_rest(tiny, tmp_path):
     out = tmp_path / "out"
     cache = out / "teacher_completions.jsonl"
@@ -205,6 +208,7 @@ def test_killed_generation_keeps_finished_rows_and_asks_only_for_the_rest(tiny, 
     assert sorted(row["messages"][0]["content"] for row in rows) == sorted(prompts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_stop_signal_keeps_finished_rows_and_says_how_to_resume(tiny, tmp_path, signum, status):
     out = tmp_path / "out"
@@ -230,6 +234,7 @@ def test_stop_signal_keeps_finished_rows_and_says_how_to_resume(tiny, tmp_path, 
     assert data.endswith(b"\n") and len(cache_rows(cache)) == 4 < len(prompts)
 
 
+@pytest.mark.slow
 def test_sigterm_during_local_generation_keeps_finished_rows(tiny, tmp_path):
     out = tmp_path / "out"
     cache = out / "teacher_completions.jsonl"
@@ -247,6 +252,7 @@ def test_sigterm_during_local_generation_keeps_finished_rows(tiny, tmp_path):
         f"stopped by SIGTERM: {kept} of {len(prompts)} completions are saved in {cache}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content, finish_reason, hint", [
     (None, "stop", "empty content"), ("", "length", "raise --max-new-tokens")])
 def test_empty_api_answers_are_not_cached(tiny, tmp_path, content, finish_reason, hint):
@@ -287,6 +293,7 @@ def test_api_timeout_is_reported_as_a_timeout(tiny, tmp_path):
     assert "gave no answer within --api-timeout 0.5 s" in error and "cannot reach" not in error
 
 
+@pytest.mark.slow
 def test_bad_key_is_a_one_line_error_and_keeps_the_cache(tiny, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -304,6 +311,7 @@ def test_bad_key_is_a_one_line_error_and_keeps_the_cache(tiny, tmp_path):
     assert cache.read_text() == '{"id": "kept", "messages": [], "finish_reason": "stop"}\n'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, expected", [
     (["--teacher-api-model", "other"], "404"),
     (["--teacher-api-base", "http://127.0.0.1:9/v1", "--api-max-retries", "0"], "cannot reach"),
@@ -336,6 +344,7 @@ def test_repeated_prompts_are_counted_in_one_warning(tmp_path):
                       "several completions per prompt)"]
 
 
+@pytest.mark.slow
 def test_credentials_in_the_api_url_are_never_saved_or_printed(tiny, tmp_path):
     from common.args import DataArguments
     from sequence_level import load_prompts

@@ -37,6 +37,7 @@ def tiny_batch(tiny, tokenizer, num_rows=4):
                    tokenizer.pad_token_id)
 
 
+@pytest.mark.slow
 def test_rows_equal_the_local_teachers_log_probs(tiny, api_key):
     """With K >= the teacher's output rows, the server's rows (its JSON floats, padded-row mass
     dropped and renormalised) are the local teacher's log-softmax over the real vocabulary, at
@@ -94,6 +95,7 @@ def read_metrics(out):
             if '"loss"' in line]
 
 
+@pytest.mark.slow
 def test_a_run_against_the_server_takes_the_local_teachers_losses(tiny, tmp_path, api_key):
     """token_level.py with --teacher-api-base and K >= the teacher's rows takes, step for step, the
     losses of the run with the local teacher. Tolerance 3e-6 absolute: metrics.jsonl rounds to
@@ -122,6 +124,7 @@ def test_a_run_against_the_server_takes_the_local_teachers_losses(tiny, tmp_path
             assert API_KEY.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_429_and_500_are_retried(tiny, api_key):
     from common.models import load_tokenizer
 
@@ -133,6 +136,7 @@ def test_429_and_500_are_retried(tiny, api_key):
     assert server.statuses[429] == 2 and server.statuses[500] == 1 and server.statuses[200] >= 3
 
 
+@pytest.mark.slow
 def test_k_above_the_servers_maximum_is_a_one_line_error(tiny, tmp_path, api_key):
     with LoopbackVllm(tiny / "teacher", tiny / "student", max_logprobs=20) as server:
         result = run_script("token_level.py", "--teacher-api-base", server.url,
@@ -146,6 +150,7 @@ def test_k_above_the_servers_maximum_is_a_one_line_error(tiny, tmp_path, api_key
         and "at most 20" in error and "--max-logprobs 21" in error, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("has_tokenize", [True, False], ids=["tokenize", "echo"])
 def test_another_tokenizer_on_the_server_is_refused(tiny, api_key, has_tokenize):
     """vLLM's /tokenize where the server has it, else the ids an echoed text prompt comes back as."""
@@ -224,6 +229,7 @@ def test_sampled_reverse_needs_a_served_teacher():
         OnPolicyArguments(teacher_api_base="http://x/v1", teacher_api_model="m", kl="reverse")
 
 
+@pytest.mark.slow
 def test_on_policy_trains_from_the_served_teacher(tiny, tmp_path, api_key):
     """on_policy.py end to end against the server: on-policy steps ask for the sampled tokens'
     log-probs (logprobs 1), off-policy steps for the top K; every loss is finite."""

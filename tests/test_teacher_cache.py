@@ -141,6 +141,7 @@ def cli_args(tiny, out, cache, *extra):
             "--grad-accum", "2", "--learning-rate", "1e-3", "--log-steps", "2", *extra]
 
 
+@pytest.mark.slow
 def test_second_run_trains_without_the_teacher(tiny, tmp_path):
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny / "teacher", teacher)
@@ -172,6 +173,7 @@ def test_reverse_kl_with_a_cache_is_refused(tiny, tmp_path):
     assert result.returncode == 2 and "forward only" in result.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_read_the_same_rows_as_one(tiny, tmp_path):
     """2 processes x batch 2 from the cache follow 1 process x batch 4: rows by example, not rank."""
     cache = tmp_path / "cache"

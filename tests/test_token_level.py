@@ -20,6 +20,7 @@ def base_args(tiny, output_dir, *extra):
             "--log-steps", "4", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kl", ["forward", "reverse", "jsd", "skew_reverse"])
 def test_end_to_end_per_divergence(tiny, tmp_path, kl):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,6 +47,7 @@ def test_end_to_end_per_divergence(tiny, tmp_path, kl):
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
 
+@pytest.mark.slow
 def test_distillation_moves_the_student_towards_the_teacher(tiny, tmp_path):
     """Forward-KL at a high learning rate must lower the KD loss on the training data."""
     out = tmp_path / "out"
@@ -61,6 +63,7 @@ def final_weights(path):
     return load_file(path / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tiny, tmp_path):
     # --group-by-length: its order, too, must follow from (seed, epoch) alone
     args = ["--max-steps", "120", "--save-steps", "10", "--learning-rate", "1e-3",
@@ -93,6 +96,7 @@ def test_killed_run_resumes_to_the_same_result(tiny, tmp_path):
     assert steps == list(range(10, 121, 10))  # no duplicated rows from the killed run
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(tiny, tmp_path):
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "token_level.py",
@@ -263,6 +267,7 @@ def test_help_documents_every_flag():
         assert flag in result.stdout, flag
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny, tmp_path):
     """2 processes x batch 2 (gloo, CPU) must follow 1 process x batch 4: same data, same updates."""
     common = ["--max-steps", "6", "--learning-rate", "1e-3", "--log-steps", "2",

@@ -49,6 +49,7 @@ def tensorboard_scalars(run_dir):
     return scalars, hparams
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_equal_metrics_jsonl_also_after_a_resume(tiny, tmp_path):
     out = tmp_path / "kd_run"
     flags = ["--teacher", tiny / "teacher", "--student", tiny / "student", "--dataset",
