@@ -46,15 +46,14 @@ from common.api_client import TeacherApiArguments, redact_url, redacted_command
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
                          parse_args)
 from common import teacher_cache
-from common.chat import (ChatEncoder, collate, encode_dataset, ensure_chat_template,
-                         use_teacher_template)
+from common.chat import ChatEncoder, collate, encode_dataset
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.distill import make_ce_loss_fn, make_kd_loss_fn
 from common.errors import UserError, run_cli
 from common.lora import LoraArguments, add_adapters
-from common.models import (check_same_tokenizer, check_vocab_fits, freeze, load_model,
-                           load_student, load_tokenizer, real_vocab_size)
+from common.models import (check_vocab_fits, freeze, load_model, load_student, load_tokenizer,
+                           real_vocab_size)
 from common.sharding import prepare_teacher
 
 
@@ -155,20 +154,13 @@ def main(argv=None):
             raise UserError(f"{flag} is required (see --help)")
     check_output_dir(train_args.output_dir, train_args.resume, train_args.overwrite)
 
-    tokenizer = load_tokenizer(model_args.student, model_args.trust_remote_code, "student")
     if use_cache_only:  # no teacher at all: the cache brings the template it was made with
+        tokenizer = load_tokenizer(model_args.student, model_args.trust_remote_code, "student")
         tokenizer.chat_template = cached_meta.get("chat_template_text") or tokenizer.chat_template
-    elif served:  # the student's template renders the ids the server scores
-        from common.server_teacher import ServerTeacher
-
-        ensure_chat_template(tokenizer, "student", model_args.chat_template)
-        server = ServerTeacher(kd_args, kd_args.teacher_top_k, real_vocab_size(tokenizer))
-        server.check(tokenizer)  # same tokenizer, K within the server's maximum
     else:
-        teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code,
-                                           "teacher")
-        check_same_tokenizer(teacher_tokenizer, tokenizer, model_args.teacher, model_args.student)
-        use_teacher_template(tokenizer, teacher_tokenizer, model_args.chat_template)
+        from common.server_teacher import same_vocabulary_tokenizer
+
+        tokenizer, server = same_vocabulary_tokenizer(model_args, kd_args)
 
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)

@@ -264,3 +264,25 @@ def make_server_on_policy_loss_fn(accelerator, server, vocab_size, kl, loss_chun
         return sampled_loss_fn(student, {**batch, "teacher_sampled_log_probs": teacher_sampled})
 
     return loss_fn
+
+
+def same_vocabulary_tokenizer(model_args, api_args):
+    """(student tokenizer, ServerTeacher or None) for token_level.py and on_policy.py.
+
+    With --teacher-api-base the student's template renders the ids the server scores, and the
+    server is checked to tokenize as the student does (and K to be within its maximum) before
+    any training; a local teacher must share the student's tokenizer and lends it its template.
+    """
+    from common.chat import ensure_chat_template, use_teacher_template
+    from common.models import check_same_tokenizer, load_tokenizer, real_vocab_size
+
+    tokenizer = load_tokenizer(model_args.student, model_args.trust_remote_code, "student")
+    if api_args.teacher_api_base:
+        ensure_chat_template(tokenizer, "student", model_args.chat_template)
+        server = ServerTeacher(api_args, api_args.teacher_top_k, real_vocab_size(tokenizer))
+        server.check(tokenizer)
+        return tokenizer, server
+    teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code, "teacher")
+    check_same_tokenizer(teacher_tokenizer, tokenizer, model_args.teacher, model_args.student)
+    use_teacher_template(tokenizer, teacher_tokenizer, model_args.chat_template)
+    return tokenizer, None
