@@ -7,8 +7,6 @@ from pathlib import Path
 
 from common.errors import UserError
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
 # Texts two tokenizers must split identically to count as "the same tokenizer".
 _PROBE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -74,9 +72,10 @@ def load_tokenizer(name, trust_remote_code=False, what="model"):
 
 
 def resolve_dtype(dtype):
+    """"auto" or a torch dtype from its name (the flags' choices are float32, bfloat16, float16)."""
     import torch
 
-    return "auto" if dtype == "auto" else getattr(torch, DTYPES[dtype])
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
 def load_model(name, dtype="auto", trust_remote_code=False, what="model"):
