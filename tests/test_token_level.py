@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,10 +65,14 @@ def final_weights(path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_result(tiny, tmp_path):
-    # --group-by-length: its order, too, must follow from (seed, epoch) alone
+@pytest.mark.parametrize("student", [[], ["--lora-r", "4", "--lora-dropout", "0.1"]],
+                         ids=["full", "lora"])
+def test_killed_run_resumes_to_the_same_result(tiny, tmp_path, student):
+    # --group-by-length: its order, too, must follow from (seed, epoch) alone; a LoRA student's
+    # adapters and its dropout's random state must come back as well
     args = ["--max-steps", "120", "--save-steps", "10", "--learning-rate", "1e-3",
-            "--batch-size", "2", "--grad-accum", "2", "--log-steps", "10", "--group-by-length"]
+            "--batch-size", "2", "--grad-accum", "2", "--log-steps", "10", "--group-by-length",
+            *student]
     uninterrupted = tmp_path / "uninterrupted"
     run_script("token_level.py", *base_args(tiny, uninterrupted, *args))
 
@@ -92,6 +97,12 @@ def test_killed_run_resumes_to_the_same_result(tiny, tmp_path):
     expected, resumed = final_weights(uninterrupted), final_weights(killed)
     for name in expected:
         assert torch.equal(expected[name], resumed[name]), name
+    if student:  # the adapter exported beside the merged student, too
+        adapter = Path("adapter") / "adapter_model.safetensors"
+        expected, resumed = load_file(uninterrupted / adapter), load_file(killed / adapter)
+        assert expected.keys() == resumed.keys() and expected
+        for name in expected:
+            assert torch.equal(expected[name], resumed[name]), name
     steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(10, 121, 10))  # no duplicated rows from the killed run
 
