@@ -619,7 +619,7 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
         # Exporting now would mark the untouched student as a finished, trained run.
         raise error_on_every_process(accelerator, (
             f"all {step} optimizer steps had a NaN/inf loss or gradient, so the student was never "
-            f"updated and is not saved; check --temperature and --learning-rate, use float32 "
+            f"updated and is not saved; check --loss-temperature and --learning-rate, use float32 "
             f"(--dtype float32), check the data, then rerun with --overwrite"))
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         # Drop DDP's gradient-sync wrapper now, while the process group is alive (the export
