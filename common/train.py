@@ -363,8 +363,11 @@ def check_resume_settings(accelerator, saved_state, current_state, allow_changed
     """Refuse to resume with settings that change the result (named, one line), unless
     --allow-changed-settings names them; a checkpoint without a record of its settings (written
     by hand or an old version) is resumed with a warning."""
-    allowed = {setting_name(name) for name in (allow_changed_settings or "").split(",")
-               if name.strip()}
+    renamed_settings = current_state["args"].get("renamed_settings") or {}
+    renamed = {old: new for fields in renamed_settings.values()
+               for old, new in fields.items()}  # an old flag name stands for its new one
+    allowed = {renamed.get(setting_name(name), setting_name(name))
+               for name in (allow_changed_settings or "").split(",") if name.strip()}
     unknown = sorted(allowed - known_settings(current_state["args"]))
     if unknown:
         raise error_on_every_process(accelerator, (

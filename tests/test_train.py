@@ -429,3 +429,13 @@ def test_a_checkpoint_with_the_old_temperature_field_resumes_compared_under_the_
     assert changed_settings(old_checkpoint(0.5), now) == []
     assert changed_settings(old_checkpoint(0.7), now) == [
         (old_field, f"--{old_field.replace('_', '-')} (0.7 in the checkpoint, 0.5 now)")]
+    # --allow-changed-settings takes the old name for the new one too
+    from accelerate import Accelerator
+
+    from common.train import check_resume_settings
+
+    for allowed in ("temperature", old_field.replace("_", "-")):
+        assert check_resume_settings(Accelerator(cpu=True), old_checkpoint(0.7), now,
+                                     allowed) == changed_settings(old_checkpoint(0.7), now)
+    with pytest.raises(UserError, match="--resume: this run's settings differ"):
+        check_resume_settings(Accelerator(cpu=True), old_checkpoint(0.7), now, None)
