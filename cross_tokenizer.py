@@ -68,6 +68,9 @@ from common.sharding import prepare_teacher
 
 @dataclass
 class CrossTokenizerArguments:
+    # Old spelling, hidden, for one release; it had no T² factor.
+    RENAMED_FLAGS = {"temperature": ("loss_temperature", "which scales the divergence by T², "
+                                                         "as in token_level.py")}
     uld_loss: Literal["kl", "l1"] = field(default="kl", metadata={
         "help": "How the two sorted top-K probability vectors are compared: kl = KL(teacher‖"
                 "student) after renormalizing each to sum 1; l1 = sum of absolute differences "
@@ -75,8 +78,10 @@ class CrossTokenizerArguments:
     top_k: int = field(default=64, metadata={
         "help": "Ranks compared per position (0 = whole vocabularies: with l1 the shorter is "
                 "zero-padded as in the original ULD; with kl the shorter length is used)."})
-    temperature: float = field(default=1.0, metadata={
-        "help": "Softmax temperature T applied to both models before sorting (no T² factor)."})
+    loss_temperature: float = field(default=1.0, metadata={
+        "help": "Softmax temperature T of both models inside the loss (before sorting); the "
+                "divergence (ULD and --hybrid KL) is scaled by T², as in token_level.py. The "
+                "default 1 gives the same loss as before the T² factor."})
     alpha: float = field(default=1.0, metadata={
         "help": "Weight (>= 0) of cross-entropy on the student's own reply tokens. Loss per "
                 "aligned token = alpha*CE + distill_weight*ULD."})
@@ -99,8 +104,9 @@ class CrossTokenizerArguments:
                             f"(automatic) or -1 (no chunking), got {self.loss_chunk_size}")
         if self.top_k < 0:
             raise UserError(f"--top-k must be >= 0 (0 = whole vocabularies), got {self.top_k}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise UserError(f"--temperature must be > 0 and finite, got {self.temperature}")
+        if not (math.isfinite(self.loss_temperature) and self.loss_temperature > 0):
+            raise UserError(f"--loss-temperature must be > 0 and finite, got "
+                            f"{self.loss_temperature}")
         if not all(math.isfinite(w) and w >= 0 for w in (self.alpha, self.distill_weight)):
             raise UserError(f"--alpha and --distill-weight must be >= 0 and finite, got "
                             f"{self.alpha} and {self.distill_weight}")
@@ -195,15 +201,18 @@ def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, u
     def terms(student_logits, targets, teacher_rows, same_string=None):
         """The summed loss of some aligned positions (all or one chunk) and its statistics."""
         teacher_logits = teacher_logits_of(teacher_rows)
+        temperature = uld_args.loss_temperature
+        # T² keeps the gradient's size as T changes (softened probabilities move ~1/T² as much).
         uld = uld_loss(student_logits, teacher_logits, uld_args.uld_loss, uld_args.top_k,
-                       uld_args.temperature)
+                       temperature) * temperature ** 2
         ce = cross_entropy(student_logits, targets)
         distill, stats = uld, {"uld": uld.sum().detach(), "ce": ce.sum().detach()}
         if shared is not None:
             _, shared_student_ids, shared_teacher_ids = shared
             index = same_string.nonzero(as_tuple=True)[0]
             exact = shared_vocab_kl(student_logits[index], teacher_logits[index],
-                                    shared_student_ids, shared_teacher_ids, uld_args.temperature)
+                                    shared_student_ids, shared_teacher_ids,
+                                    temperature) * temperature ** 2
             # Scatter out of place: the hybrid term exists only where the strings match.
             exact = torch.zeros_like(uld).index_put((index,), exact)
             distill = uld + exact

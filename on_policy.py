@@ -63,6 +63,7 @@ from common.sharding import full_params_for_generation, prepare_teacher
 
 @dataclass
 class OnPolicyArguments(TeacherApiArguments):
+    RENAMED_FLAGS = {"temperature": "sampling_temperature"}  # old spelling, hidden, one release
     # The server options (--teacher-api-base, --api-key-env, ...) come first, from common/api_client.
     lmbda: float = field(default=0.5, metadata={
         "help": "Probability that an optimizer step is on-policy (student samples); the rest are "
@@ -86,7 +87,7 @@ class OnPolicyArguments(TeacherApiArguments):
     skew: float = field(default=0.1, metadata={
         "help": "Skew in (0, 1), with --kl skew_forward / skew_reverse only: skew_reverse = "
                 "KL(p_s ‖ skew*p_s + (1-skew)*p_t). 0.1 is DistiLLM's."})
-    temperature: float = field(default=1.0, metadata={
+    sampling_temperature: float = field(default=1.0, metadata={
         "help": "Sampling temperature of the student's on-policy samples."})
     loss_temperature: float = field(default=1.0, metadata={
         "help": "Softmax temperature inside the loss (the divergence is scaled by T²)."})
@@ -134,8 +135,8 @@ class OnPolicyArguments(TeacherApiArguments):
              "--teacher"),
             (self.teacher_top_k >= 1, f"--teacher-top-k must be >= 1, got {self.teacher_top_k}"),
             (0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}"),
-            (math.isfinite(self.temperature) and self.temperature > 0,
-             f"--temperature must be > 0 and finite, got {self.temperature}"),
+            (math.isfinite(self.sampling_temperature) and self.sampling_temperature > 0,
+             f"--sampling-temperature must be > 0 and finite, got {self.sampling_temperature}"),
             (math.isfinite(self.loss_temperature) and self.loss_temperature > 0,
              f"--loss-temperature must be > 0 and finite, got {self.loss_temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
@@ -199,7 +200,7 @@ class OnPolicySampler:
         # Under FSDP / ZeRO-3 the sharded weights are gathered and all processes step together.
         with full_params_for_generation(self.accelerator, model) as (student, synced_gpus):
             completions = generate(student, self.tokenizer, prompts, self.args.max_new_tokens,
-                                   self.stop_ids, self.args.temperature, self.args.top_p,
+                                   self.stop_ids, self.args.sampling_temperature, self.args.top_p,
                                    batch_size=len(prompts), progress=False,
                                    synced_gpus=synced_gpus)
         examples = []

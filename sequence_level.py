@@ -56,13 +56,14 @@ COMPLETIONS_FILE = "teacher_completions.jsonl"
 
 @dataclass
 class SequenceLevelArguments(TeacherApiArguments):
+    RENAMED_FLAGS = {"temperature": "sampling_temperature"}  # old spelling, hidden, one release
     # The API options (--teacher-api-base, --api-key-env, ...) come first, from common/api_client.
     max_new_tokens: int = field(default=512, metadata={"help": "Longest teacher completion."})
-    temperature: float = field(default=0.0, metadata={
+    sampling_temperature: float = field(default=0.0, metadata={
         "help": "Teacher sampling temperature (0 = greedy)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
     num_completions_per_prompt: int = field(default=1, metadata={
-        "help": "Completions per prompt (> 1 needs --temperature > 0)."})
+        "help": "Completions per prompt (> 1 needs --sampling-temperature > 0)."})
     generation_batch_size: int = field(default=8, metadata={
         "help": "Prompts per batch for a local teacher."})
     completions: Optional[str] = field(default=None, metadata={
@@ -84,13 +85,14 @@ class SequenceLevelArguments(TeacherApiArguments):
         super().__post_init__()
         checks = [
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
-            (math.isfinite(self.temperature) and self.temperature >= 0,
-             f"--temperature must be >= 0 and finite (0 = greedy), got {self.temperature}"),
+            (math.isfinite(self.sampling_temperature) and self.sampling_temperature >= 0,
+             f"--sampling-temperature must be >= 0 and finite (0 = greedy), got "
+             f"{self.sampling_temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.num_completions_per_prompt >= 1, "--num-completions-per-prompt must be >= 1"),
-            (self.num_completions_per_prompt == 1 or self.temperature > 0,
-             "--num-completions-per-prompt > 1 needs --temperature > 0 (greedy decoding gives "
-             "the same completion every time)"),
+            (self.num_completions_per_prompt == 1 or self.sampling_temperature > 0,
+             "--num-completions-per-prompt > 1 needs --sampling-temperature > 0 (greedy "
+             "decoding gives the same completion every time)"),
             (self.generation_batch_size >= 1, "--generation-batch-size must be >= 1"),
             (self.loss_chunk_size >= -1, f"--loss-chunk-size must be >= 1, 0 (automatic) or -1 "
                                          f"(full logits), got {self.loss_chunk_size}"),
@@ -142,8 +144,8 @@ def load_prompts(data_args, num_samples, log=print):
     if repeated_rows:
         # The cache key is (prompt, sample index), so a repeated row would get the same answer.
         log(f"warning: {repeated_rows} rows repeat an earlier prompt; the teacher answers each "
-            f"distinct prompt once (use --num-completions-per-prompt N with --temperature > 0 "
-            f"for several completions per prompt)")
+            f"distinct prompt once (use --num-completions-per-prompt N with "
+            f"--sampling-temperature > 0 for several completions per prompt)")
     if not jobs:
         raise UserError(f"no usable prompt in {data_args.dataset}; rows need a user turn")
     return jobs
@@ -411,7 +413,7 @@ def generate_local(model_args, data_args, seq_args, jobs, writer, device):
         for start in range(0, len(encoded), chunk):
             batch = encoded[start:start + chunk]
             completions = generate(teacher, tokenizer, [job[3] for job in batch],
-                                   seq_args.max_new_tokens, stop_ids, seq_args.temperature,
+                                   seq_args.max_new_tokens, stop_ids, seq_args.sampling_temperature,
                                    seq_args.top_p, batch_size=chunk, progress=False)
             for (key, prompt, sample_index, _), completion in zip(batch, completions):
                 text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
@@ -439,7 +441,7 @@ def generate_api(seq_args, jobs, writer, stop):
     def ask(prompt):
         response = client.chat.completions.create(
             model=seq_args.teacher_api_model, messages=prompt,
-            max_tokens=seq_args.max_new_tokens, temperature=seq_args.temperature,
+            max_tokens=seq_args.max_new_tokens, temperature=seq_args.sampling_temperature,
             top_p=seq_args.top_p)
         if not response.choices:
             return "", "no choices"
@@ -501,8 +503,9 @@ def run_generation(model_args, data_args, seq_args, cache_path, device):
     if not todo:
         return Counter()
     teacher_name = seq_args.teacher_api_model or model_args.teacher
-    settings = {"max_new_tokens": seq_args.max_new_tokens, "temperature": seq_args.temperature,
-                "top_p": seq_args.top_p}
+    # "temperature": the key caches written before --sampling-temperature have.
+    settings = {"max_new_tokens": seq_args.max_new_tokens,
+                "temperature": seq_args.sampling_temperature, "top_p": seq_args.top_p}
     writer = CacheWriter(cache_path, teacher_name, settings)
     stop = StopRequest()
     try:

@@ -19,7 +19,7 @@ the loss is forward KL over those K tokens plus one tail bucket, the offline tea
 
 Examples:
     python token_level.py --teacher Qwen/Qwen2.5-1.5B-Instruct --student Qwen/Qwen2.5-0.5B \
-        --dataset train.jsonl --output-dir runs/kd --kl forward --temperature 2.0 \
+        --dataset train.jsonl --output-dir runs/kd --kl forward --loss-temperature 2.0 \
         --batch-size 4 --grad-accum 8 --max-length 1024 --num-epochs 1
 
     accelerate launch --num_processes 4 token_level.py --teacher ... --student ... \
@@ -59,6 +59,7 @@ from common.sharding import prepare_teacher
 
 @dataclass
 class TokenLevelArguments(TeacherApiArguments):
+    RENAMED_FLAGS = {"temperature": "loss_temperature"}  # old spelling, hidden, for one release
     # The server options (--teacher-api-base, --api-key-env, ...) come first, from common/api_client.
     kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse"] = field(
         default="forward", metadata={
@@ -74,8 +75,9 @@ class TokenLevelArguments(TeacherApiArguments):
         "help": "Skew in (0, 1), with --kl skew_forward / skew_reverse only: skew_forward = "
                 "KL(p_t ‖ skew*p_t + (1-skew)*p_s), skew_reverse = KL(p_s ‖ skew*p_s + "
                 "(1-skew)*p_t); each token's log-ratio is at most log(1/skew). 0.1 is DistiLLM's."})
-    temperature: float = field(default=1.0, metadata={
-        "help": "Softmax temperature T applied to both models; the divergence is scaled by T²."})
+    loss_temperature: float = field(default=1.0, metadata={
+        "help": "Softmax temperature T of both models inside the loss; the divergence is scaled "
+                "by T²."})
     alpha: float = field(default=0.0, metadata={
         "help": "Weight of ordinary cross-entropy on the dataset's assistant tokens, in [0, 1]: "
                 "loss = (1-alpha)*KD + alpha*CE (0 = pure distillation)."})
@@ -100,8 +102,9 @@ class TokenLevelArguments(TeacherApiArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise UserError(f"--temperature must be > 0 and finite, got {self.temperature}")
+        if not (math.isfinite(self.loss_temperature) and self.loss_temperature > 0):
+            raise UserError(f"--loss-temperature must be > 0 and finite, got "
+                            f"{self.loss_temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.teacher_cache and self.kl != "forward":
@@ -111,10 +114,10 @@ class TokenLevelArguments(TeacherApiArguments):
             if self.kl != "forward":
                 raise UserError("--teacher-api-base supports --kl forward only: the server returns "
                                 "the teacher's top K per position, which defines forward KL only")
-            if self.temperature != 1.0:
-                raise UserError("--teacher-api-base needs --temperature 1: the server's log-probs "
-                                "are at temperature 1, and a top K cannot be re-tempered without "
-                                "the rest of the distribution")
+            if self.loss_temperature != 1.0:
+                raise UserError("--teacher-api-base needs --loss-temperature 1: the server's "
+                                "log-probs are at temperature 1, and a top K cannot be re-tempered "
+                                "without the rest of the distribution")
             if self.teacher_cache:
                 raise UserError("--teacher-cache cannot be filled from --teacher-api-base yet; "
                                 "build it with a local --teacher, or train from the server "
@@ -192,17 +195,18 @@ def main(argv=None):
             example["example_index"] = index  # cache rows are found by example, never by step
         cache = teacher_cache.prepare(
             kd_args.teacher_cache, examples, tokenizer, model_args.teacher, data_args,
-            kd_args.cache_top_k, kd_args.temperature, accelerator, load_teacher,
+            kd_args.cache_top_k, kd_args.loss_temperature, accelerator, load_teacher,
             train_args.batch_size)
         collate_fn = cache.collate_fn(collate)
-        loss_fn = teacher_cache.make_cached_loss_fn(accelerator, vocab_size, kd_args.temperature,
-                                                     kd_args.alpha, kd_args.loss_chunk_size)
+        loss_fn = teacher_cache.make_cached_loss_fn(accelerator, vocab_size,
+                                                     kd_args.loss_temperature, kd_args.alpha,
+                                                     kd_args.loss_chunk_size)
         # The cache has no rows for held-out data: those are scored by cross-entropy alone.
         eval_loss_fn = make_ce_loss_fn(accelerator, vocab_size, kd_args.loss_chunk_size)
         eval_collate_fn = collate
     else:
         loss_fn = make_kd_loss_fn(accelerator, load_teacher(), vocab_size, kd_args.kl,
-                                  kd_args.temperature, kd_args.beta, kd_args.alpha,
+                                  kd_args.loss_temperature, kd_args.beta, kd_args.alpha,
                                   loss_chunk_size=kd_args.loss_chunk_size, skew=kd_args.skew)
     student = load_student(model_args.student, model_args.student_dtype,
                            model_args.trust_remote_code)

@@ -63,7 +63,8 @@ def naive_loss(inputs, hidden, weight, args):
     with torch.no_grad():
         teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_weight"].T
     student_logits = hidden @ weight.T
-    kd = distillation_loss(student_logits, teacher_logits, args.kl, args.temperature, args.beta)
+    kd = distillation_loss(student_logits, teacher_logits, args.kl, args.loss_temperature,
+                           args.beta)
     with torch.set_grad_enabled(args.alpha > 0):
         ce = cross_entropy(student_logits, inputs["target_ids"])
     return (1.0 - args.alpha) * kd.sum() + args.alpha * ce.sum()
@@ -73,7 +74,7 @@ def chunked_loss(inputs, hidden, weight, args):
     loss, _ = chunked_kd_loss(hidden, weight, inputs["target_ids"], args.vocab,
                               teacher_hidden=inputs["teacher_hidden"],
                               teacher_weight=inputs["teacher_weight"], kind=args.kl,
-                              temperature=args.temperature, beta=args.beta, alpha=args.alpha,
+                              temperature=args.loss_temperature, beta=args.beta, alpha=args.alpha,
                               chunk_size=args.chunk_size)
     return loss
 
@@ -134,7 +135,7 @@ def main():
                         help="student hidden size H (2048 = Llama-3.2-1B, whose V is 128256)")
     parser.add_argument("--teacher-hidden", type=int, default=0, help="teacher's (0 = --hidden)")
     parser.add_argument("--kl", choices=["forward", "reverse", "jsd"], default="forward")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--loss-temperature", type=float, default=1.0)
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--alpha", type=float, default=0.0)
     parser.add_argument("--chunk-size", type=int, default=0, help="positions (0 = automatic)")
@@ -150,7 +151,7 @@ def main():
         return worker(args)
 
     args.passthrough = [f"--{name}={getattr(args, name.replace('-', '_'))}" for name in (
-        "vocab", "seq", "hidden", "teacher-hidden", "kl", "temperature", "beta", "alpha",
+        "vocab", "seq", "hidden", "teacher-hidden", "kl", "loss-temperature", "beta", "alpha",
         "chunk-size", "iters", "threads")]
     results = {"naive": [], "chunked": []}
     with tempfile.TemporaryDirectory() as scratch:
@@ -173,7 +174,7 @@ def main():
         "time_ratio": round(summary["chunked"]["ms"] / summary["naive"]["ms"], 3),
         "setup": {"vocab": args.vocab, "seq": args.seq, "hidden": args.hidden,
                   "teacher_hidden": args.teacher_hidden or args.hidden, "kl": args.kl,
-                  "temperature": args.temperature, "alpha": args.alpha,
+                  "temperature": args.loss_temperature, "alpha": args.alpha,
                   "chunk_size": args.chunk_size or auto_chunk_size(args.vocab),
                   "iters": args.iters, "rounds": args.rounds, "torch": torch.__version__,
                   "threads": args.threads or torch.get_num_threads(),

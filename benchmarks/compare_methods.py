@@ -65,7 +65,7 @@ LEARNING_RATES = (3e-4, 1e-3, 3e-3)
 METHOD_KNOBS = {
     # Hinton's softened targets; and the loss on the teacher's own greedy replies (sequence-level
     # data with token-level targets, GKD's "supervised KD" on teacher outputs)
-    "token_level_forward": [[], ["--alpha", 0.5], ["--temperature", 2.0],
+    "token_level_forward": [[], ["--alpha", 0.5], ["--loss-temperature", 2.0],
                             ["--dataset", "{completions}"]],
     # DistiLLM's skew reverse KL: reverse KL with each token's log-ratio bounded
     "token_level_reverse": [[], ["--alpha", 0.5], ["--kl", "skew_reverse"]],

@@ -10,6 +10,7 @@ become such a file with
     python -m common.args runs/kd/run_config.json > recipe.yaml
 """
 
+import argparse
 import difflib
 import math
 import os
@@ -231,14 +232,66 @@ def eval_data_args(data_args, train_args):
                                dataset_split=train_args.eval_dataset_split, max_samples=-1)
 
 
+def renamed_flags(dataclass_type):
+    """{old field name: (new field name, note)} of the flags a dataclass renamed, from its
+    `RENAMED_FLAGS` class attribute ({old: new} or {old: (new, what changed)}). The old spelling
+    is taken for one release, hidden from --help, with a one-line warning naming the new one."""
+    renamed = {}
+    for old, new in getattr(dataclass_type, "RENAMED_FLAGS", {}).items():
+        new, note = (new, "") if isinstance(new, str) else new
+        renamed[old] = (new, note)
+    return renamed
+
+
+class _RenamedFlag(argparse.Action):
+    """A hidden old spelling of a flag: stores into the new flag's field and notes the use (the
+    warning is printed once, after parsing)."""
+
+    def __init__(self, option_strings, dest, new_flag=None, note="", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new_flag, self.note = new_flag, note
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        used = parser.__dict__.setdefault("renamed_flags_used", {})
+        used[self.option_strings[0]] = (self.new_flag, self.note)
+
+
+def add_renamed_flags(parser, dataclass_types):
+    """Register each dataclass's RENAMED_FLAGS as hidden aliases of the new flags (same type,
+    choices and field)."""
+    actions = flag_actions(parser)
+    for dataclass_type in dataclass_types:
+        for old, (new, note) in renamed_flags(dataclass_type).items():
+            target = actions[new]
+            options = dict.fromkeys([f"--{old.replace('_', '-')}", f"--{old}"])  # dashed first
+            parser.add_argument(*options, action=_RenamedFlag, dest=target.dest,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                                type=target.type, nargs=target.nargs, const=target.const,
+                                choices=target.choices, metavar=target.metavar,
+                                new_flag=f"--{new.replace('_', '-')}", note=note)
+
+
+def warn_renamed_flags(parser):
+    for old, (new, note) in getattr(parser, "renamed_flags_used", {}).items():
+        print(f"warning: {old} is deprecated and will be removed in the next release; use "
+              f"{new}{f' ({note})' if note else ' (the same setting)'}", file=sys.stderr)
+
+
+def visible_flag_names(parser):
+    """The --flag names --help shows (hidden old spellings left out), dashed."""
+    return sorted({option.replace("_", "-") for action in parser._actions
+                   if action.help is not argparse.SUPPRESS
+                   for option in action.option_strings if option.startswith("--")})
+
+
 def unknown_argument_message(argument, parser):
     """'unknown flag --learnig-rate; did you mean --learning-rate?' for a word argparse left."""
     if not argument.startswith("-") or argument.lstrip("-") == "":
         return f"unexpected argument {argument!r}: every value follows its flag (see --help)"
     flag = argument.split("=", 1)[0]
     # HfArgumentParser registers --flag-name and --flag_name; suggest the dashed spelling.
-    options = sorted({option.replace("_", "-") for action in parser._actions
-                      for option in action.option_strings if option.startswith("--")})
+    options = visible_flag_names(parser)
     close = difflib.get_close_matches(flag.replace("_", "-"), options, n=1, cutoff=0.6)
     suggestion = f"; did you mean {close[0]}?" if close else ""
     return f"unknown flag {flag}{suggestion} (see --help)"
@@ -284,7 +337,8 @@ def config_arguments(path, parser):
     for key, value in read_config_file(path).items():
         name = str(key).replace("-", "_")
         if name not in actions or name in ("help", "config"):
-            valid = sorted(set(actions) - {"help", "config"})
+            valid = sorted({option[2:].replace("-", "_") for option in visible_flag_names(parser)}
+                           - {"help", "config"})
             if "-" in str(key):
                 valid = [v.replace("_", "-") for v in valid]
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
@@ -316,15 +370,15 @@ def yaml_word(value):
 
 def parse_args(dataclass_types, argv=None, description=None):
     """Parse the command line (and its --config file) into one instance per dataclass (bad
-    values raise UserError)."""
-    import argparse
-
+    values raise UserError). A flag a dataclass renamed (its RENAMED_FLAGS) is still taken under
+    the old name, on the command line or as a --config key, with a warning."""
     # No prefix matching: --max-step silently meaning --max-steps would hide typos (and a later
     # flag that shares the prefix would change what an old command line means).
     parser = HfArgumentParser(dataclass_types, description=description, allow_abbrev=False)
     parser.add_argument("--config", metavar="FILE.yaml", default=None, help=(
         "YAML file of settings: keys are the flag names (learning_rate or learning-rate), "
         "values as on the command line; flags given on the command line override it."))
+    add_renamed_flags(parser, dataclass_types)
 
     def one_line_error(message):  # argparse would print the whole usage block first
         raise UserError(f"{message} (see --help)")
@@ -342,8 +396,10 @@ def parse_args(dataclass_types, argv=None, description=None):
     if config:
         args = config_arguments(config, parser) + args
     # The last output is the namespace of --config, which is no dataclass's field.
-    return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)[
+    parsed = parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)[
         :len(dataclass_types)]
+    warn_renamed_flags(parser)
+    return parsed
 
 
 # What a run did to an existing output (not how it trains): left out of a recipe, so that the
@@ -366,7 +422,7 @@ def recipe_yaml(record, source):
     elif isinstance(record.get("method"), str):
         script = f"{record['method']}.py"
         groups = {name: values for name, values in record.items()
-                  if isinstance(values, dict) and name != "versions"}
+                  if isinstance(values, dict) and name not in ("versions", "renamed_settings")}
     else:
         raise UserError(f"{source} is neither a run_config.json of a training run nor an eval.py "
                         f"--output file")

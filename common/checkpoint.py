@@ -271,7 +271,9 @@ def prepare_output_dir(accelerator, output_dir, overwrite, keep=()):
 
 def make_run_config(method, command, **groups):
     """What every checkpoint and the final output record about the run: the method, the command
-    line, each argument group (dataclasses) as a dict, and the versions that ran it."""
+    line, each argument group (dataclasses) as a dict, and the versions that ran it; and, for
+    groups that renamed a flag, {group: {old field: new field}}, so that a checkpoint written
+    under the old name is compared with the new one on resume."""
     import dataclasses
     import platform
 
@@ -279,11 +281,17 @@ def make_run_config(method, command, **groups):
     import torch
     import transformers
 
+    from common.args import renamed_flags
+
+    renamed = {name: {old: new for old, (new, _) in renamed_flags(type(args)).items()}
+               for name, args in groups.items()}
+    renamed = {name: fields for name, fields in renamed.items() if fields}
     return {"method": method, "command": command,
             **{name: dataclasses.asdict(args) for name, args in groups.items()},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__,
-                         "accelerate": accelerate.__version__}}
+                         "accelerate": accelerate.__version__},
+            **({"renamed_settings": renamed} if renamed else {})}
 
 
 # Settings that cannot change the trained weights, by field name in any argument group: where
@@ -299,7 +307,7 @@ RESULT_NEUTRAL_SETTINGS = frozenset({
 # Parts of a run config that are records, not settings (the completions path of
 # sequence_level.py follows --output-dir unless --completions names it).
 _RECORD_KEYS = frozenset({"command", "versions", "completions", "finished", "final_step",
-                          "num_processes", "effective_batch_size", "files"})
+                          "num_processes", "effective_batch_size", "files", "renamed_settings"})
 # Trainer-state entries compared on resume, with the --allow-changed-settings name of each.
 _DERIVED_SETTINGS = {"global_batch_size": ("batch_size", "--batch-size x processes"),
                      "data_fingerprint": ("dataset", "the training data's content"),
@@ -312,9 +320,26 @@ def setting_name(name):
 
 
 def known_settings(run_config):
-    names = {field for group in run_config.values() if isinstance(group, dict) for field in group}
+    names = {field for key, group in run_config.items()
+             if isinstance(group, dict) and key not in _RECORD_KEYS for field in group}
     return names | {key for key in run_config if key not in _RECORD_KEYS} | {
         name for name, _ in _DERIVED_SETTINGS.values()}
+
+
+def renamed_to_current(saved, renamed):
+    """The saved run config with the fields this version renamed ({group: {old: new}}) under
+    their new names, where the checkpoint has only the old one."""
+    saved = dict(saved)
+    for group, fields in renamed.items():
+        values = saved.get(group)
+        if not isinstance(values, dict):
+            continue
+        values = dict(values)
+        for old, new in fields.items():
+            if old in values and new not in values:
+                values[new] = values.pop(old)
+        saved[group] = values
+    return saved
 
 
 def changed_settings(saved_state, current_state):
@@ -329,6 +354,7 @@ def changed_settings(saved_state, current_state):
 
     changes = []
     saved, current = saved_state.get("args") or {}, current_state["args"]
+    saved = renamed_to_current(saved, current.get("renamed_settings") or {})
     for key in sorted(set(saved) & set(current) - _RECORD_KEYS):
         old, new = saved[key], current[key]
         if isinstance(old, dict) and isinstance(new, dict):

@@ -363,8 +363,11 @@ def check_resume_settings(accelerator, saved_state, current_state, allow_changed
     """Refuse to resume with settings that change the result (named, one line), unless
     --allow-changed-settings names them; a checkpoint without a record of its settings (written
     by hand or an old version) is resumed with a warning."""
-    allowed = {setting_name(name) for name in (allow_changed_settings or "").split(",")
-               if name.strip()}
+    renamed_settings = current_state["args"].get("renamed_settings") or {}
+    renamed = {old: new for fields in renamed_settings.values()
+               for old, new in fields.items()}  # an old flag name stands for its new one
+    allowed = {renamed.get(setting_name(name), setting_name(name))
+               for name in (allow_changed_settings or "").split(",") if name.strip()}
     unknown = sorted(allowed - known_settings(current_state["args"]))
     if unknown:
         raise error_on_every_process(accelerator, (
@@ -619,7 +622,7 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
         # Exporting now would mark the untouched student as a finished, trained run.
         raise error_on_every_process(accelerator, (
             f"all {step} optimizer steps had a NaN/inf loss or gradient, so the student was never "
-            f"updated and is not saved; check --temperature and --learning-rate, use float32 "
+            f"updated and is not saved; check --loss-temperature and --learning-rate, use float32 "
             f"(--dtype float32), check the data, then rerun with --overwrite"))
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         # Drop DDP's gradient-sync wrapper now, while the process group is alive (the export

@@ -136,3 +136,62 @@ def test_recipe_leaves_out_credentials_and_the_run_state():
     assert "api_key_env: MY_KEY" in lines and "versions" not in text and "--teacher-api" not in text
     with pytest.raises(UserError, match="neither a run_config.json"):
         recipe_yaml({"a": 1}, "x.json")
+
+
+def script_options():
+    """(script, its method's dataclass) of every script that renamed --temperature, and the field
+    the old spelling now sets there."""
+    from cross_tokenizer import CrossTokenizerArguments
+    from on_policy import OnPolicyArguments
+    from sequence_level import SequenceLevelArguments
+    from token_level import TokenLevelArguments
+
+    return [(TokenLevelArguments, "loss_temperature", "--loss-temperature"),
+            (OnPolicyArguments, "sampling_temperature", "--sampling-temperature"),
+            (CrossTokenizerArguments, "loss_temperature", "--loss-temperature"),
+            (SequenceLevelArguments, "sampling_temperature", "--sampling-temperature")]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_the_old_temperature_flag_sets_the_renamed_field_with_a_warning(tmp_path, capsys, index):
+    options_class, field, new_flag = script_options()[index]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("temperature: 0.5\n")
+    for argv in (["--temperature", "2"], ["--temperature=2"], ["--config", recipe]):
+        parsed = parse_args([TrainingArguments, options_class], ["--output-dir", tmp_path, *argv])
+        assert getattr(parsed[1], field) == (0.5 if "--config" in argv else 2.0)
+        assert not hasattr(parsed[1], "temperature")
+        warnings = capsys.readouterr().err.strip().splitlines()
+        assert len(warnings) == 1 and warnings[0].startswith("warning: --temperature is "
+                                                             "deprecated"), warnings
+        assert f"use {new_flag}" in warnings[0]
+    # The command line overrides the file's old key; the new spelling alone warns of nothing.
+    parsed = parse_args([TrainingArguments, options_class],
+                        ["--output-dir", tmp_path, "--config", recipe, new_flag, "3"])
+    assert getattr(parsed[1], field) == 3.0
+    capsys.readouterr()
+    parsed = parse_args([TrainingArguments, options_class],
+                        ["--output-dir", tmp_path, new_flag, "3"])
+    assert getattr(parsed[1], field) == 3.0
+    assert "warning" not in capsys.readouterr().err
+    # The old spelling is checked as the new field is (and named by its new flag).
+    with pytest.raises(UserError, match=f"{new_flag} must be"):
+        parse_args([TrainingArguments, options_class],
+                   ["--output-dir", tmp_path, "--temperature", "inf"])
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_help_shows_the_new_temperature_flag_only(capsys, index):
+    options_class, field, new_flag = script_options()[index]
+    with pytest.raises(SystemExit):
+        parse_args([TrainingArguments, options_class], ["--help"])
+    shown = capsys.readouterr().out
+    assert new_flag in shown and "--temperature" not in shown
+
+
+def test_a_misspelled_flag_is_pointed_to_the_new_name_not_the_hidden_one(tmp_path):
+    from token_level import TokenLevelArguments
+
+    with pytest.raises(UserError, match="did you mean --loss-temperature"):
+        parse_args([TrainingArguments, TokenLevelArguments],
+                   ["--output-dir", tmp_path, "--temperatur", "2"])

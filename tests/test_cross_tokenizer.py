@@ -461,19 +461,22 @@ def full_logits_uld_float64(teacher, student, batch, vocab_sizes, args, shared):
     student_rows, teacher_rows, targets, rows, partners = select_aligned_logits(
         student_logits, teacher_logits, batch["labels"], batch["teacher_positions"])
     student_rows, teacher_rows = student_rows[:, :vocab_sizes[0]], teacher_rows[:, :vocab_sizes[1]]
-    uld = uld_loss(student_rows, teacher_rows, args.uld_loss, args.top_k, args.temperature)
+    temperature = args.loss_temperature
+    uld = uld_loss(student_rows, teacher_rows, args.uld_loss, args.top_k,
+                   temperature) * temperature ** 2
     ce = cross_entropy(student_rows, targets)
     stats = {"uld": uld.sum(), "ce": ce.sum()}
     distill = uld.sum()
     if shared is not None:
         same = shared[0][targets] == batch["teacher_input_ids"][rows, partners]
         exact = shared_vocab_kl(student_rows[same], teacher_rows[same], shared[1], shared[2],
-                                args.temperature)
+                                temperature) * temperature ** 2
         stats.update(hybrid=exact.sum(), same_string=same.sum().double())
         distill = distill + exact.sum()
     loss = args.alpha * ce.sum() + args.distill_weight * distill
     loss.backward()
-    scale = max(log_prob_scale(student_rows, teacher_rows, temperature=args.temperature),
+    scale = max(temperature ** 2 * log_prob_scale(student_rows, teacher_rows,
+                                                  temperature=temperature),
                 log_prob_scale(student_rows))
     return ((loss.detach(), {k: v.detach() for k, v in stats.items()},
              {n: p.grad for n, p in student.named_parameters()}), scale)
@@ -515,7 +518,7 @@ def test_chunked_loss_equals_the_full_logits_loss(tiny, chatml_student, tokenize
 
     teacher, student, batch, vocab_sizes, shared = uld_setup(tiny, chatml_student, tokenizers,
                                                              hybrid)
-    settings = dict(uld_loss=uld_kind, top_k=top_k, temperature=temperature, alpha=alpha,
+    settings = dict(uld_loss=uld_kind, top_k=top_k, loss_temperature=temperature, alpha=alpha,
                     distill_weight=distill_weight, hybrid=hybrid)
     reference = full_logits_uld_float64(teacher, student, batch, vocab_sizes,
                                         CrossTokenizerArguments(**settings), shared)
@@ -686,11 +689,11 @@ def test_end_to_end_l1_hybrid_full_vocabulary(tiny, chatml_student, tmp_path):
     result = run_script("cross_tokenizer.py", *base_args(
         tiny, chatml_student, out, "--uld-loss", "l1", "--top-k", "0", "--hybrid",
         "--max-steps", "4", "--batch-size", "2", "--grad-accum", "2", "--alpha", "0",
-        "--temperature", "2"))
+        "--loss-temperature", "2"))
     assert "token strings shared by both vocabularies" in result.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert 0 < rows[-1]["same_string"] <= 1  # a fraction of the aligned positions
-    assert rows[-1]["hybrid"] >= 0 and 0 <= rows[-1]["uld"] <= 2
+    assert rows[-1]["hybrid"] >= 0 and 0 <= rows[-1]["uld"] <= 2 * 2 ** 2  # l1 <= 2, times T²
     assert rows[-1]["loss"] == pytest.approx(rows[-1]["uld"] + rows[-1]["hybrid"], rel=1e-4)
 
 
@@ -705,7 +708,7 @@ def run_main(argv):
 BAD_INPUTS = {
     "unknown uld loss": (["--uld-loss", "wasserstein"], "invalid choice"),
     "negative top-k": (["--top-k", "-1"], "--top-k must be >= 0"),
-    "zero temperature": (["--temperature", "0"], "--temperature must be > 0"),
+    "zero temperature": (["--loss-temperature", "0"], "--loss-temperature must be > 0"),
     "negative alpha": (["--alpha", "-0.5"], "--alpha"),
     "nothing to train": (["--alpha", "0", "--distill-weight", "0"], "both 0"),
     "bad loss chunk size": (["--loss-chunk-size", "-2"], "--loss-chunk-size must be"),
@@ -730,6 +733,6 @@ def test_bad_input_is_a_one_line_error(tiny, chatml_student, tmp_path, capsys, c
 
 def test_help_documents_the_method_flags():
     result = run_script("cross_tokenizer.py", "--help")
-    for flag in ["--uld-loss", "--top-k", "--temperature", "--alpha", "--distill-weight",
+    for flag in ["--uld-loss", "--top-k", "--loss-temperature", "--alpha", "--distill-weight",
                  "--hybrid", "--teacher", "--student", "--max-length", "--output-dir"]:
         assert flag in result.stdout, flag

@@ -105,7 +105,7 @@ def test_optimizer_values_must_be_finite(flag, value):
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "0", "-1"])
 def test_temperatures_must_be_finite_and_positive(value):
-    """--temperature inf gave NaN losses for a whole run (and a saved, untrained student)."""
+    """A temperature of inf gave NaN losses for a whole run (and a saved, untrained student)."""
     from cross_tokenizer import CrossTokenizerArguments
     from common.errors import UserError
     from on_policy import OnPolicyArguments
@@ -113,10 +113,11 @@ def test_temperatures_must_be_finite_and_positive(value):
     from token_level import TokenLevelArguments
 
     temperature = float(value)
-    options = [(TokenLevelArguments, "temperature"), (OnPolicyArguments, "temperature"),
+    options = [(TokenLevelArguments, "loss_temperature"),
+               (OnPolicyArguments, "sampling_temperature"),
                (OnPolicyArguments, "loss_temperature"),
-               (CrossTokenizerArguments, "temperature"),
-               (SequenceLevelArguments, "temperature")]  # 0 = greedy there
+               (CrossTokenizerArguments, "loss_temperature"),
+               (SequenceLevelArguments, "sampling_temperature")]  # 0 = greedy there
     for options_class, name in options:
         if options_class is SequenceLevelArguments and temperature == 0:
             options_class(**{name: temperature})

@@ -315,7 +315,7 @@ def bad_inputs(tiny, tmp_path_factory):
 
 TOKEN_LEVEL_CASES = [
     (["--learnig-rate", "1e-3"], "unknown flag --learnig-rate; did you mean --learning-rate?"),
-    (["--temperature", "inf"], "--temperature must be > 0 and finite, got inf"),
+    (["--loss-temperature", "inf"], "--loss-temperature must be > 0 and finite, got inf"),
     (["--dtype", "float16"], "turns NaN on a machine without a GPU"),
     (["--teacher-cache", "{file_cache}"], "is a file, not a directory"),
     (["--teacher", None, "--teacher-cache", "{no_index}"], "index.npy is missing"),

@@ -208,7 +208,7 @@ def on_policy_args(tiny, out, *extra):
     # Near-greedy sampling (T = 1e-5), so one process and two sample the same tokens.
     return ["--teacher", tiny / "teacher", "--student", tiny / "student", "--dataset",
             tiny / "train.jsonl", "--output-dir", out, "--lmbda", "1", "--max-new-tokens", "10",
-            "--temperature", "1e-5", "--max-steps", "4", "--log-steps", "1",
+            "--sampling-temperature", "1e-5", "--max-steps", "4", "--log-steps", "1",
             "--learning-rate", "1e-3", *extra]
 
 
@@ -376,8 +376,8 @@ def test_fp16_overflow_is_left_to_the_loss_scaler(tiny, tiny_examples, tmp_path)
 
 @pytest.mark.slow
 def test_a_run_whose_every_step_was_non_finite_is_not_finished(tiny, tiny_examples, tmp_path):
-    """--temperature inf makes every step NaN: fewer steps than --max-bad-steps must not end in
-    an export of the untouched student as a finished run."""
+    """--loss-temperature inf makes every step NaN: fewer steps than --max-bad-steps must not end
+    in an export of the untouched student as a finished run."""
     loss_fn, prepare_fn, _ = cross_entropy_loss_fn(poisoned_steps=set(range(6)))
     with pytest.raises(UserError, match="all 6 optimizer steps had a NaN/inf") as error:
         train_tiny(tiny, tiny_examples, training_args(tmp_path, max_bad_steps=10), loss_fn,
@@ -395,7 +395,7 @@ def run_config_of(args, **method_options):
     @dataclasses.dataclass
     class MethodOptions:
         kl: str = "forward"
-        temperature: float = 1.0
+        loss_temperature: float = 1.0
 
     return make_run_config("test", "python test.py", training=args,
                            test_method=MethodOptions(**method_options))

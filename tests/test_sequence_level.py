@@ -340,8 +340,8 @@ def test_repeated_prompts_are_counted_in_one_warning(tmp_path):
     jobs = load_prompts(DataArguments(dataset=str(dataset)), num_samples=2, log=logged.append)
     assert len(jobs) == 3 * 2  # one job per distinct prompt and sample index
     assert logged == ["warning: 2 rows repeat an earlier prompt; the teacher answers each distinct "
-                      "prompt once (use --num-completions-per-prompt N with --temperature > 0 for "
-                      "several completions per prompt)"]
+                      "prompt once (use --num-completions-per-prompt N with "
+                      "--sampling-temperature > 0 for several completions per prompt)"]
 
 
 @pytest.mark.slow

@@ -223,7 +223,8 @@ BAD_INPUTS = {
                        "line 1 is not valid JSON"),
     "nothing fits max length": (lambda t, p: ["--max-length", "8"], "--max-length"),
     "unknown kl": (lambda t, p: ["--kl", "sideways"], "invalid choice"),
-    "zero temperature": (lambda t, p: ["--temperature", "0"], "--temperature must be > 0"),
+    "zero temperature": (lambda t, p: ["--loss-temperature", "0"],
+                         "--loss-temperature must be > 0"),
     "missing teacher path": (lambda t, p: ["--teacher", p / "no_teacher"], "does not exist"),
     "missing student path": (lambda t, p: ["--student", "./no/such/student"], "does not exist"),
     "unreachable hub model": (lambda t, p: ["--teacher", "nobody-here/no-such-model"],
@@ -272,10 +273,11 @@ def test_help_documents_every_flag():
     for flag in ["--teacher", "--student", "--dataset", "--output-dir", "--max-steps",
                  "--num-epochs", "--batch-size", "--grad-accum", "--learning-rate",
                  "--warmup-ratio", "--max-length", "--seed", "--save-steps", "--log-steps",
-                 "--resume", "--overwrite", "--dtype", "--kl", "--beta", "--temperature",
+                 "--resume", "--overwrite", "--dtype", "--kl", "--beta", "--loss-temperature",
                  "--alpha", "--messages-field", "--prompt-field", "--response-field",
                  "--dataset-split", "--max-samples"]:
         assert flag in result.stdout, flag
+    assert "--temperature" not in result.stdout  # the old spelling is hidden
 
 
 @pytest.mark.slow

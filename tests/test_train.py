@@ -356,7 +356,7 @@ def test_changed_settings_compare_every_group_and_skip_neutral_ones():
                 "versions": {"torch": "2"}, "model": {"student": "s", "teacher": "t"},
                 "training": {"learning_rate": 1e-3, "max_steps": 10, "output_dir": "a",
                              "log_steps": 5, "save_steps": 2, "batch_size": 2},
-                "token_level": {"kl": "forward", "temperature": 1.0}}
+                "token_level": {"kl": "forward", "loss_temperature": 1.0}}
         for name, value in changes.items():
             group, field = name.split(".")
             args[group] = {**args[group], field: value}
@@ -396,3 +396,46 @@ def test_an_error_starts_on_its_own_line_under_a_progress_bar(capsys):
         run_cli(main)
     err = capsys.readouterr().err
     assert "training" in err and "\nerror: boom\n" in err
+
+
+@pytest.mark.parametrize("script, old_field", [("token_level", "loss_temperature"),
+                                               ("on_policy", "sampling_temperature"),
+                                               ("sequence_level", "sampling_temperature"),
+                                               ("cross_tokenizer", "loss_temperature")])
+def test_a_checkpoint_with_the_old_temperature_field_resumes_compared_under_the_new_name(
+        script, old_field):
+    """Checkpoints written before --temperature was renamed store the field as `temperature`:
+    it is compared with the renamed field (same value resumes, another is a named change)."""
+    import importlib
+
+    from common.checkpoint import changed_settings, known_settings, make_run_config
+
+    module = importlib.import_module(script)
+    options_class = next(value for name, value in vars(module).items()
+                         if name.endswith("Arguments") and value.__module__ == script)
+    current = make_run_config(script, "python ...",
+                              **{script: options_class(**{old_field: 0.5})})
+    assert current["renamed_settings"] == {script: {"temperature": old_field}}
+    assert old_field in known_settings(current)
+
+    def old_checkpoint(temperature):
+        saved = {key: value for key, value in current.items() if key != "renamed_settings"}
+        group = dict(saved[script])
+        del group[old_field]
+        saved[script] = {**group, "temperature": temperature}
+        return {"args": saved}
+
+    now = {"args": current}
+    assert changed_settings(old_checkpoint(0.5), now) == []
+    assert changed_settings(old_checkpoint(0.7), now) == [
+        (old_field, f"--{old_field.replace('_', '-')} (0.7 in the checkpoint, 0.5 now)")]
+    # --allow-changed-settings takes the old name for the new one too
+    from accelerate import Accelerator
+
+    from common.train import check_resume_settings
+
+    for allowed in ("temperature", old_field.replace("_", "-")):
+        assert check_resume_settings(Accelerator(cpu=True), old_checkpoint(0.7), now,
+                                     allowed) == changed_settings(old_checkpoint(0.7), now)
+    with pytest.raises(UserError, match="--resume: this run's settings differ"):
+        check_resume_settings(Accelerator(cpu=True), old_checkpoint(0.7), now, None)
