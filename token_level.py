@@ -31,6 +31,13 @@ Examples:
         --teacher-api-model Qwen/Qwen2.5-7B-Instruct --teacher-top-k 20 \
         --student Qwen/Qwen2.5-0.5B --dataset train.jsonl --output-dir runs/kd-served
 
+    # ... or fill an offline cache from the server once (resumable); later runs need no teacher
+    python token_level.py --teacher-api-base http://localhost:8000/v1 \
+        --teacher-api-model Qwen/Qwen2.5-7B-Instruct --teacher-top-k 20 --teacher-cache cache/ \
+        --student Qwen/Qwen2.5-0.5B --dataset train.jsonl --output-dir runs/kd-cached
+    python token_level.py --teacher-cache cache/ --student Qwen/Qwen2.5-0.5B \
+        --dataset train.jsonl --output-dir runs/kd-cached-2
+
     # offline, on tiny local models (see examples/tiny_setup.py):
     python token_level.py --teacher runs/tiny/teacher --student runs/tiny/student \
         --dataset runs/tiny/train.jsonl --output-dir runs/tiny/kd --max-steps 12 --kl reverse
@@ -83,10 +90,13 @@ class TokenLevelArguments(TeacherApiArguments):
                 "loss = (1-alpha)*KD + alpha*CE (0 = pure distillation)."})
     teacher_cache: Optional[str] = field(default=None, metadata={
         "help": "Directory of an offline teacher cache: built on the first run (needs "
-                "--teacher), then read instead of loading the teacher. Forward KL only."})
-    cache_top_k: int = field(default=32, metadata={
+                "--teacher, or --teacher-api-base to fill it from the server), then read instead "
+                "of asking any teacher. Forward KL only."})
+    cache_top_k: Optional[int] = field(default=None, metadata={
         "help": "Teacher tokens kept per position in --teacher-cache (plus one tail bucket); "
-                "about 6 bytes each."})
+                "about 6 bytes each. Unset: the existing cache's K, else 32 for a build with "
+                "--teacher; a cache filled from --teacher-api-base keeps --teacher-top-k (another "
+                "--cache-top-k is refused)."})
     teacher_top_k: int = field(default=20, metadata={
         "help": "With --teacher-api-base: teacher log-probs per position asked of the server (at "
                 "most its own maximum, vLLM's --max-logprobs, default 20). The loss is forward KL "
@@ -118,13 +128,15 @@ class TokenLevelArguments(TeacherApiArguments):
                 raise UserError("--teacher-api-base needs --loss-temperature 1: the server's "
                                 "log-probs are at temperature 1, and a top K cannot be re-tempered "
                                 "without the rest of the distribution")
-            if self.teacher_cache:
-                raise UserError("--teacher-cache cannot be filled from --teacher-api-base yet; "
-                                "build it with a local --teacher, or train from the server "
-                                "without a cache")
+            if (self.teacher_cache and self.cache_top_k is not None
+                    and self.cache_top_k != self.teacher_top_k):
+                raise UserError(f"--cache-top-k {self.cache_top_k} and --teacher-top-k "
+                                f"{self.teacher_top_k} differ: a cache filled from "
+                                f"--teacher-api-base keeps the server's top K; drop --cache-top-k "
+                                f"and set --teacher-top-k to the K wanted")
         if self.teacher_top_k < 1:
             raise UserError(f"--teacher-top-k must be >= 1, got {self.teacher_top_k}")
-        if self.cache_top_k < 1:
+        if self.cache_top_k is not None and self.cache_top_k < 1:
             raise UserError(f"--cache-top-k must be >= 1, got {self.cache_top_k}")
         if self.loss_chunk_size < -1:
             raise UserError(f"--loss-chunk-size must be a number of positions >= 1, 0 "
@@ -147,8 +159,9 @@ def main(argv=None):
         argv,
         description=__doc__.split("\n\n")[0])
     cached_meta = teacher_cache.read_meta(kd_args.teacher_cache) if kd_args.teacher_cache else None
-    use_cache_only = bool(cached_meta and cached_meta.get("complete")) and not model_args.teacher
     served = bool(kd_args.teacher_api_base)
+    use_cache_only = (bool(cached_meta and cached_meta.get("complete")) and not model_args.teacher
+                      and not served)
     if served and model_args.teacher:
         raise UserError("pass either --teacher (a local model) or --teacher-api-base, not both")
     for flag, value in [("--teacher", model_args.teacher or use_cache_only or served),
@@ -157,6 +170,7 @@ def main(argv=None):
             raise UserError(f"{flag} is required (see --help)")
     check_output_dir(train_args.output_dir, train_args.resume, train_args.overwrite)
 
+    server = None
     if use_cache_only:  # no teacher at all: the cache brings the template it was made with
         tokenizer = load_tokenizer(model_args.student, model_args.trust_remote_code, "student")
         tokenizer.chat_template = cached_meta.get("chat_template_text") or tokenizer.chat_template
@@ -185,18 +199,19 @@ def main(argv=None):
         return prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
 
     collate_fn, eval_loss_fn, eval_collate_fn = None, None, None
-    if served:  # held-out data is scored against the served teacher too
-        from common.server_teacher import make_server_loss_fn
-
-        loss_fn = make_server_loss_fn(accelerator, server, vocab_size, kd_args.alpha,
-                                      kd_args.loss_chunk_size)
-    elif kd_args.teacher_cache:
+    if kd_args.teacher_cache:  # filled from the local teacher or from the server
         for index, example in enumerate(examples):
             example["example_index"] = index  # cache rows are found by example, never by step
+        if served:
+            cache_top_k = kd_args.teacher_top_k  # the server's K (within its max: server.check)
+        elif kd_args.cache_top_k is not None:
+            cache_top_k = kd_args.cache_top_k
+        else:
+            cache_top_k = (cached_meta or {}).get("identity", {}).get("top_k", 32)
         cache = teacher_cache.prepare(
             kd_args.teacher_cache, examples, tokenizer, model_args.teacher, data_args,
-            kd_args.cache_top_k, kd_args.loss_temperature, accelerator, load_teacher,
-            train_args.batch_size)
+            cache_top_k, kd_args.loss_temperature, accelerator, load_teacher,
+            train_args.batch_size, server=server)
         collate_fn = cache.collate_fn(collate)
         loss_fn = teacher_cache.make_cached_loss_fn(accelerator, vocab_size,
                                                      kd_args.loss_temperature, kd_args.alpha,
@@ -204,6 +219,11 @@ def main(argv=None):
         # The cache has no rows for held-out data: those are scored by cross-entropy alone.
         eval_loss_fn = make_ce_loss_fn(accelerator, vocab_size, kd_args.loss_chunk_size)
         eval_collate_fn = collate
+    elif served:  # held-out data is scored against the served teacher too
+        from common.server_teacher import make_server_loss_fn
+
+        loss_fn = make_server_loss_fn(accelerator, server, vocab_size, kd_args.alpha,
+                                      kd_args.loss_chunk_size)
     else:
         loss_fn = make_kd_loss_fn(accelerator, load_teacher(), vocab_size, kd_args.kl,
                                   kd_args.loss_temperature, kd_args.beta, kd_args.alpha,

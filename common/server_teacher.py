@@ -124,10 +124,11 @@ class ServerTeacher:
 
     # --- rows for the loss -----------------------------------------------------------------------
 
-    def top_k_rows(self, batch):
+    def top_k_rows(self, batch, width=None):
         """teacher_ids (N, K) long, teacher_logprobs (N, K) float32, teacher_tail (N,) float32 at
         the batch's N supervised positions, in the order `shift_for_next_token` selects them
-        (row-major): the offline cache's row format."""
+        (row-major): the offline cache's row format. K is `width` when given, else the longest
+        row's (a row can be shorter than --teacher-top-k where padded-vocabulary ids dropped out)."""
         rows = []
         for (ids, labels), logprobs in zip(*self._ask(batch, self.top_k)):
             top = logprobs["top_logprobs"]
@@ -135,7 +136,7 @@ class ServerTeacher:
             for j in range(1, len(ids)):  # entry j: the distribution position j - 1 predicts
                 if labels[j] != -100:
                     rows.append(sparse_row(self._entries(top[j], j), self.top_k, self.vocab_size))
-        width = max((len(row[0]) for row in rows), default=1)
+        width = width or max((len(row[0]) for row in rows), default=1)
         teacher_ids = torch.zeros(len(rows), width, dtype=torch.long)
         teacher_logprobs = torch.full((len(rows), width), float("-inf"))
         for index, (ids, logprobs, _) in enumerate(rows):
@@ -144,6 +145,11 @@ class ServerTeacher:
             teacher_logprobs[index, :len(logprobs)] = torch.tensor(logprobs)
         teacher_tail = torch.tensor([row[2] for row in rows], dtype=torch.float32)
         return teacher_ids, teacher_logprobs, teacher_tail
+
+    def cache_rows(self, batch):
+        """A row source for the offline cache's build (teacher_cache.build_cache): every batch's
+        rows min(K, V) wide, as a local teacher's, so the shards' rows all have one width."""
+        return self.top_k_rows(batch, width=min(self.top_k, self.vocab_size))
 
     def sampled_logprobs(self, batch):
         """(N,) float32: the teacher's log-probability of the token actually at each of the batch's

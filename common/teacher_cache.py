@@ -60,6 +60,24 @@ def cache_identity(teacher_name, tokenizer, examples, dataset, max_length, top_k
             "temperature": temperature}
 
 
+# Recorded in the identity but never compared: where a served teacher was reached. The same
+# model served from another host or port (a restarted server) fills or reuses the same cache.
+RECORDED_ONLY = ("teacher_server",)
+
+
+def served_identity(identity, server):
+    """The identity of a cache filled from a teacher on a server: the served model's name and the
+    server's redacted URL stand where a local teacher's name and weights fingerprint would."""
+    from common.api_client import redact_url
+
+    return {**identity, "teacher": server.api_args.teacher_api_model, "teacher_weights": None,
+            "teacher_server": redact_url(server.api_args.teacher_api_base)}
+
+
+def _compared(identity):
+    return {k: v for k, v in identity.items() if k not in RECORDED_ONLY}
+
+
 def _rebuild_hint(cache_dir):
     return f"delete {cache_dir} and rerun with --teacher to rebuild it"
 
@@ -93,7 +111,8 @@ def check_identity(cache_dir, meta, identity, teacher_given=True):
     """Refuse a cache made from something else, naming what differs. Without a teacher (a run
     from the cache alone) the teacher's name and weights cannot be compared and are not; nor are
     weights that have no local files to fingerprint (a Hub teacher not downloaded here)."""
-    keys = [k for k in identity if k not in ("teacher", "teacher_weights") or teacher_given]
+    keys = [k for k in _compared(identity) if k not in ("teacher", "teacher_weights")
+            or teacher_given]
     if identity.get("teacher_weights") is None:
         keys = [k for k in keys if k != "teacher_weights"]
     differing = [k for k in keys if meta["identity"].get(k) != identity[k]]
@@ -154,7 +173,7 @@ def _read_progress(progress_path, identity):
     identity, or shards that no longer hold what was written."""
     try:
         progress = json.loads(progress_path.read_text(encoding="utf-8"))
-        if progress.get("identity") != identity:
+        if _compared(progress.get("identity")) != _compared(identity):
             return None
         for shard in progress["shards"]:
             for name, checksum in shard["checksums"].items():
@@ -165,10 +184,31 @@ def _read_progress(progress_path, identity):
         return None
 
 
+def local_teacher_rows(teacher, vocab_size, top_k, temperature, device, autocast=None):
+    """A row source for build_cache: the local teacher's forward pass over a batch."""
+
+    @torch.no_grad()
+    def rows(batch):
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            logits = teacher(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits
+        top_ids, top_log_probs, tail = _supervised_rows(logits, batch["labels"], vocab_size,
+                                                        top_k, temperature)
+        del logits
+        return top_ids, top_log_probs, tail
+
+    return rows
+
+
 @torch.no_grad()
 def build_cache(cache_dir, teacher, examples, identity, vocab_size, batch_size, pad_token_id,
-                device, autocast=None, log=print, chat_template=None):
-    """Run the teacher once over `examples` (in order) and write the cache; resumes a killed build."""
+                device, autocast=None, log=print, chat_template=None, rows=None):
+    """Run the teacher once over `examples` (in order) and write the cache; resumes a killed build.
+
+    `rows(batch)` -> (top ids (N, K), their log-probs (N, K), log tail mass (N,)) at the batch's
+    N supervised positions is where the rows come from: by default the local `teacher`'s forward
+    pass (local_teacher_rows), or a teacher on a server (ServerTeacher.cache_rows)."""
     from tqdm.auto import tqdm
 
     from common.chat import collate
@@ -182,21 +222,17 @@ def build_cache(cache_dir, teacher, examples, identity, vocab_size, batch_size, 
     done_examples = sum(shard["num_examples"] for shard in progress["shards"])
     if done_examples:
         log(f"resuming the teacher cache build at example {done_examples}/{len(examples)}")
-    top_k, temperature = identity["top_k"], identity["temperature"]
+    if rows is None:
+        rows = local_teacher_rows(teacher, vocab_size, identity["top_k"], identity["temperature"],
+                                  device, autocast)
     bar = tqdm(total=len(examples), initial=done_examples, desc="caching teacher", unit="ex")
     for shard_start in range(done_examples, len(examples), EXAMPLES_PER_SHARD):
         shard_examples = examples[shard_start:shard_start + EXAMPLES_PER_SHARD]
         ids, logprobs, tails, counts = [], [], [], []
         for start in range(0, len(shard_examples), batch_size):
             batch = collate(shard_examples[start:start + batch_size], pad_token_id)
-            batch = {name: tensor.to(device) for name, tensor in batch.items()}
-            with autocast() if autocast else torch.autocast("cpu", enabled=False):
-                logits = teacher(input_ids=batch["input_ids"],
-                                 attention_mask=batch["attention_mask"]).logits
-            top_ids, top_log_probs, tail = _supervised_rows(logits, batch["labels"], vocab_size,
-                                                            top_k, temperature)
-            del logits
-            ids.append(top_ids.cpu().numpy())
+            top_ids, top_log_probs, tail = rows(batch)
+            ids.append(top_ids.cpu().numpy().astype(np.int32))  # a server's rows come as int64
             logprobs.append(top_log_probs.cpu().numpy().astype(np.float16))
             tails.append(tail.cpu().numpy().astype(np.float32))
             counts.extend((batch["labels"][:, 1:] != -100).sum(dim=1).tolist())
@@ -242,7 +278,7 @@ class TeacherCache:
         meta = read_meta(self.cache_dir)
         if meta is None or not meta.get("complete"):
             raise UserError(f"--teacher-cache {cache_dir} holds no complete cache; rerun with "
-                            f"--teacher to build it")
+                            f"--teacher (or --teacher-api-base) to build it")
         verify_files(self.cache_dir, meta)
         self.index = np.load(self.cache_dir / "index.npy")
         if self.index.ndim != 2 or self.index.shape != (meta["identity"].get("num_examples"), 3):
@@ -322,28 +358,38 @@ def make_cached_loss_fn(accelerator, vocab_size, temperature=1.0, alpha=0.0, los
 
 
 def prepare(cache_dir, examples, tokenizer, teacher_name, data_args, top_k, temperature,
-            accelerator, load_teacher, batch_size, reuse_note="the teacher is not loaded"):
+            accelerator, load_teacher, batch_size, reuse_note="the teacher is not loaded",
+            server=None):
     """Reuse a matching complete cache, or build it with the teacher (main process); returns the
     reader. `load_teacher()` is only called when the cache has to be built; `reuse_note` ends the
-    line printed when a cache is reused."""
+    line printed when a cache is reused. With `server` (a ServerTeacher asking for `top_k` rows
+    per position; `teacher_name` None) the rows are asked of the teacher on the server instead."""
     identity = cache_identity(teacher_name, tokenizer, examples, data_args.dataset,
                               data_args.max_length, top_k, temperature)
+    if server is not None:
+        identity = served_identity(identity, server)
+    teacher_given = teacher_name is not None or server is not None
     meta = read_meta(cache_dir)
     if meta is not None and meta.get("complete"):
-        check_identity(cache_dir, meta, identity, teacher_given=teacher_name is not None)
+        check_identity(cache_dir, meta, identity, teacher_given=teacher_given)
         accelerator.print(f"using the teacher cache in {cache_dir} "
                           f"({meta['bytes_per_supervised_token']} bytes per supervised token); "
                           f"{reuse_note}")
     else:
-        if teacher_name is None:
+        if not teacher_given:
             raise UserError(f"--teacher-cache {cache_dir} holds no complete cache; pass --teacher "
-                            f"to build it")
+                            f"(or --teacher-api-base) to build it")
         if accelerator.num_processes > 1:
             # One process builds it, and a sharded (FSDP / ZeRO-3) teacher cannot run alone.
             raise UserError(f"--teacher-cache {cache_dir} holds no complete cache; build it with a "
                             f"single-process run first (e.g. the same command with plain python "
                             f"and --max-steps 1), then launch the multi-process run")
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and server is not None:
+            # Each finished shard is kept: a killed build resumes without asking again for it.
+            build_cache(cache_dir, None, examples, identity, len(tokenizer), batch_size,
+                        tokenizer.pad_token_id, accelerator.device, log=accelerator.print,
+                        chat_template=tokenizer.chat_template, rows=server.cache_rows)
+        elif accelerator.is_main_process:
             teacher = load_teacher()
             # A Hub teacher's weight files may only now be downloaded: fingerprint what was loaded.
             identity = {**identity, "teacher_weights": weights_fingerprint(teacher_name)}

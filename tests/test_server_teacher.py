@@ -5,6 +5,7 @@ Nothing here was run against a real vLLM server."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,3 +248,144 @@ def test_on_policy_trains_from_the_served_teacher(tiny, tmp_path, api_key):
     assert {row["on_policy"] for row in rows} == {True, False}
     assert all(math.isfinite(row["loss"]) and math.isfinite(row["kd"]) for row in rows)
     assert set(server.logprobs_asked) == {1, 20}
+
+
+# --- the offline teacher cache filled from the server ---------------------------------------------
+
+def cache_inputs(tiny):
+    """(tokenizer, examples, data_args, accelerator) as token_level.py builds a cache from them."""
+    from accelerate import Accelerator
+
+    from common.args import DataArguments
+    from common.chat import ChatEncoder, encode_dataset
+    from common.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny / "student"), False, "student")
+    data_args = DataArguments(dataset=str(tiny / "train.jsonl"), max_length=256)
+    examples = encode_dataset(data_args, ChatEncoder(tokenizer, 256), log=lambda *_: None)
+    for index, example in enumerate(examples):
+        example["example_index"] = index
+    return tokenizer, examples, data_args, Accelerator(cpu=True)
+
+
+def fill_from_server(cache_dir, url, top_k, tokenizer, examples, data_args, accelerator):
+    from common import teacher_cache
+    from common.models import real_vocab_size
+
+    server = server_teacher(url, top_k, real_vocab_size(tokenizer))
+    return teacher_cache.prepare(cache_dir, examples, tokenizer, None, data_args, top_k, 1.0,
+                                 accelerator, None, 2, server=server)
+
+
+@pytest.mark.slow
+def test_cache_filled_from_the_server_equals_the_local_teachers(tiny, tmp_path, api_key):
+    """Row for row, the cache filled from the server holds the local teacher's cache for the same
+    K: the same top-K ids in the same order, log-probs within one float16 step (each side's
+    float32 value, ~1e-6 apart, is rounded to float16 on its own, so they may land one step
+    apart), and the tail (float32 on disk) within 1e-5: the log of the mass outside the top K
+    (far from 0 and 1 here) from float32 log-probs on both sides, ~1e-6. Rows off by one
+    position differ by O(1). The identity records the served model and the redacted URL.
+
+    The teacher here is the tiny student, which has no padded output rows: a server ranks its
+    top K over all its rows and can only drop the padded ones it lists, so with the fixture's
+    padded teacher (random padded rows, ~8% of the mass) a row holds fewer real tokens and its
+    log-probs are off by the unlisted padded mass (docs/token_level.md)."""
+    from transformers import AutoModelForCausalLM
+
+    from common import teacher_cache
+    from common.api_client import redact_url
+    from common.models import freeze
+
+    teacher_dir = tiny / "student"
+    tokenizer, examples, data_args, accelerator = cache_inputs(tiny)
+    top_k = 5
+    local = teacher_cache.prepare(
+        tmp_path / "local", examples, tokenizer, str(teacher_dir), data_args, top_k, 1.0,
+        accelerator, lambda: freeze(AutoModelForCausalLM.from_pretrained(
+            teacher_dir, dtype=torch.float32)), 2)
+    with LoopbackVllm(teacher_dir, tiny / "student") as server:
+        url_with_secret = server.url + "?token=s3cret"
+        served = fill_from_server(tmp_path / "served", url_with_secret, top_k, *cache_inputs(tiny))
+        assert server.scored == len(examples)  # one request per conversation
+    identity = teacher_cache.read_meta(tmp_path / "served")["identity"]
+    assert identity["teacher"] == MODEL_NAME and identity["teacher_weights"] is None
+    assert identity["teacher_server"] == redact_url(url_with_secret) and "s3cret" not in \
+        (tmp_path / "served" / "meta.json").read_text()
+    worst_log_prob, worst_tail, rows = 0.0, 0.0, 0
+    for index in range(len(examples)):
+        (local_ids, local_logprobs, local_tail), (ids, logprobs, tail) = \
+            local.rows(index), served.rows(index)
+        assert local_ids.shape == ids.shape == (len(tail), top_k)
+        assert ids.dtype == local_ids.dtype == np.int32 and logprobs.dtype == np.float16
+        assert np.array_equal(local_ids, ids), index
+        step = np.spacing(np.maximum(np.abs(local_logprobs), np.abs(logprobs)))
+        assert (np.abs(local_logprobs.astype(np.float32) - logprobs) <= step).all(), index
+        worst_log_prob = max(worst_log_prob, float(np.abs(local_logprobs - logprobs).max()))
+        worst_tail = max(worst_tail, float(np.abs(local_tail - tail).max()))
+        rows += len(tail)
+    assert rows > 100 and worst_tail <= 1e-5, (rows, worst_tail)
+    print(f"{rows} rows; largest log-prob difference {worst_log_prob:.3g} (float16 storage), "
+          f"tail {worst_tail:.3g}")
+
+
+@pytest.mark.slow
+def test_a_killed_server_filled_build_resumes_without_asking_again(tiny, tmp_path, api_key,
+                                                                   monkeypatch):
+    """Shards of 2 conversations, batches of 2: the server answers 5 prompts, then fails hard
+    (a 400, not retried) in the third shard. Two shards are kept, the cache is not complete; the
+    rerun, against a restarted server on another port, asks only for the conversations after
+    them, and the cache equals an uninterrupted build's."""
+    from common import teacher_cache
+    from common.errors import UserError
+
+    monkeypatch.setattr(teacher_cache, "EXAMPLES_PER_SHARD", 2)
+    inputs = cache_inputs(tiny)
+    examples = inputs[1]
+    with LoopbackVllm(tiny / "teacher", tiny / "student", stop_after=5) as server:
+        with pytest.raises(UserError, match="the loopback server has stopped"):
+            fill_from_server(tmp_path / "cache", server.url, 5, *inputs)
+    assert teacher_cache.read_meta(tmp_path / "cache") is None  # not complete
+    progress = json.loads((tmp_path / "cache" / "progress.json").read_text())
+    assert [shard["num_examples"] for shard in progress["shards"]] == [2, 2]
+    with LoopbackVllm(tiny / "teacher", tiny / "student") as server:
+        resumed = fill_from_server(tmp_path / "cache", server.url, 5, *inputs)
+        assert server.scored == len(examples) - 4
+    with LoopbackVllm(tiny / "teacher", tiny / "student") as server:
+        reference = fill_from_server(tmp_path / "reference", server.url, 5, *inputs)
+    for index in range(len(examples)):
+        for a, b in zip(reference.rows(index), resumed.rows(index)):
+            assert np.array_equal(a, b), index
+
+
+def test_cache_top_k_and_teacher_top_k_must_agree_for_a_served_cache():
+    from common.errors import UserError
+    from token_level import TokenLevelArguments
+
+    served = dict(teacher_api_base="http://x/v1", teacher_api_model="m", teacher_cache="c")
+    with pytest.raises(UserError, match="--cache-top-k 32 and --teacher-top-k 20 differ"):
+        TokenLevelArguments(**served, cache_top_k=32, teacher_top_k=20)
+    TokenLevelArguments(**served, cache_top_k=20, teacher_top_k=20)  # the same K is fine
+    TokenLevelArguments(**served, teacher_top_k=8)
+
+
+@pytest.mark.slow
+def test_a_cache_filled_from_the_server_trains_later_runs_without_it(tiny, tmp_path, api_key):
+    """token_level.py --teacher-cache --teacher-api-base fills the cache and trains from it; the
+    next run has only --teacher-cache (no teacher, the server gone) and takes the same losses."""
+    common = ["--student", tiny / "student", "--dataset", tiny / "train.jsonl",
+              "--teacher-cache", tmp_path / "cache", "--max-steps", "3", "--batch-size", "4",
+              "--log-steps", "1"]
+    with LoopbackVllm(tiny / "teacher", tiny / "student") as server:
+        run_script("token_level.py", "--teacher-api-base", server.url, "--teacher-api-model",
+                   MODEL_NAME, "--teacher-top-k", "8", "--api-key-env", KEY_ENV,
+                   "--output-dir", tmp_path / "filled", *common)
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["complete"] and meta["identity"]["top_k"] == 8
+    assert meta["identity"]["teacher"] == MODEL_NAME
+    result = run_script("token_level.py", "--output-dir", tmp_path / "cached", *common)
+    assert "using the teacher cache" in result.stdout + result.stderr
+    filled, cached = read_metrics(tmp_path / "filled"), read_metrics(tmp_path / "cached")
+    assert [row["step"] for row in cached] == [1, 2, 3]
+    for filled_row, cached_row in zip(filled, cached):
+        for name in ("loss", "kd", "ce"):
+            assert cached_row[name] == filled_row[name], name

@@ -26,15 +26,17 @@ MODEL_NAME = "teacher-served"
 
 class LoopbackVllm:
     def __init__(self, model_dir, tokenizer_dir=None, max_logprobs=20, failures=(),
-                 has_tokenize=True):
+                 has_tokenize=True, stop_after=None):
         """`failures`: HTTP statuses answered, in order, to the first completion requests
-        (429 / 500 test the client's retries)."""
+        (429 / 500 test the client's retries). `stop_after`: completion requests answered before
+        every later one is refused with a 400 (not retried: the client fails hard, as on a
+        server gone wrong mid-build); `scored` counts the prompts answered."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
         self.max_logprobs, self.failures = max_logprobs, list(failures)
-        self.has_tokenize = has_tokenize
+        self.has_tokenize, self.stop_after, self.scored = has_tokenize, stop_after, 0
         self.statuses, self.bytes_sent, self.logprobs_asked = Counter(), 0, Counter()
         self.lock = threading.Lock()
         server = self
@@ -82,6 +84,11 @@ class LoopbackVllm:
                     return self.error(400, "BadRequestError",
                                       f"Requested sample logprobs of {logprobs}, which is greater "
                                       f"than max allowed: {server.max_logprobs}", "logprobs")
+                with server.lock:
+                    stopped = server.stop_after is not None and server.scored >= server.stop_after
+                    server.scored += not stopped
+                if stopped:
+                    return self.error(400, "BadRequestError", "the loopback server has stopped")
                 self.reply(200, server.complete(body))
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
