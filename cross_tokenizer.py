@@ -60,6 +60,7 @@ from common.chat import ChatEncoder, SkipRow, collate, ensure_chat_template
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.errors import UserError, run_cli
+from common.lora import LoraArguments, add_adapters
 from common.losses import cross_entropy, shared_vocab_kl, uld_loss
 from common.models import (check_vocab_fits, freeze, load_model, load_student, load_tokenizer,
                            real_vocab_size)
@@ -264,9 +265,9 @@ def main(argv=None):
 
     from common.train import make_accelerator, train
 
-    model_args, data_args, train_args, uld_args = parse_args(
-        (ModelArguments, DataArguments, TrainingArguments, CrossTokenizerArguments), argv,
-        description=__doc__.split("\n\n")[0])
+    model_args, data_args, train_args, uld_args, lora_args = parse_args(
+        (ModelArguments, DataArguments, TrainingArguments, CrossTokenizerArguments,
+         LoraArguments), argv, description=__doc__.split("\n\n")[0])
     for flag, value in [("--teacher", model_args.teacher), ("--student", model_args.student),
                         ("--dataset", data_args.dataset)]:
         if not value:
@@ -319,11 +320,13 @@ def main(argv=None):
                           f"vocabularies")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
+    student = add_adapters(accelerator, student, lora_args, train_args.gradient_checkpointing)
     teacher = prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
 
     output_dir = prepare_output_dir(accelerator, train_args.output_dir, train_args.overwrite)
     run_config = make_run_config("cross_tokenizer", " ".join(sys.argv), model=model_args,
-                                 data=data_args, training=train_args, cross_tokenizer=uld_args)
+                                 data=data_args, training=train_args, cross_tokenizer=uld_args,
+                                 lora=lora_args)
     loss_fn = make_loss_fn(accelerator, teacher, real_vocab_size(tokenizer),
                            real_vocab_size(teacher_tokenizer), uld_args, shared)
     student, state = train(accelerator, student, examples, train_args, loss_fn,

@@ -57,6 +57,7 @@ from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.distill import make_kd_loss_fn
 from common.errors import UserError, run_cli
+from common.lora import LoraArguments, add_adapters
 from common.models import check_vocab_fits, freeze, load_model, load_student, real_vocab_size
 from common.sharding import full_params_for_generation, prepare_teacher
 
@@ -234,9 +235,9 @@ def main(argv=None):
 
     from common.train import make_accelerator, train
 
-    model_args, data_args, train_args, gkd_args = parse_args(
-        (ModelArguments, DataArguments, TrainingArguments, OnPolicyArguments), argv,
-        description=__doc__.split("\n\n")[0])
+    model_args, data_args, train_args, gkd_args, lora_args = parse_args(
+        (ModelArguments, DataArguments, TrainingArguments, OnPolicyArguments, LoraArguments),
+        argv, description=__doc__.split("\n\n")[0])
     held_out_data_args = data_args  # --eval-dataset keeps the user's column names
     if gkd_args.completions:
         data_args = dataclasses.replace(data_args, dataset=gkd_args.completions,
@@ -267,6 +268,7 @@ def main(argv=None):
     check_vocab_fits(student, tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
+    student = add_adapters(accelerator, student, lora_args, train_args.gradient_checkpointing)
     vocab_size = real_vocab_size(tokenizer)
     if served:  # held-out data is scored with the top-K forward KL
         from common.server_teacher import make_server_on_policy_loss_fn
@@ -309,7 +311,7 @@ def main(argv=None):
         gkd_args.teacher_api_base)) if served else gkd_args
     run_config = make_run_config("on_policy", redacted_command(sys.argv, gkd_args),
                                  model=model_args, data=data_args, training=train_args,
-                                 on_policy=logged_gkd_args)
+                                 on_policy=logged_gkd_args, lora=lora_args)
     stop_ids = {encoder.end_of_turn_token_id, tokenizer.eos_token_id}
     sampler = OnPolicySampler(accelerator, tokenizer, stop_ids, encoder.end_of_turn_token_id,
                               gkd_args, train_args.seed)

@@ -97,6 +97,33 @@ def test_sequence_level_takes_a_lora_student(tiny, tmp_path):
     AutoModelForCausalLM.from_pretrained(out)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script, extra", [
+    ("on_policy.py", ["--teacher", "teacher", "--lmbda", "1.0", "--max-new-tokens", "8"]),
+    ("cross_tokenizer.py", ["--teacher", "teacher", "--hybrid"]),
+])
+def test_on_policy_and_cross_tokenizer_take_a_lora_student(tiny, tmp_path, script, extra):
+    """Adapters only: the base weights the run saved equal the student's, the adapter moved."""
+    from transformers import AutoModelForCausalLM
+
+    student = tiny / ("student" if script == "on_policy.py" else "student_sp")
+    extra = [str(tiny / e) if e == "teacher" else e for e in extra]
+    out = tmp_path / "out"
+    result = run_script(script, *extra, "--student", student, "--dataset", tiny / "train.jsonl",
+                        "--output-dir", out, "--max-steps", "2", "--batch-size", "4",
+                        "--learning-rate", "1e-2", "--lora-r", "2")
+    assert "LoRA r=2" in result.stdout
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(name.endswith("lora_B.weight") and adapter[name].abs().sum() > 0
+               for name in adapter)  # B starts at zero: nonzero means the adapters trained
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(student)
+    changed = [name for name, weight in base.state_dict().items()
+               if not torch.equal(weight, merged.state_dict()[name])]
+    assert changed and all("proj" in name for name in changed)  # only adapted layers merged in
+    assert json.loads((out / "run_config.json").read_text())["lora"]["lora_r"] == 2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--lora-r", "-1"], "--lora-r must be >= 0"),
     (["--lora-r", "4", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
