@@ -9,8 +9,14 @@ times T², the cross-entropy statistic (with gradient only if --alpha > 0), and 
 of the per-token mean loss (what the training loop backpropagates) to the student's hidden states
 and output layer weight.
 
-    naive    the full (seq, vocab) logits of both models, as --loss-chunk-size -1 does
-    chunked  common.chunked.chunked_kd_loss, --chunk-size positions at a time (0 = automatic)
+    naive     the full (seq, vocab) logits of both models, as --loss-chunk-size -1 does
+    chunked   common.chunked.chunked_kd_loss, --chunk-size positions at a time (0 = automatic),
+              with its closed-form gradients
+    autograd  the same chunks, each chunk's gradient by autograd through common.losses (the path
+              chunked_kd_loss takes for divergences without a closed form, e.g. skew KL)
+
+`--sides` picks two or more (default: naive chunked); ratios and gradient differences are
+against the first.
 
 Each side runs in its own process, so its peak RSS (ru_maxrss) is its own. That peak includes the
 Python + torch runtime and the inputs, which both sides share: both output layers and the weight's
@@ -83,7 +89,11 @@ def worker(args):
     """One side, in this process: --iters forward + backward passes; prints one JSON line."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    loss_fn = {"naive": naive_loss, "chunked": chunked_loss}[args.worker]
+    if args.worker == "autograd":
+        import common.chunked
+
+        common.chunked._CLOSED_FORM_KINDS = ()  # every divergence through per-chunk autograd
+    loss_fn = {"naive": naive_loss, "chunked": chunked_loss, "autograd": chunked_loss}[args.worker]
     inputs = make_inputs(args)
     weight = inputs["student_weight"].requires_grad_()
     inputs_mb = rss_mb()
@@ -144,7 +154,11 @@ def main():
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per process (0 = torch's default, one per core); 1 "
                              "keeps timings stable when other processes share the cores")
-    parser.add_argument("--worker", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--sides", nargs="+", choices=["naive", "chunked", "autograd"],
+                        default=["naive", "chunked"], help="what to compare, the first the "
+                                                           "reference (default: naive chunked)")
+    parser.add_argument("--worker", choices=["naive", "chunked", "autograd"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--grads-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -153,25 +167,30 @@ def main():
     args.passthrough = [f"--{name}={getattr(args, name.replace('-', '_'))}" for name in (
         "vocab", "seq", "hidden", "teacher-hidden", "kl", "loss-temperature", "beta", "alpha",
         "chunk-size", "iters", "threads")]
-    results = {"naive": [], "chunked": []}
+    results = {side: [] for side in args.sides}
     with tempfile.TemporaryDirectory() as scratch:
         grads = {side: os.path.join(scratch, f"{side}.pt") for side in results}
         for round_index in range(args.rounds):
-            order = ["naive", "chunked"] if round_index % 2 == 0 else ["chunked", "naive"]
+            order = args.sides if round_index % 2 == 0 else args.sides[::-1]
             for side in order:
                 row = run_worker(side, args, grads[side] if round_index == 0 else None)
                 results[side].append(row)
                 print(f"round {round_index + 1}/{args.rounds} {side}: {json.dumps(row)}",
                       flush=True)
-        diff, largest, loss_diff = max_grad_diff(grads["naive"], grads["chunked"])
+        reference = args.sides[0]
+        differences = {side: max_grad_diff(grads[reference], grads[side])
+                       for side in args.sides[1:]}
     summary = {side: {key: statistics.median(r[key] for r in rows)
                       for key in ("peak_mb", "ms", "cpu_ms", "inputs_mb")}
                for side, rows in results.items()}
     print(json.dumps({
-        **summary, "max_grad_diff": diff,
-        "max_grad": largest, "loss_diff": loss_diff,
-        "peak_ratio": round(summary["chunked"]["peak_mb"] / summary["naive"]["peak_mb"], 3),
-        "time_ratio": round(summary["chunked"]["ms"] / summary["naive"]["ms"], 3),
+        **summary,
+        **{f"{side}_vs_{reference}": {
+            "max_grad_diff": diff, "max_grad": largest, "loss_diff": loss_diff,
+            "peak_ratio": round(summary[side]["peak_mb"] / summary[reference]["peak_mb"], 3),
+            "time_ratio": round(summary[side]["ms"] / summary[reference]["ms"], 3),
+            "cpu_time_ratio": round(summary[side]["cpu_ms"] / summary[reference]["cpu_ms"], 3)}
+           for side, (diff, largest, loss_diff) in differences.items()},
         "setup": {"vocab": args.vocab, "seq": args.seq, "hidden": args.hidden,
                   "teacher_hidden": args.teacher_hidden or args.hidden, "kl": args.kl,
                   "temperature": args.loss_temperature, "alpha": args.alpha,
