@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common.losses import KL_KINDS, cross_entropy, distillation_loss
+from common.losses import KDObjective, cross_entropy
 
 # One chunk's float32 logits take about this much; the chunk's other temporaries (the other model's
 # logits, two log-softmaxes, the KL's terms, the gradient) are a small multiple of it.
@@ -43,7 +43,7 @@ def auto_chunk_size(vocab_size, chunk_bytes=DEFAULT_CHUNK_BYTES):
 def chunked_kd_loss(student_hidden, student_weight, target_ids, vocab_size, *, student_bias=None,
                     teacher_hidden=None, teacher_weight=None, teacher_bias=None,
                     teacher_logits=None, kind="forward", temperature=1.0, beta=0.5, alpha=0.0,
-                    skew=0.1, chunk_size=0, compute_dtype=None, teacher_compute_dtype=None):
+                    skew=0.1, objective=None, chunk_size=0, compute_dtype=None, teacher_compute_dtype=None):
     """Σ over N supervised positions of (1 - alpha)·T²·D(T) + alpha·CE, one chunk of logits at a time.
 
     Inputs, for N supervised positions (those whose next token is supervised):
@@ -54,9 +54,9 @@ def chunked_kd_loss(student_hidden, student_weight, target_ids, vocab_size, *, s
     - target_ids (N,): the tokens the data says come next (for the cross-entropy term).
     - vocab_size: only ids [0, vocab_size) are compared; rows of padded embedding matrices beyond
       it are not part of either distribution (and get zero gradient).
-    - kind / temperature / beta / skew: the divergence D, as in
-      `common.losses.distillation_loss` (forward = KL(p_t ‖ p_s), reverse = KL(p_s ‖ p_t),
-      jsd = generalized JSD(beta), skew_forward / skew_reverse = DistiLLM's skew KL(skew)).
+    - objective: a common.losses.KDObjective (divergence D, T, beta, skew, alpha), or else the
+      same as keywords kind / temperature / beta / alpha / skew (forward = KL(p_t ‖ p_s),
+      reverse = KL(p_s ‖ p_t), jsd = generalized JSD(beta), skew_* = DistiLLM's skew KL).
     - chunk_size: positions per chunk; ≤ 0 picks `auto_chunk_size(vocab_size)`.
     - compute_dtype / teacher_compute_dtype: dtype of each output layer's matmul (None = its
       weight's dtype; pass bfloat16 under bf16 mixed precision, as autocast would). Log-softmax
@@ -66,8 +66,8 @@ def chunked_kd_loss(student_hidden, student_weight, target_ids, vocab_size, *, s
     student_weight and student_bias; the stats are detached. N = 0 gives zeros, not NaN. Backward
     may run once per call (the gradients are computed in the forward pass and handed over).
     """
-    if kind not in KL_KINDS:
-        raise ValueError(f"unknown divergence {kind!r}; expected one of {KL_KINDS}")
+    if objective is None:
+        objective = KDObjective(kind, temperature, beta, skew, alpha)
     if (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
         raise ValueError("pass either teacher_logits or teacher_hidden with teacher_weight")
     num_positions = student_hidden.shape[0]
@@ -75,8 +75,8 @@ def chunked_kd_loss(student_hidden, student_weight, target_ids, vocab_size, *, s
     if teacher_rows.shape[0] != num_positions or target_ids.shape != (num_positions,):
         raise ValueError(f"student ({num_positions}), teacher ({teacher_rows.shape[0]}) and "
                          f"targets ({tuple(target_ids.shape)}) must cover the same positions")
-    settings = {"vocab_size": vocab_size, "kind": kind, "temperature": temperature, "beta": beta,
-                "alpha": alpha, "skew": skew, "chunk_size": chunk_size if chunk_size > 0
+    settings = {"vocab_size": vocab_size, "objective": objective,
+                "chunk_size": chunk_size if chunk_size > 0
                 else auto_chunk_size(vocab_size),
                 # Inside forward() grad mode is always off; whether the caller wants gradients
                 # (not under torch.no_grad: evaluation) must be read here.
@@ -100,7 +100,7 @@ class _ChunkedKDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                 teacher_bias, teacher_logits, target_ids, settings):
-        vocab_size, alpha = settings["vocab_size"], settings["alpha"]
+        vocab_size, objective = settings["vocab_size"], settings["objective"]
         dtype, chunk_size = settings["compute_dtype"], settings["chunk_size"]
         needs_hidden_grad, needs_weight_grad, needs_bias_grad = (
             needed and settings["grad_enabled"] for needed in ctx.needs_input_grad[:3])
@@ -147,7 +147,7 @@ class _ChunkedKDLoss(torch.autograd.Function):
                 if needs_bias_grad:
                     grad_bias[:vocab_size] += grad_logits.float().sum(dim=0)
                 del grad_logits
-        loss = (1.0 - alpha) * kd_sum + alpha * ce_sum
+        loss = objective.combine(kd_sum, ce_sum)
         ctx.gradients = (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(student_weight.dtype),
@@ -182,8 +182,9 @@ def _chunk_loss_and_grad(student_logits, teacher_logits, target_ids, settings, n
     As in common.losses, a term whose probability is 0 counts 0, so -inf logits give no NaN.
     `student_logits` must be the chunk's own tensor: it is overwritten.
     """
-    kind, temperature, beta, alpha = (settings["kind"], settings["temperature"], settings["beta"],
-                                      settings["alpha"])
+    objective = settings["objective"]
+    kind, temperature, beta, alpha = (objective.kind, objective.temperature, objective.beta,
+                                      objective.alpha)
     if kind not in _CLOSED_FORM_KINDS:
         return _chunk_loss_and_grad_by_autograd(student_logits, teacher_logits, target_ids,
                                                 settings, needs_grad)
@@ -257,15 +258,14 @@ def _chunk_loss_and_grad_by_autograd(student_logits, teacher_logits, target_ids,
     """_chunk_loss_and_grad for the divergences without a closed form here (skew KL): the loss
     of common.losses on the chunk and its gradient by autograd. About twice the chunk's memory
     of the closed forms, still bounded by the chunk size."""
-    alpha = settings["alpha"]
+    objective = settings["objective"]
     with torch.enable_grad():  # autograd.Function.forward runs with grad mode off
         logits = student_logits.detach().float().requires_grad_(needs_grad)
-        kd = distillation_loss(logits, teacher_logits, settings["kind"], settings["temperature"],
-                               settings["beta"], settings["skew"]).sum()
+        kd = objective.divergence(logits, teacher_logits).sum()
         ce = cross_entropy(logits, target_ids).sum()
         grad = None
         if needs_grad:
-            (grad,) = torch.autograd.grad((1.0 - alpha) * kd + alpha * ce, logits)
+            (grad,) = torch.autograd.grad(objective.combine(kd, ce), logits)
     return kd.detach(), ce.detach(), grad
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common.chunked import auto_chunk_size, chunked_kd_loss
-from common.losses import cross_entropy, distillation_loss, shift_for_next_token
+from common.losses import KDObjective, cross_entropy, shift_for_next_token
 
 # The dtype autocast gives an output layer's matmul under accelerate's mixed precision.
 _MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,6 +39,7 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
     A model whose logits are not its output layer applied to what reaches that layer (soft-capped
     logits, ...) gets its full logits instead, with a one-time warning.
     """
+    objective = KDObjective(kl, temperature, beta, skew, alpha)
     matmul_dtype = _MIXED_PRECISION_DTYPES.get(str(accelerator.mixed_precision))
     chunked = loss_chunk_size >= 0 and not weights_are_sharded(accelerator)
     if loss_chunk_size >= 0 and not chunked:
@@ -57,9 +58,9 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
         del teacher_logits  # the full (B, T, V) tensor is the largest thing alive here
         student_selected = student_selected[:, :vocab_size]
         teacher_selected = teacher_selected[:, :vocab_size]
-        kd = distillation_loss(student_selected, teacher_selected, kl, temperature, beta, skew)
+        kd = objective.divergence(student_selected, teacher_selected)
         ce = cross_entropy(student_selected, targets)
-        loss = (1.0 - alpha) * kd.sum() + alpha * ce.sum()
+        loss = objective.combine(kd.sum(), ce.sum())
         return loss, {"kd": kd.sum().detach(), "ce": ce.sum().detach()}
 
     def loss_fn(student, batch):
@@ -87,8 +88,8 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
         student_layer = model.get_output_embeddings()
         return chunked_kd_loss(
             student_hidden, student_layer.weight, target_labels[supervised], vocab_size,
-            student_bias=student_layer.bias, **teacher_inputs, kind=kl, temperature=temperature,
-            beta=beta, alpha=alpha, skew=skew, chunk_size=loss_chunk_size, compute_dtype=matmul_dtype,
+            student_bias=student_layer.bias, **teacher_inputs, objective=objective,
+            chunk_size=loss_chunk_size, compute_dtype=matmul_dtype,
             teacher_compute_dtype=matmul_dtype)
 
     return loss_fn

@@ -20,6 +20,7 @@ to the loss and to its gradient instead of NaN.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,72 @@ def sampled_reverse_kl(student_logits, sampled_ids, teacher_sampled_log_probs):
     student_log_prob = log_probs(student_logits).gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
     advantage = (teacher_sampled_log_probs.to(student_log_prob.dtype) - student_log_prob).detach()
     return -advantage * student_log_prob
+
+
+@dataclass(frozen=True)
+class KDObjective:
+    """What every same-vocabulary distillation loss of the suite minimizes, per supervised token:
+
+        (1 − alpha) · T² · D_T(p_teacher, p_student) + alpha · CE(student, data token)
+
+    with D the `kind` divergence (KL_KINDS; beta for jsd, skew for skew_*) at softmax temperature
+    T (T² keeps the gradients' size as T changes). The plain path (full logits), the chunked path
+    (common/chunked.py: closed-form gradients of the same terms) and the sparse teacher of the
+    cache and the server (common/teacher_cache.py: forward KL over top K + tail) all take one.
+    """
+
+    kind: str = "forward"
+    temperature: float = 1.0
+    beta: float = 0.5
+    skew: float = 0.1
+    alpha: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in KL_KINDS:
+            raise ValueError(f"unknown divergence {self.kind!r}; expected one of {KL_KINDS}")
+
+    def divergence(self, student_logits, teacher_logits):
+        """T² · D_T per token, shape (N,)."""
+        return distillation_loss(student_logits, teacher_logits, self.kind, self.temperature,
+                                 self.beta, self.skew)
+
+    def sparse_divergence(self, student_logits, teacher_ids, teacher_logprobs, teacher_tail):
+        """T² · forward KL per token against a teacher given as its top K plus a tail bucket (the
+        offline cache, a server): see sparse_forward_kl. Forward KL only."""
+        if self.kind != "forward":
+            raise ValueError(f"a top-K teacher defines forward KL only, not {self.kind!r}")
+        return sparse_forward_kl(student_logits, teacher_ids, teacher_logprobs, teacher_tail,
+                                 self.temperature) * self.temperature ** 2
+
+    def combine(self, kd, ce):
+        """The loss from the (summed) T²·D and CE terms."""
+        return (1.0 - self.alpha) * kd + self.alpha * ce
+
+
+def sparse_forward_kl(student_logits, teacher_ids, teacher_logprobs, teacher_tail,
+                      temperature=1.0):
+    """Forward KL(p_teacher ‖ p_student) from the teacher's top-K plus one tail bucket, shape (N,).
+
+    student_logits (N, V); teacher_ids, teacher_logprobs (N, K); teacher_tail (N,) = log of the
+    teacher mass outside its top K. The K buckets compare p_t(v) with p_s(v); the tail bucket
+    compares the teacher's remaining mass with the student's mass outside those K tokens:
+        Σ_k p_t(k) (log p_t(k) − log p_s(k)) + p_t(tail) (log p_t(tail) − log p_s(tail)).
+    With K = V the tail is empty and this is exactly the dense forward KL. Reverse KL would need
+    the teacher's probability of every token the student puts mass on, which the cache does not
+    hold: it is refused rather than approximated.
+    """
+    student_log_probs = log_probs(student_logits, temperature)
+    student_top = student_log_probs.gather(-1, teacher_ids)
+    # Fill with the most negative finite value, not -inf: when the K ids cover the whole
+    # vocabulary an all -inf row would give logsumexp a NaN gradient.
+    outside = student_log_probs.scatter(-1, teacher_ids, torch.finfo(student_log_probs.dtype).min)
+    student_tail = torch.logsumexp(outside, dim=-1)
+    teacher_all = torch.cat([teacher_logprobs, teacher_tail.unsqueeze(-1)], dim=-1)
+    student_all = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)
+    teacher_probs = teacher_all.exp()
+    terms = torch.where(teacher_probs > 0, teacher_probs * (teacher_all - student_all),
+                        torch.zeros_like(teacher_probs))
+    return terms.sum(dim=-1)
 
 
 def cross_entropy(student_logits, target_ids):

@@ -314,44 +314,20 @@ class TeacherCache:
         return collate
 
 
-def sparse_forward_kl(student_logits, teacher_ids, teacher_logprobs, teacher_tail,
-                      temperature=1.0):
-    """Forward KL(p_teacher ‖ p_student) from the teacher's top-K plus one tail bucket, shape (N,).
-
-    student_logits (N, V); teacher_ids, teacher_logprobs (N, K); teacher_tail (N,) = log of the
-    teacher mass outside its top K. The K buckets compare p_t(v) with p_s(v); the tail bucket
-    compares the teacher's remaining mass with the student's mass outside those K tokens:
-        Σ_k p_t(k) (log p_t(k) − log p_s(k)) + p_t(tail) (log p_t(tail) − log p_s(tail)).
-    With K = V the tail is empty and this is exactly the dense forward KL. Reverse KL would need
-    the teacher's probability of every token the student puts mass on, which the cache does not
-    hold: it is refused rather than approximated.
-    """
-    student_log_probs = log_probs(student_logits, temperature)
-    student_top = student_log_probs.gather(-1, teacher_ids)
-    # Fill with the most negative finite value, not -inf: when the K ids cover the whole
-    # vocabulary an all -inf row would give logsumexp a NaN gradient.
-    outside = student_log_probs.scatter(-1, teacher_ids, torch.finfo(student_log_probs.dtype).min)
-    student_tail = torch.logsumexp(outside, dim=-1)
-    teacher_all = torch.cat([teacher_logprobs, teacher_tail.unsqueeze(-1)], dim=-1)
-    student_all = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)
-    teacher_probs = teacher_all.exp()
-    terms = torch.where(teacher_probs > 0, teacher_probs * (teacher_all - student_all),
-                        torch.zeros_like(teacher_probs))
-    return terms.sum(dim=-1)
-
-
 def make_cached_loss_fn(accelerator, vocab_size, temperature=1.0, alpha=0.0, loss_chunk_size=0):
     """loss_fn(student, batch) for the shared loop, reading the teacher from the batch's cache rows:
     (1 - alpha) * T² * sparse forward KL + alpha * CE, summed over supervised positions. Memory-
     bounded like the live-teacher loss (see common.distill.make_head_loss_fn, loss_chunk_size)."""
     from common.distill import make_head_loss_fn
-    from common.losses import cross_entropy
+    from common.losses import KDObjective, cross_entropy
+
+    objective = KDObjective("forward", temperature, alpha=alpha)
 
     def terms(logits, targets, teacher_ids, teacher_logprobs, teacher_tail):
-        kd = sparse_forward_kl(logits, teacher_ids, teacher_logprobs, teacher_tail,
-                               temperature).sum() * temperature ** 2
+        kd = objective.sparse_divergence(logits, teacher_ids, teacher_logprobs,
+                                         teacher_tail).sum()
         ce = cross_entropy(logits, targets).sum()
-        return (1.0 - alpha) * kd + alpha * ce, {"kd": kd.detach(), "ce": ce.detach()}
+        return objective.combine(kd, ce), {"kd": kd.detach(), "ce": ce.detach()}
 
     return make_head_loss_fn(accelerator, vocab_size, terms, loss_chunk_size,
                              row_keys=("teacher_ids", "teacher_logprobs", "teacher_tail"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.losses import (KL_KINDS, cross_entropy, distillation_loss, forward_kl,
+from common.losses import (KL_KINDS, KDObjective, cross_entropy, distillation_loss, forward_kl,
                            generalized_jsd, reverse_kl, shift_for_next_token,
                            skew_forward_kl, skew_reverse_kl)
 from float32_error import (MASKED_COLUMNS, UNIT_ROUNDOFF, assert_close, is_infinite,
@@ -242,3 +242,22 @@ def test_jsd_rejects_endpoints(logits):
     student, teacher = logits
     with pytest.raises(ValueError):
         generalized_jsd(student, teacher, beta=0.0)
+
+
+def test_kd_objective_is_the_one_formula(logits):
+    """(1 − α)·T²·D + α·CE, the same dense and against a top-K teacher that holds every token."""
+    student, teacher = logits
+    objective = KDObjective("forward", temperature=2.0, alpha=0.25)
+    dense = objective.divergence(student, teacher)
+    assert torch.equal(dense, distillation_loss(student, teacher, "forward", 2.0))
+    teacher_log_probs = torch.log_softmax(teacher / 2.0, dim=-1)
+    ids = teacher_log_probs.argsort(dim=-1, descending=True)
+    sparse = objective.sparse_divergence(student, ids, teacher_log_probs.gather(-1, ids),
+                                         torch.full((student.shape[0],), float("-inf")))
+    expected = distillation_loss(student.double(), teacher.double(), "forward", 2.0)  # float64
+    assert_close_per_token(sparse, expected, student, teacher, 2.0, 4.0)
+    assert objective.combine(torch.tensor(2.0), torch.tensor(4.0)).item() == 0.75 * 2 + 0.25 * 4
+    with pytest.raises(ValueError, match="sideways"):
+        KDObjective("sideways")
+    with pytest.raises(ValueError, match="forward KL only"):
+        KDObjective("reverse").sparse_divergence(student, ids, teacher_log_probs, ids[:, 0] * 0.0)
