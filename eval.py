@@ -662,9 +662,11 @@ def model_fingerprint(name):
     if not path.exists():
         looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
         return "missing" if looks_like_path else None
+    if not path.is_dir():  # a file (a .gguf): loading it says what is wrong, in one line
+        return None
     # metrics.jsonl and checkpoints/ change while a run trains, not the exported model.
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()
-                   if f.is_file() and f.name != "metrics.jsonl")
+    files = sorted((f.name, stat.st_size, stat.st_mtime_ns) for f in path.iterdir()
+                   if f.is_file() and f.name != "metrics.jsonl" for stat in [f.stat()])
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
 
 
@@ -766,17 +768,16 @@ def main(argv=None):
     samples, skip_note = load_samples(data_args, eval_args.answers_field)
     # (model, is_teacher, row name): the teacher first, once, even if it is also listed in
     # --models (then the name given to it there is its row's name).
-    given_names = dict(zip(eval_args.models, eval_args.names))
-    entries = [(name, False) for name in eval_args.models
-               if not (eval_args.teacher and same_model(name, eval_args.teacher))]
+    # Names pair with --models by position: the same model listed twice keeps both names.
+    given = list(zip(eval_args.models, eval_args.names or [None] * len(eval_args.models)))
+    entries = [(model, False, name) for model, name in given
+               if not (eval_args.teacher and same_model(model, eval_args.teacher))]
     if eval_args.teacher:
-        entries.insert(0, (eval_args.teacher, True))
-    teacher_given = next((given_names[m] for m in eval_args.models if eval_args.teacher
-                          and same_model(m, eval_args.teacher)), None)
-    names = short_names([model for model, _ in entries],
-                        [teacher_given if is_teacher else given_names.get(model)
-                         for model, is_teacher in entries])
-    entries = [(model, is_teacher, name) for (model, is_teacher), name in zip(entries, names)]
+        teacher_given = next((name for model, name in given
+                              if same_model(model, eval_args.teacher)), None)
+        entries.insert(0, (eval_args.teacher, True, teacher_given))
+    names = short_names([model for model, _, _ in entries], [name for _, _, name in entries])
+    entries = [(model, is_teacher, name) for (model, is_teacher, _), name in zip(entries, names)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = {**dataclasses.asdict(eval_args), **dataclasses.asdict(data_args),
                 "num_conversations": len(samples), "data_sha256": samples_digest(samples),

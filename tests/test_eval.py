@@ -679,3 +679,14 @@ def test_the_teacher_is_named_by_listing_it_in_models(tiny):
         tiny / "teacher", "--dataset", tiny / "test.jsonl", "--max-samples", 2,
         "--max-new-tokens", 1, "--no-progress"]])
     assert [(r["name"], r["teacher"]) for r in results] == [("big", True), ("small", False)]
+
+
+def test_fingerprint_of_a_file_is_left_to_the_loader(tmp_path):
+    """A file given as a model (a .gguf) has no directory listing to fingerprint: no traceback
+    here, the loader's one-line error says what is wrong."""
+    from eval import model_fingerprint
+
+    model_file = tmp_path / "model.gguf"
+    model_file.write_bytes(b"GGUF")
+    assert model_fingerprint(str(model_file)) is None
+    assert model_fingerprint(str(tmp_path / "gone")) == "missing"
