@@ -11,6 +11,7 @@ all processes), so the gradient is the per-token mean over the effective batch h
 1 x 8 and 2 x 4 micro-batching give the same update.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -121,6 +122,19 @@ def make_trackers(args):
         elif tracker == "mlflow":  # MLFLOW_EXPERIMENT_NAME, when set, wins inside accelerate
             trackers.append(MLflowTracker(TRACKER_PROJECT, run_name=name))
     return trackers
+
+
+@contextlib.contextmanager
+def _closing_trackers(accelerator):
+    """Close the trackers when training ends, stopped or failed too, so that their last rows
+    reach disk (a resume drops the event rows after its checkpoint, not before).
+    accelerator.end_training() would also destroy the process group the export still needs."""
+    try:
+        yield
+    finally:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        accelerator.trackers = []
 
 
 def tracker_config(run_config, args):
@@ -511,7 +525,7 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
     model.train()
     stop = _StopFlag()
     last_time, tokens_since_log = time.perf_counter(), 0
-    with stop.installed():
+    with stop.installed(), _closing_trackers(accelerator):
         while step < total_steps:
             window = []
             for k in range(args.grad_accum):
@@ -613,11 +627,6 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                     f"stopped by {stop.signal_name or 'a signal to another process'} at step "
                     f"{step}; checkpoint saved, rerun the same command with --resume to continue"))
     progress.close()
-    # The trackers close now (event files flushed, a wandb run ended): accelerator.end_training()
-    # would also destroy the process group, which the export still needs.
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    accelerator.trackers = []
     if applied_steps == 0:
         # Exporting now would mark the untouched student as a finished, trained run.
         raise error_on_every_process(accelerator, (
