@@ -199,8 +199,7 @@ class TrainingArguments:
         installed_trackers(self.report_to)  # a missing package fails now, not after loading
 
 
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio",
-                    "mlflow": "mlflow"}
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # each one's package has its name
 
 
 def installed_trackers(report_to):
@@ -210,17 +209,16 @@ def installed_trackers(report_to):
 
     if report_to == "none":
         return []
-    installed = [name for name, package in TRACKER_PACKAGES.items()
-                 if importlib.util.find_spec(package) is not None]
+    installed = [name for name in TRACKERS if importlib.util.find_spec(name) is not None]
     if report_to == "all":
         if not installed:
             raise UserError("--report-to all found no tracker installed (tensorboard, wandb, "
                             "trackio, mlflow): pip install tensorboard")
         return installed
     if report_to not in installed:
-        raise UserError(f"--report-to {report_to} needs the {TRACKER_PACKAGES[report_to]} "
+        raise UserError(f"--report-to {report_to} needs the {report_to} "
                         f"package, which is not installed: pip install "
-                        f"{TRACKER_PACKAGES[report_to]} (or --report-to none)")
+                        f"{report_to} (or --report-to none)")
     return [report_to]
 
 
@@ -386,13 +384,10 @@ def parse_args(dataclass_types, argv=None, description=None):
     parser.error = one_line_error
     args = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     # Unknown words first: a typo explains a value check that would otherwise fail first.
-    _, unknown = parser.parse_known_args(args)
+    namespace, unknown = parser.parse_known_args(args)
     if unknown:
         raise UserError(unknown_argument_message(unknown[0], parser))
-    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    finder.add_argument("--config")
-    finder.error = one_line_error
-    config = finder.parse_known_args(args)[0].config
+    config = namespace.config
     if config:
         args = config_arguments(config, parser) + args
     # The last output is the namespace of --config, which is no dataclass's field.
