@@ -304,7 +304,7 @@ def main(argv=None):
     teacher = freeze(load_model(model_args.teacher, model_args.dtype,
                                 model_args.trust_remote_code, "teacher"))
     student = load_student(model_args.student, model_args.student_dtype,
-                        model_args.trust_remote_code)
+                           model_args.trust_remote_code, adapters=lora_args.lora_r > 0)
     check_vocab_fits(teacher, teacher_tokenizer, "teacher")
     check_vocab_fits(student, tokenizer, "student")
     shared = None

@@ -48,7 +48,7 @@ import torch
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from common.api_client import TeacherApiArguments, redact_url, redacted_command
+from common.api_client import TeacherApiArguments, redacted_args, redacted_command
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
                          parse_args)
 from common.chat import IGNORE_INDEX, ChatEncoder, collate, encode_dataset
@@ -264,7 +264,7 @@ def main(argv=None):
                                        log=accelerator.print) if train_args.eval_dataset else None
 
     student = load_student(model_args.student, model_args.student_dtype,
-                           model_args.trust_remote_code)
+                           model_args.trust_remote_code, adapters=lora_args.lora_r > 0)
     check_vocab_fits(student, tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
@@ -306,12 +306,9 @@ def main(argv=None):
             return (cached_loss_fn if "teacher_ids" in batch else live_loss_fn)(student, batch)
 
     output_dir = prepare_output_dir(accelerator, train_args.output_dir, train_args.overwrite)
-    # Saved in every checkpoint: the server URL redacted; the key is never among the arguments.
-    logged_gkd_args = dataclasses.replace(gkd_args, teacher_api_base=redact_url(
-        gkd_args.teacher_api_base)) if served else gkd_args
     run_config = make_run_config("on_policy", redacted_command(sys.argv, gkd_args),
                                  model=model_args, data=data_args, training=train_args,
-                                 on_policy=logged_gkd_args, lora=lora_args)
+                                 on_policy=redacted_args(gkd_args), lora=lora_args)
     stop_ids = {encoder.end_of_turn_token_id, tokenizer.eos_token_id}
     sampler = OnPolicySampler(accelerator, tokenizer, stop_ids, encoder.end_of_turn_token_id,
                               gkd_args, train_args.seed)

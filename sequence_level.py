@@ -31,7 +31,6 @@ Examples:
         --dataset runs/tiny/train.jsonl --max-new-tokens 12 --max-steps 4 --output-dir runs/tiny/seq
 """
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from common.api_client import (TeacherApiArguments, api_error, make_client, redact_url,
+from common.api_client import (TeacherApiArguments, api_error, make_client, redacted_args,
                                redacted_command)
 from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from common.lora import LoraArguments, add_adapters
@@ -651,19 +650,16 @@ def main(argv=None):
             eval_examples = encode_dataset(eval_data_args(data_args, train_args), encoder,
                                            log=accelerator.print)
     student = load_student(model_args.student, model_args.student_dtype,
-                        model_args.trust_remote_code)
+                           model_args.trust_remote_code, adapters=lora_args.lora_r > 0)
     check_vocab_fits(student, student_tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student = add_adapters(accelerator, student, lora_args, train_args.gradient_checkpointing)
     prepare_output_dir(accelerator, output_dir, train_args.overwrite, keep=(COMPLETIONS_FILE,))
     # run_config is saved in every checkpoint and the output: no credentials from the API URL.
-    command, logged_seq_args = redacted_command(sys.argv, seq_args), seq_args
-    if seq_args.teacher_api_base:
-        logged_seq_args = dataclasses.replace(seq_args,
-                                              teacher_api_base=redact_url(seq_args.teacher_api_base))
-    run_config = {**make_run_config("sequence_level", command, model=model_args, data=data_args,
-                                    training=train_args, sequence_level=logged_seq_args,
+    run_config = {**make_run_config("sequence_level", redacted_command(sys.argv, seq_args),
+                                    model=model_args, data=data_args, training=train_args,
+                                    sequence_level=redacted_args(seq_args),
                                     lora=lora_args),
                   "completions": str(cache_path)}
     loss_fn = make_ce_loss_fn(accelerator, real_vocab_size(student_tokenizer),

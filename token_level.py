@@ -43,13 +43,12 @@ Examples:
         --dataset runs/tiny/train.jsonl --output-dir runs/tiny/kd --max-steps 12 --kl reverse
 """
 
-import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from common.api_client import TeacherApiArguments, redact_url, redacted_command
+from common.api_client import TeacherApiArguments, redacted_args, redacted_command
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
                          parse_args)
 from common import teacher_cache
@@ -229,19 +228,16 @@ def main(argv=None):
                                   kd_args.loss_temperature, kd_args.beta, kd_args.alpha,
                                   loss_chunk_size=kd_args.loss_chunk_size, skew=kd_args.skew)
     student = load_student(model_args.student, model_args.student_dtype,
-                           model_args.trust_remote_code)
+                           model_args.trust_remote_code, adapters=lora_args.lora_r > 0)
     check_vocab_fits(student, tokenizer, "student")
     if train_args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student = add_adapters(accelerator, student, lora_args, train_args.gradient_checkpointing)
 
     output_dir = prepare_output_dir(accelerator, train_args.output_dir, train_args.overwrite)
-    # Saved in every checkpoint: the server URL redacted; the key is never among the arguments.
-    logged_kd_args = dataclasses.replace(kd_args, teacher_api_base=redact_url(
-        kd_args.teacher_api_base)) if served else kd_args
     run_config = make_run_config("token_level", redacted_command(sys.argv, kd_args),
                                  model=model_args, data=data_args, training=train_args,
-                                 token_level=logged_kd_args, lora=lora_args)
+                                 token_level=redacted_args(kd_args), lora=lora_args)
     student, state = train(accelerator, student, examples, train_args, loss_fn,
                            tokenizer.pad_token_id, run_config, collate_fn=collate_fn,
                            eval_examples=eval_examples, eval_loss_fn=eval_loss_fn,

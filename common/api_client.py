@@ -8,6 +8,7 @@ from an environment variable only; it is never logged or written, and URLs are r
 (user:password@ and query values become ***) wherever they are printed or saved.
 """
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -80,6 +81,14 @@ def redacted_command(argv, api_args):
     if api_args.teacher_api_base:
         command = command.replace(api_args.teacher_api_base, redact_url(api_args.teacher_api_base))
     return command
+
+
+def redacted_args(api_args):
+    """A copy of the options dataclass fit for run_config.json (saved in every checkpoint): the
+    API URL redacted; the key is never among the arguments."""
+    if not api_args.teacher_api_base:
+        return api_args
+    return dataclasses.replace(api_args, teacher_api_base=redact_url(api_args.teacher_api_base))
 
 
 def split_query(url):

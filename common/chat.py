@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
-from common.errors import UserError
+from common.errors import UserError, is_rank_zero
 
 # Used for tokenizers that ship no chat template (base models). Documented in
 # docs/data_and_masking.md.
@@ -73,7 +73,7 @@ def ensure_chat_template(tokenizer, what="model", chat_template_file=None):
         return tokenizer
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     name = getattr(tokenizer, "name_or_path", "") or "?"
-    if name not in _TEMPLATE_WARNINGS and os.environ.get("RANK", "0") == "0":
+    if name not in _TEMPLATE_WARNINGS and is_rank_zero():
         _TEMPLATE_WARNINGS.add(name)
         print(f"warning: the {what} {name} has no chat template; using the generic "
               f"<|user|>/<|assistant|> one (docs/data_and_masking.md), which it was not trained "
@@ -148,7 +148,7 @@ def warn_beyond_context(tokenizer, max_length):
         return
     _CONTEXT_WARNINGS.add((name, max_length))
     context, source = context_length(name, tokenizer)
-    if context and max_length > context and os.environ.get("RANK", "0") == "0":
+    if context and max_length > context and is_rank_zero():
         print(f"warning: --max-length {max_length} is beyond the {context}-token context of "
               f"{name} ({source}); longer conversations may fail or train poorly: lower "
               f"--max-length to {context}", file=sys.stderr)

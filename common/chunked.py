@@ -43,7 +43,8 @@ def auto_chunk_size(vocab_size, chunk_bytes=DEFAULT_CHUNK_BYTES):
 def chunked_kd_loss(student_hidden, student_weight, target_ids, vocab_size, *, student_bias=None,
                     teacher_hidden=None, teacher_weight=None, teacher_bias=None,
                     teacher_logits=None, kind="forward", temperature=1.0, beta=0.5, alpha=0.0,
-                    skew=0.1, objective=None, chunk_size=0, compute_dtype=None, teacher_compute_dtype=None):
+                    skew=0.1, objective=None, chunk_size=0, compute_dtype=None,
+                    teacher_compute_dtype=None):
     """Σ over N supervised positions of (1 - alpha)·T²·D(T) + alpha·CE, one chunk of logits at a time.
 
     Inputs, for N supervised positions (those whose next token is supervised):

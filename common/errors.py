@@ -47,9 +47,21 @@ def _close_progress_bars():
             pass
 
 
-def _rank_prefix():
+def process_rank():
+    """This process's global rank from the launcher's environment (torchrun, mpirun, ...); 0
+    when launched without one."""
     for name in _RANK_VARIABLES:
         rank = os.environ.get(name, "")
         if rank.isdigit():
-            return f"[rank {rank}] " if int(rank) > 0 else ""
-    return ""
+            return int(rank)
+    return 0
+
+
+def is_rank_zero():
+    """Whether this process prints the once-per-run warnings."""
+    return process_rank() == 0
+
+
+def _rank_prefix():
+    rank = process_rank()
+    return f"[rank {rank}] " if rank > 0 else ""

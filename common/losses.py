@@ -131,7 +131,8 @@ def distillation_loss(student_logits, teacher_logits, kind="forward", temperatur
     return loss * temperature ** 2
 
 
-def sampled_reverse_kl(student_logits, sampled_ids, teacher_sampled_log_probs):
+def sampled_reverse_kl(student_logits, sampled_ids, teacher_sampled_log_probs,
+                       with_estimate=False):
     """Per-token surrogate whose gradient estimates that of reverse KL(p_s ‖ p_t), shape (N,),
     from the teacher's log-probability of each SAMPLED token only (x ~ p_s, one per position):
 
@@ -143,11 +144,13 @@ def sampled_reverse_kl(student_logits, sampled_ids, teacher_sampled_log_probs):
     so noisy. Valid only on the student's own samples (on-policy), at temperature 1. The value
     is not the KL: −advantage, the per-token sampled reverse KL, is its estimate.
 
-    student_logits (N, V); sampled_ids (N,); teacher_sampled_log_probs (N,).
+    student_logits (N, V); sampled_ids (N,); teacher_sampled_log_probs (N,). With
+    with_estimate, returns (surrogate, −advantage) from the one log-softmax.
     """
     student_log_prob = log_probs(student_logits).gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
     advantage = (teacher_sampled_log_probs.to(student_log_prob.dtype) - student_log_prob).detach()
-    return -advantage * student_log_prob
+    surrogate = -advantage * student_log_prob
+    return (surrogate, -advantage) if with_estimate else surrogate
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,10 @@
 """Loading teacher, student and tokenizers; freezing the teacher; vocabulary compatibility checks."""
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
-from common.errors import UserError
+from common.errors import UserError, is_rank_zero
 
 # Texts two tokenizers must split identically to count as "the same tokenizer".
 _PROBE_TEXTS = [
@@ -92,12 +91,16 @@ def load_model(name, dtype="auto", trust_remote_code=False, what="model"):
     return model
 
 
-def load_student(name, dtype="auto", trust_remote_code=False):
+def load_student(name, dtype="auto", trust_remote_code=False, adapters=False):
     """The model to train. 'auto' means float32 whatever the checkpoint stores: most Hub
     checkpoints are bfloat16, and AdamW on bfloat16 weights drops every update smaller than
     1/256 of the weight, so the student barely learns (bf16 compute is --mixed-precision's job).
-    A low-precision dtype is used only when asked for, with a warning."""
-    if dtype in ("bfloat16", "float16") and os.environ.get("RANK", "0") == "0":
+    A low-precision dtype is used only when asked for, with a warning. With `adapters` (a LoRA
+    student) the weights are frozen and only the adapters, which peft keeps in float32, are
+    updated: 'auto' keeps the checkpoint's dtype, and low precision needs no warning."""
+    if adapters:
+        return load_model(name, dtype, trust_remote_code, "student")
+    if dtype in ("bfloat16", "float16") and is_rank_zero():
         print(f"warning: the student's weights and optimizer state are {dtype} (--dtype or "
               f"--student-dtype {dtype}), which loses small updates; for float32 weights with "
               f"{dtype} compute pass --student-dtype float32 --mixed-precision "

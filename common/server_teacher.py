@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from common.api_client import api_error, error_message, make_client, redact_url
+from common.api_client import api_error, error_message, make_client, redact_url, split_query
 from common.errors import UserError
 
 TOKEN_ID_PREFIX = "token_id:"
@@ -115,7 +115,7 @@ class ServerTeacher:
     def _tokenize(self, text):
         """The server's ids for `text` from vLLM's /tokenize (at the server root, next to /v1);
         None when the server has no such endpoint."""
-        root = re.sub(r"/v1/?$", "", self.api_args.teacher_api_base.split("?")[0].rstrip("/"))
+        root = re.sub(r"/v1/?$", "", split_query(self.api_args.teacher_api_base)[0].rstrip("/"))
         response = self._post(root + "/tokenize", {
             "model": self.api_args.teacher_api_model, "prompt": text, "add_special_tokens": False},
             missing_ok=True)
@@ -248,17 +248,16 @@ def make_server_on_policy_loss_fn(accelerator, server, vocab_size, kl, loss_chun
     student, so they get the top-K forward KL. Stats: "kd" sums the KL (estimate) per token.
     """
     from common.distill import make_head_loss_fn
-    from common.losses import log_probs, sampled_reverse_kl
+    from common.losses import sampled_reverse_kl
 
     top_k_loss_fn = make_server_loss_fn(accelerator, server, vocab_size,
                                         loss_chunk_size=loss_chunk_size)
 
     def terms(logits, targets, teacher_sampled_log_probs):
-        surrogate = sampled_reverse_kl(logits, targets, teacher_sampled_log_probs)
-        with torch.no_grad():  # the value to log: log p_s(x) − log p_t(x), the sampled reverse KL
-            student_log_prob = log_probs(logits).gather(-1, targets[:, None]).squeeze(-1)
-            estimate = (student_log_prob - teacher_sampled_log_probs).sum()
-        return surrogate.sum(), {"kd": estimate}
+        # logged: log p_s(x) − log p_t(x), the sampled reverse KL (the surrogate is not the KL)
+        surrogate, estimate = sampled_reverse_kl(logits, targets, teacher_sampled_log_probs,
+                                                 with_estimate=True)
+        return surrogate.sum(), {"kd": estimate.sum()}
 
     sampled_loss_fn = make_head_loss_fn(accelerator, vocab_size, terms, loss_chunk_size,
                                         row_keys=("teacher_sampled_log_probs",))

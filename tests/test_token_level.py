@@ -172,6 +172,9 @@ def test_bfloat16_student_only_when_asked_and_with_a_warning(tiny, tmp_path, cap
     warning = warnings()
     assert len(warning) == 1 and warning[0].startswith("warning: ") and \
         "--student-dtype float32 --mixed-precision bf16" in warning[0]
+    # a LoRA student's weights are frozen: they keep the checkpoint's dtype, without a warning
+    assert load_student(str(student), adapters=True).dtype == torch.bfloat16
+    assert warnings() == []
 
 
 def test_models_without_a_chat_template_warn_or_take_the_given_one(tiny, tmp_path):
