@@ -68,11 +68,15 @@ METHOD_KNOBS = {
     "token_level_forward": [[], ["--alpha", 0.5], ["--loss-temperature", 2.0],
                             ["--dataset", "{completions}"]],
     # DistiLLM's skew reverse KL: reverse KL with each token's log-ratio bounded
-    "token_level_reverse": [[], ["--alpha", 0.5], ["--kl", "skew_reverse"]],
-    # GKD's λ (all steps on-policy) and its often-best divergence, JSD(β = 0.9); DistiLLM's skew
-    # reverse KL; off-policy steps on the teacher's replies instead of the ground truth
+    "token_level_reverse": [[], ["--alpha", 0.5], ["--kl", "skew_reverse"],
+                            ["--kl", "skew_reverse", "--alpha", 0.5]],
+    # GKD's λ (all steps on-policy, or a quarter) and its often-best divergence, JSD(β = 0.9);
+    # DistiLLM's skew reverse KL; off-policy steps on the teacher's replies instead of the ground
+    # truth, with reverse or forward KL
     "on_policy": [[], ["--lmbda", 1.0], ["--kl", "jsd", "--beta", 0.9], ["--kl", "skew_reverse"],
-                  ["--completions", "{completions}"]],
+                  ["--completions", "{completions}"],
+                  ["--lmbda", 0.25, "--completions", "{completions}"],
+                  ["--kl", "forward", "--completions", "{completions}"]],
     "cross_tokenizer": [[], ["--hybrid"]],
 }
 VALIDATION_ROWS = 250
@@ -246,6 +250,56 @@ def gap_closed(rows):
             closed[row["name"]] = (row["exact_match"]["mean"]
                                    - by_name[reference]["exact_match"]["mean"]) / gap
     return closed
+
+
+def gap_by_family(rows, family_sizes, single_answer=toy_task.SINGLE_ANSWER):
+    """Where the teacher − SFT-baseline exact-match gap lies, from the rows' per-family means.
+
+    `family_sizes` {family: held-out replies}. Per family: both exact matches, the family's part
+    of the overall gap (in exact-match points of the whole test set) and its share of the gap.
+    "many_answer_share" sums the shares of the families outside `single_answer`: only there can
+    the teacher's targets say more than the references (on a one-answer family a right teacher
+    gives the reference's own tokens), so it bounds the gap a student could close through what
+    the teacher knows beyond the references, without learning the one-answer families faster.
+    None without a teacher and baseline row.
+    """
+    by_name = {row["name"]: row for row in rows}
+    if "teacher" not in by_name or "baseline" not in by_name:
+        return None
+    total = sum(family_sizes.values())
+    families = {}
+    for family, size in family_sizes.items():
+        teacher = by_name["teacher"]["exact_match_by_family"][family]["mean"]
+        baseline = by_name["baseline"]["exact_match_by_family"][family]["mean"]
+        families[family] = {"teacher": teacher, "baseline": baseline, "replies": size,
+                            "gap_points": (teacher - baseline) * size / total}
+    gap = sum(entry["gap_points"] for entry in families.values())
+    for entry in families.values():
+        entry["share"] = entry["gap_points"] / gap if gap > 0 else None
+    many = [f for f in families if f not in single_answer]
+    return {"families": families, "gap": gap, "many_answer_families": many,
+            "many_answer_share": sum(families[f]["gap_points"] for f in many) / gap
+            if gap > 0 else None}
+
+
+def held_out_family_sizes(task_settings):
+    """{family: held-out replies} of the test split the task settings generate."""
+    _, test = toy_task.generate_task(**task_settings)
+    sizes = {family: 0 for family in toy_task.FAMILIES}
+    for row in test:
+        sizes[row["family"]] += 1
+    return sizes
+
+
+def annotate(path):
+    """Recompute the summaries derived from a result JSON's rows (gap_closed, gap_by_family) and
+    write them back: for a JSON trained before a summary existed."""
+    result = json.loads(Path(path).read_text())
+    settings, rows = result["settings"], result["rows"]
+    settings["gap_closed"] = gap_closed(rows)
+    settings["gap_by_family"] = gap_by_family(rows, held_out_family_sizes(settings["assets"]["task"]))
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    return settings["gap_by_family"]
 
 
 def plot(rows, families, path):
@@ -487,6 +541,9 @@ def parse_args(argv=None):
                              "shared or 2-core machine one thread is faster for these tiny models)")
     parser.add_argument("--verbose", action="store_true",
                         help="stream every subprocess's output, not only the progress lines")
+    parser.add_argument("--annotate", metavar="JSON", default=None,
+                        help="only recompute the summaries derived from the rows of an existing "
+                             "result JSON (gap_closed, gap_by_family) and write them into it")
     return parser.parse_args(argv)
 
 
@@ -497,6 +554,13 @@ def main(argv=None):
                                        evaluate, generate_teacher_completions, train_methods)
 
     args = parse_args(argv)
+    if args.annotate:
+        where = annotate(args.annotate)
+        if where:
+            print(f"{args.annotate}: gap {where['gap']:.3f}; share on the many-answer families "
+                  f"({', '.join(where['many_answer_families'])}): "
+                  f"{where['many_answer_share']:.1%}")
+        return None
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     methods = args.methods or list(COMPARISON_METHODS)
     unknown = set(methods) - set(COMPARISON_METHODS)
@@ -649,6 +713,7 @@ def main(argv=None):
         "student_diagnosis": student_diagnosis,
     }
     settings["gap_closed"] = gap_closed(rows)
+    settings["gap_by_family"] = gap_by_family(rows, held_out_family_sizes(DEFAULT_SETTINGS["task"]))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"primary_metric": PRIMARY_METRIC, "settings": settings,

@@ -235,6 +235,36 @@ def test_gap_closed_and_the_summary_table():
                          "lr 0.001 --alpha 0.5 |")
 
 
+def test_gap_by_family_weighs_families_by_replies_and_sums_the_many_answer_share():
+    from benchmarks.compare_methods import gap_by_family
+
+    def row(name, by_family):
+        return {"name": name, "exact_match_by_family": {
+            family: {"mean": value, "std": 0.0} for family, value in by_family.items()}}
+
+    rows = [row("teacher", {"arith": 1.0, "name": 1.0, "pick": 0.5}),
+            row("baseline", {"arith": 0.0, "name": 0.5, "pick": 0.5})]
+    where = gap_by_family(rows, {"arith": 30, "name": 10, "pick": 60}, single_answer=("arith",))
+    # arith: 1.0 of 30 replies, name: 0.5 of 10 replies, pick: nothing, out of 100 replies
+    assert where["gap"] == pytest.approx(0.35)
+    assert where["families"]["arith"]["share"] == pytest.approx(0.30 / 0.35)
+    assert where["families"]["pick"]["share"] == 0.0
+    assert where["many_answer_families"] == ["name", "pick"]
+    assert where["many_answer_share"] == pytest.approx(0.05 / 0.35)
+    assert gap_by_family(rows[:1], {"arith": 1}) is None
+
+
+def test_held_out_family_sizes_count_the_test_split():
+    from benchmarks.compare_methods import held_out_family_sizes
+
+    settings = {"seed": 3, "num_train": 200, "num_test": 40}
+    sizes = held_out_family_sizes(settings)
+    _, test = toy_task.generate_task(**settings)
+    assert sum(sizes.values()) == len(test) == 40
+    assert set(sizes) == set(toy_task.FAMILIES)
+    assert sizes["arith"] == sum(r["family"] == "arith" for r in test)
+
+
 def test_cached_row_is_paired_with_its_baseline_and_the_live_teacher_row():
     per_seed = {seed: {"baseline": {"exact_match": 0.5},
                        "token_level_forward": {"exact_match": live},
