@@ -1,10 +1,10 @@
 """The one training loop shared by every method.
 
-A method supplies `loss_fn(model, batch) -> (loss_sum, stats)`: the SUM of its per-token loss over
-the batch's supervised positions, plus a dict of other per-token sums to log (e.g. {"kd": ..,
-"ce": ..}). Supervised positions are those whose `labels` are not -100; a method whose labels only
-exist after some work (on-policy sampling) passes `prepare_fn(model, batch, step) -> batch`, run
-before counting.
+A method supplies a `Method`: its `loss(model, batch) -> (loss_sum, stats)` gives the SUM of its
+per-token loss over the batch's supervised positions, plus a dict of other per-token sums to log
+(e.g. {"kd": .., "ce": ..}). Supervised positions are those whose `labels` are not -100; a method
+whose labels only exist after some work (on-policy sampling) gives `prepare(model, batch, step) ->
+batch`, run before counting.
 
 The loop divides by the number of supervised tokens in the whole optimizer step (all micro-batches,
 all processes), so the gradient is the per-token mean over the effective batch however it is split:
@@ -19,7 +19,9 @@ import pickle
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -431,21 +433,39 @@ def total_optimizer_steps(args, num_examples, num_processes):
     return max(1, math.ceil(args.num_epochs * batches_per_epoch / args.grad_accum))
 
 
-def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config, prepare_fn=None,
-          collate_fn=None, step_metrics=None, eval_examples=None, eval_loss_fn=None,
-          eval_collate_fn=None):
-    """Train `model` on encoded `examples`; returns the model (still wrapped) and the final state.
+@dataclass(frozen=True)
+class Method:
+    """What a method gives the shared loop: its loss and, where the defaults do not fit, how its
+    batches are built and scored.
 
-    `collate_fn(examples, pad_token_id) -> dict of tensors` builds a micro-batch (default:
-    common.chat.collate); a method whose examples carry more fields than input_ids/labels passes
-    its own. `prepare_fn(model, batch, step) -> batch` runs on each micro-batch before the
-    supervised tokens are counted (`step` = 0-based index of the optimizer step); on-policy
-    sampling happens there. `step_metrics(step) -> dict` adds method-specific fields to that
-    step's metrics row.
+    `loss(model, batch) -> (loss_sum, stats)`: the SUM of the method's per-token loss over the
+    batch's supervised positions (labels != -100), and a dict of other per-token sums to log
+    (e.g. {"kd": .., "ce": ..}).
+    `collate(examples, pad_token_id) -> dict of tensors` builds a micro-batch; a method whose
+    examples carry more fields than input_ids/labels passes its own.
+    `prepare(model, batch, step) -> batch` runs on each micro-batch before the supervised tokens
+    are counted (`step` = 0-based index of the optimizer step); on-policy sampling happens there.
+    `step_metrics(step) -> dict` adds method-specific fields to that step's metrics row.
+    `eval_loss` and `eval_collate` score held-out examples (default: `loss` and `collate`), never
+    through `prepare`.
+    """
+
+    loss: Callable
+    collate: Callable = collate
+    prepare: Optional[Callable] = None
+    step_metrics: Optional[Callable] = None
+    eval_loss: Optional[Callable] = None
+    eval_collate: Optional[Callable] = None
+
+
+def train(accelerator, model, examples, args, method, pad_token_id, run_config,
+          eval_examples=None):
+    """Train `model` on encoded `examples` with `method` (a Method); returns the model (still
+    wrapped) and the final state.
 
     `eval_examples` (held-out, encoded like `examples`) are scored every `args.eval_steps` and at
-    the end with `eval_loss_fn` (default: loss_fn) and `eval_collate_fn` (default: collate_fn), never
-    through `prepare_fn`; the result is a metrics row of eval_* fields.
+    the end with the method's eval_loss and eval_collate; the result is a metrics row of eval_*
+    fields.
 
     Checkpoints go to OUTPUT_DIR/checkpoints every `args.save_steps`; with `args.resume` the newest
     one is loaded first and the run continues exactly where it stopped.
@@ -529,11 +549,11 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
         while step < total_steps:
             window = []
             for k in range(args.grad_accum):
-                batch = (collate_fn or collate)(
+                batch = method.collate(
                     [examples[i] for i in order.indices(step * args.grad_accum + k)], pad_token_id)
                 batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
-                window.append(prepare_fn(model, batch, step) if prepare_fn else batch)
-            sums, global_tokens = backward_window(accelerator, model, window, loss_fn)
+                window.append(method.prepare(model, batch, step) if method.prepare else batch)
+            sums, global_tokens = backward_window(accelerator, model, window, method.loss)
             local_input_tokens = sum(int(b["attention_mask"].sum()) for b in window)
 
             max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
@@ -582,8 +602,8 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                        **{n: round(v, 6) for n, v in means.items()},
                        "lr": scheduler.get_last_lr()[0],
                        "grad_norm": None if grad_norm is None else round(grad_norm, 6),
-                       **(mean_over_processes(accelerator, step_metrics(step - 1))
-                          if step_metrics else {}),
+                       **(mean_over_processes(accelerator, method.step_metrics(step - 1))
+                          if method.step_metrics else {}),
                        "supervised_tokens": int(global_tokens),
                        "tokens_per_second": round(tokens_since_log * accelerator.num_processes
                                                   / max(elapsed, 1e-9), 1)}
@@ -610,8 +630,8 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
             if eval_examples and not interrupted and (
                     step == total_steps or (args.eval_steps and step % args.eval_steps == 0)):
                 means, eval_tokens = evaluate(accelerator, model, eval_examples, args.batch_size,
-                                              eval_loss_fn or loss_fn,
-                                              eval_collate_fn or collate_fn or collate,
+                                              method.eval_loss or method.loss,
+                                              method.eval_collate or method.collate,
                                               pad_token_id)
                 if accelerator.is_main_process:
                     row = {"step": step, **{f"eval_{n}": round(v, 6) for n, v in means.items()},
