@@ -263,7 +263,7 @@ def main(argv=None):
 
     from accelerate.utils import set_seed
 
-    from common.train import make_accelerator, train
+    from common.train import Method, make_accelerator, train
 
     model_args, data_args, train_args, uld_args, lora_args = parse_args(
         (ModelArguments, DataArguments, TrainingArguments, CrossTokenizerArguments,
@@ -329,11 +329,10 @@ def main(argv=None):
                                  lora=lora_args)
     loss_fn = make_loss_fn(accelerator, teacher, real_vocab_size(tokenizer),
                            real_vocab_size(teacher_tokenizer), uld_args, shared)
-    student, state = train(accelerator, student, examples, train_args, loss_fn,
-                           tokenizer.pad_token_id, run_config,
-                           collate_fn=partial(collate_pairs,
-                                              teacher_pad_token_id=teacher_tokenizer.pad_token_id),
-                           eval_examples=eval_examples)
+    method = Method(loss_fn, collate=partial(collate_pairs,
+                                             teacher_pad_token_id=teacher_tokenizer.pad_token_id))
+    student, state = train(accelerator, student, examples, train_args, method,
+                           tokenizer.pad_token_id, run_config, eval_examples=eval_examples)
     finish_run(accelerator, student, tokenizer, output_dir, run_config, state,
                end_of_turn_id=encoder.end_of_turn_token_id)
 

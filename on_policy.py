@@ -233,7 +233,7 @@ class OnPolicySampler:
 def main(argv=None):
     from accelerate.utils import set_seed
 
-    from common.train import make_accelerator, train
+    from common.train import Method, make_accelerator, train
 
     model_args, data_args, train_args, gkd_args, lora_args = parse_args(
         (ModelArguments, DataArguments, TrainingArguments, OnPolicyArguments, LoraArguments),
@@ -313,11 +313,11 @@ def main(argv=None):
     sampler = OnPolicySampler(accelerator, tokenizer, stop_ids, encoder.end_of_turn_token_id,
                               gkd_args, train_args.seed)
     # Held-out data is scored off-policy (the teacher on its replies), with the live teacher.
-    student, state = train(accelerator, student, examples, train_args, loss_fn,
-                           tokenizer.pad_token_id, run_config, prepare_fn=sampler,
-                           collate_fn=collate_fn, step_metrics=sampler.step_metrics,
-                           eval_examples=eval_examples, eval_loss_fn=live_loss_fn,
-                           eval_collate_fn=collate)
+    method = Method(loss_fn, collate=collate_fn or collate, prepare=sampler,
+                    step_metrics=sampler.step_metrics, eval_loss=live_loss_fn,
+                    eval_collate=collate)
+    student, state = train(accelerator, student, examples, train_args, method,
+                           tokenizer.pad_token_id, run_config, eval_examples=eval_examples)
     finish_run(accelerator, student, tokenizer, output_dir, run_config, state,
                end_of_turn_id=encoder.end_of_turn_token_id)
 

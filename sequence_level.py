@@ -593,7 +593,7 @@ def main(argv=None):
                                    prepare_output_dir)
     from common.models import check_vocab_fits, load_student, load_tokenizer, real_vocab_size
     from common.sharding import unsharded_loading
-    from common.train import make_accelerator, train
+    from common.train import Method, make_accelerator, train
 
     model_args, data_args, train_args, seq_args, lora_args = parse_args(
         (ModelArguments, DataArguments, TrainingArguments, SequenceLevelArguments, LoraArguments),
@@ -664,7 +664,7 @@ def main(argv=None):
                   "completions": str(cache_path)}
     loss_fn = make_ce_loss_fn(accelerator, real_vocab_size(student_tokenizer),
                               seq_args.loss_chunk_size)
-    student, state = train(accelerator, student, examples, train_args, loss_fn,
+    student, state = train(accelerator, student, examples, train_args, Method(loss_fn),
                            student_tokenizer.pad_token_id, run_config, eval_examples=eval_examples)
     finish_run(accelerator, student, student_tokenizer, output_dir, run_config, state,
                end_of_turn_id=encoder.end_of_turn_token_id)

@@ -151,7 +151,7 @@ class TokenLevelArguments(TeacherApiArguments):
 def main(argv=None):
     from accelerate.utils import set_seed
 
-    from common.train import make_accelerator, train
+    from common.train import Method, make_accelerator, train
 
     model_args, data_args, train_args, kd_args, lora_args = parse_args(
         (ModelArguments, DataArguments, TrainingArguments, TokenLevelArguments, LoraArguments),
@@ -238,10 +238,10 @@ def main(argv=None):
     run_config = make_run_config("token_level", redacted_command(sys.argv, kd_args),
                                  model=model_args, data=data_args, training=train_args,
                                  token_level=redacted_args(kd_args), lora=lora_args)
-    student, state = train(accelerator, student, examples, train_args, loss_fn,
-                           tokenizer.pad_token_id, run_config, collate_fn=collate_fn,
-                           eval_examples=eval_examples, eval_loss_fn=eval_loss_fn,
-                           eval_collate_fn=eval_collate_fn)
+    method = Method(loss_fn, collate=collate_fn or collate, eval_loss=eval_loss_fn,
+                    eval_collate=eval_collate_fn)
+    student, state = train(accelerator, student, examples, train_args, method,
+                           tokenizer.pad_token_id, run_config, eval_examples=eval_examples)
     finish_run(accelerator, student, tokenizer, output_dir, run_config, state,
                end_of_turn_id=encoder.end_of_turn_token_id)
 

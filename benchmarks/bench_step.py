@@ -101,7 +101,7 @@ class StepClock:
 def run_token_level(args, loss_chunk_size):
     from common.args import TrainingArguments
     from common.distill import make_kd_loss_fn
-    from common.train import make_accelerator, train
+    from common.train import Method, make_accelerator, train
 
     teacher, student = build_models()
     examples = build_examples(BATCH * 16)
@@ -114,7 +114,7 @@ def run_token_level(args, loss_chunk_size):
     loss_fn = make_kd_loss_fn(accelerator, teacher, VOCAB, "forward", 1.0, 0.5, 0.0,
                               loss_chunk_size=loss_chunk_size)
     base, clock = rss_mb(), StepClock()
-    train(accelerator, student, examples, train_args, loss_fn, pad_token_id=0,
+    train(accelerator, student, examples, train_args, Method(loss_fn), pad_token_id=0,
           run_config={"benchmark": "bench_step"})
     return clock.steps(), base
 

@@ -1,10 +1,10 @@
 """The one training loop shared by every method.
 
-A method supplies `loss_fn(model, batch) -> (loss_sum, stats)`: the SUM of its per-token loss over
-the batch's supervised positions, plus a dict of other per-token sums to log (e.g. {"kd": ..,
-"ce": ..}). Supervised positions are those whose `labels` are not -100; a method whose labels only
-exist after some work (on-policy sampling) passes `prepare_fn(model, batch, step) -> batch`, run
-before counting.
+A method supplies a `Method`: its `loss(model, batch) -> (loss_sum, stats)` gives the SUM of its
+per-token loss over the batch's supervised positions, plus a dict of other per-token sums to log
+(e.g. {"kd": .., "ce": ..}). Supervised positions are those whose `labels` are not -100; a method
+whose labels only exist after some work (on-policy sampling) gives `prepare(model, batch, step) ->
+batch`, run before counting.
 
 The loop divides by the number of supervised tokens in the whole optimizer step (all micro-batches,
 all processes), so the gradient is the per-token mean over the effective batch however it is split:
@@ -19,7 +19,9 @@ import pickle
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -431,21 +433,190 @@ def total_optimizer_steps(args, num_examples, num_processes):
     return max(1, math.ceil(args.num_epochs * batches_per_epoch / args.grad_accum))
 
 
-def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config, prepare_fn=None,
-          collate_fn=None, step_metrics=None, eval_examples=None, eval_loss_fn=None,
-          eval_collate_fn=None):
-    """Train `model` on encoded `examples`; returns the model (still wrapped) and the final state.
+@dataclass(frozen=True)
+class Method:
+    """What a method gives the shared loop: its loss and, where the defaults do not fit, how its
+    batches are built and scored.
 
-    `collate_fn(examples, pad_token_id) -> dict of tensors` builds a micro-batch (default:
-    common.chat.collate); a method whose examples carry more fields than input_ids/labels passes
-    its own. `prepare_fn(model, batch, step) -> batch` runs on each micro-batch before the
-    supervised tokens are counted (`step` = 0-based index of the optimizer step); on-policy
-    sampling happens there. `step_metrics(step) -> dict` adds method-specific fields to that
-    step's metrics row.
+    `loss(model, batch) -> (loss_sum, stats)`: the SUM of the method's per-token loss over the
+    batch's supervised positions (labels != -100), and a dict of other per-token sums to log
+    (e.g. {"kd": .., "ce": ..}).
+    `collate(examples, pad_token_id) -> dict of tensors` builds a micro-batch; a method whose
+    examples carry more fields than input_ids/labels passes its own.
+    `prepare(model, batch, step) -> batch` runs on each micro-batch before the supervised tokens
+    are counted (`step` = 0-based index of the optimizer step); on-policy sampling happens there.
+    `step_metrics(step) -> dict` adds method-specific fields to that step's metrics row.
+    `eval_loss` and `eval_collate` score held-out examples (default: `loss` and `collate`), never
+    through `prepare`.
+    """
+
+    loss: Callable
+    collate: Callable = collate
+    prepare: Optional[Callable] = None
+    step_metrics: Optional[Callable] = None
+    eval_loss: Optional[Callable] = None
+    eval_collate: Optional[Callable] = None
+
+
+@dataclass
+class LoopState:
+    """How far the loop has gone. A checkpoint records all but bad_steps_in_row, which a resumed
+    run counts afresh."""
+
+    step: int = 0  # optimizer steps taken, skipped updates included
+    applied_steps: int = 0
+    non_finite_steps: int = 0  # updates skipped for a NaN/inf loss or gradient
+    bad_steps_in_row: int = 0
+
+    def count(self, applied):
+        self.step += 1
+        self.bad_steps_in_row = 0 if applied else self.bad_steps_in_row + 1
+        self.applied_steps += applied
+        self.non_finite_steps += not applied
+
+
+def _micro_batches(accelerator, model, examples, order, method, pad_token_id, step, grad_accum):
+    """The `grad_accum` micro-batches of optimizer step `step` (0-based), on the device and
+    through method.prepare."""
+    window = []
+    for k in range(grad_accum):
+        batch = method.collate(
+            [examples[i] for i in order.indices(step * grad_accum + k)], pad_token_id)
+        batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
+        window.append(method.prepare(model, batch, step) if method.prepare else batch)
+    return window
+
+
+def _clip_gradients(accelerator, model, max_grad_norm):
+    """Clip to --max-grad-norm (0 = never); returns the norm before clipping, or None."""
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    # DeepSpeed clips inside its own step and may report no norm: nothing to check then.
+    return None if grad_norm is None else float(grad_norm)
+
+
+def _means_and_stop_vote(accelerator, sums, global_tokens, stop_requested):
+    """The window's sums as means per supervised token over all processes, and whether any
+    process was asked to stop."""
+    # Everything logged is a mean per supervised token over all processes. A stop signal rides
+    # along in the same reduction: every process must stop at the same step, or the ones still
+    # training would wait forever for the ones writing a checkpoint.
+    names = sorted(sums)
+    stop_vote = torch.tensor(float(stop_requested), device=accelerator.device)
+    totals = accelerator.reduce(torch.stack([*(sums[n] for n in names), stop_vote]), "sum")
+    means = {n: (totals[i] / global_tokens.clamp(min=1)).item() for i, n in enumerate(names)}
+    return means, totals[-1].item() > 0
+
+
+def _update(accelerator, optimizer, scheduler, loss, grad_norm):
+    """The optimizer update, skipped when the loss or the gradient is NaN/inf; returns whether it
+    was applied. The schedule advances either way."""
+    applied = math.isfinite(loss) and math.isfinite(grad_norm or 0.0)
+    if accelerator.scaler is not None:
+        # fp16: an inf gradient is the loss scaler's business (it skips that update and
+        # lowers the scale); skipping its step() as well would leave it stuck. Only a
+        # non-finite loss counts as a bad step.
+        optimizer.step()
+        applied = math.isfinite(loss)
+    elif applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return applied
+
+
+def _report_skipped_update(accelerator, loop, loss, grad_norm, max_bad_steps):
+    """Say that this step's update was skipped; stop the run after --max-bad-steps in a row."""
+    accelerator.print(f"step {loop.step:05d} | non-finite loss or gradient "
+                      f"(loss {loss}, grad norm {grad_norm}): "
+                      f"update skipped ({loop.bad_steps_in_row} in a row)")
+    if loop.bad_steps_in_row >= max_bad_steps:
+        raise error_on_every_process(accelerator, (
+            f"{loop.bad_steps_in_row} optimizer steps in a row had a NaN/inf loss or "
+            f"gradient (last at step {loop.step}); lower --learning-rate, use float32 "
+            f"(--dtype float32 / --mixed-precision bf16), check the data, then rerun "
+            f"with --resume from the last checkpoint"))
+
+
+class _RunLog:
+    """Where the loop reports: metrics.jsonl, the trackers and lines above the progress bar, all
+    from the main process; and the input tokens counted for tokens_per_second."""
+
+    def __init__(self, accelerator, output_dir, step, total_steps):
+        self.accelerator, self.total_steps = accelerator, total_steps
+        self.metrics_path = output_dir / METRICS_FILE
+        self.progress = tqdm(total=total_steps, initial=step, desc="training", dynamic_ncols=True,
+                             disable=not accelerator.is_local_main_process)
+        self.last_time, self.tokens_since_log = time.perf_counter(), 0
+
+    def step_done(self, window):
+        self.progress.update(1)
+        self.tokens_since_log += sum(int(b["attention_mask"].sum()) for b in window)
+
+    def write(self, row, line):
+        if self.accelerator.is_main_process:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.accelerator.log(tracker_values(row), step=row["step"])
+            self.progress.write(f"step {row['step']:05d}/{self.total_steps} | {line}")
+
+    def training_row(self, step, epoch, means, lr, grad_norm, step_metrics, global_tokens):
+        """The row of optimizer step `step` (1-based); step_metrics(step - 1) adds the method's
+        fields, averaged over processes."""
+        accelerator = self.accelerator
+        elapsed = time.perf_counter() - self.last_time
+        row = {"step": step, "epoch": round(epoch, 4),
+               **{n: round(v, 6) for n, v in means.items()},
+               "lr": lr,
+               "grad_norm": None if grad_norm is None else round(grad_norm, 6),
+               **(mean_over_processes(accelerator, step_metrics(step - 1))
+                  if step_metrics else {}),
+               "supervised_tokens": int(global_tokens),
+               "tokens_per_second": round(self.tokens_since_log * accelerator.num_processes
+                                          / max(elapsed, 1e-9), 1)}
+        extras = " | ".join(f"{n} {v:.4f}" for n, v in means.items() if n != "loss")
+        self.write(row, f"loss {means['loss']:.4f}"
+                        + (f" | {extras}" if extras else "")
+                        + f" | lr {row['lr']:.2e}"
+                        + (f" | grad {grad_norm:.3f}" if grad_norm is not None else "")
+                        + f" | tok/s {row['tokens_per_second']:.0f}")
+        self.progress.set_postfix(loss=f"{means['loss']:.4f}")
+        self.last_time, self.tokens_since_log = time.perf_counter(), 0
+
+    def held_out_row(self, step, means, eval_tokens):
+        row = {"step": step, **{f"eval_{n}": round(v, 6) for n, v in means.items()},
+               "eval_supervised_tokens": eval_tokens}
+        self.write(row, " | ".join(f"eval {n} {v:.4f}" for n, v in means.items()))
+
+
+def _checkpoint_due(args, loop, total_steps, interrupted):
+    """Whether to save a checkpoint after this step: every --save-steps, and when stopped."""
+    # No periodic checkpoint inside a run of bad steps: the newest one stays the last
+    # good state (--save-total-limit would otherwise rotate good ones out).
+    periodic = args.save_steps and loop.step % args.save_steps == 0 and loop.bad_steps_in_row == 0
+    return loop.step < total_steps and (periodic or interrupted)
+
+
+def _held_out_due(args, step, total_steps):
+    """Whether to score the held-out examples after this step: every --eval-steps and at the
+    end."""
+    return step == total_steps or (args.eval_steps and step % args.eval_steps == 0)
+
+
+def _score_held_out(accelerator, model, eval_examples, method, batch_size, pad_token_id):
+    """evaluate() with the method's held-out loss and collate (default: its training ones)."""
+    return evaluate(accelerator, model, eval_examples, batch_size, method.eval_loss or method.loss,
+                    method.eval_collate or method.collate, pad_token_id)
+
+
+def train(accelerator, model, examples, args, method, pad_token_id, run_config,
+          eval_examples=None):
+    """Train `model` on encoded `examples` with `method` (a Method); returns the model (still
+    wrapped) and the final state.
 
     `eval_examples` (held-out, encoded like `examples`) are scored every `args.eval_steps` and at
-    the end with `eval_loss_fn` (default: loss_fn) and `eval_collate_fn` (default: collate_fn), never
-    through `prepare_fn`; the result is a metrics row of eval_* fields.
+    the end with the method's eval_loss and eval_collate; the result is a metrics row of eval_*
+    fields.
 
     Checkpoints go to OUTPUT_DIR/checkpoints every `args.save_steps`; with `args.resume` the newest
     one is loaded first and the run continues exactly where it stopped.
@@ -463,7 +634,7 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                        if getattr(args, "group_by_length", False) else None)
 
     fingerprint = data_fingerprint(examples)
-    step, bad_steps_in_row, applied_steps, non_finite_steps = 0, 0, 0, 0
+    loop = LoopState()
     checkpoint, state = None, None
     if args.resume:
         try:
@@ -486,20 +657,20 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
             # The checkpoint restored its own learning rate and weight decay; the flags allowed
             # to change decide them now, on the (possibly new) schedule at this step.
             _apply_optimizer_settings(optimizer, scheduler, args)
-        step = state["step"]
-        applied_steps = state.get("applied_steps", step)
-        non_finite_steps = state.get("non_finite_steps", 0)
+        loop = LoopState(step=state["step"],
+                         applied_steps=state.get("applied_steps", state["step"]),
+                         non_finite_steps=state.get("non_finite_steps", 0))
         if accelerator.is_main_process:
-            truncate_metrics(output_dir, step)
-            accelerator.print(f"resumed from {checkpoint} at step {step}/{total_steps}")
+            truncate_metrics(output_dir, loop.step)
+            accelerator.print(f"resumed from {checkpoint} at step {loop.step}/{total_steps}")
     elif args.resume:
         if accelerator.is_main_process:
             truncate_metrics(output_dir, 0)  # the rows of an attempt killed before a checkpoint
         accelerator.print(f"--resume: no checkpoint in {output_dir}, starting from step 0")
 
     def trainer_state():
-        position = step * args.grad_accum
-        return {"step": step, "total_steps": total_steps,
+        position = loop.step * args.grad_accum
+        return {"step": loop.step, "total_steps": total_steps,
                 "epoch": position / order.batches_per_epoch, "micro_batches_seen": position,
                 "data_position": {"epoch": position // order.batches_per_epoch,
                                   "batch_in_epoch": position % order.batches_per_epoch},
@@ -507,10 +678,9 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
                 "global_batch_size": order.global_batch_size,
                 "effective_batch_size": order.global_batch_size * args.grad_accum,
                 "mixed_precision": accelerator.mixed_precision,
-                "applied_steps": applied_steps, "non_finite_steps": non_finite_steps,
+                "applied_steps": loop.applied_steps, "non_finite_steps": loop.non_finite_steps,
                 "data_fingerprint": fingerprint, "args": run_config}
 
-    metrics_path = output_dir / METRICS_FILE
     if accelerator.log_with:
         # The same rows as metrics.jsonl, at the same steps. A resumed run drops the event rows
         # after its checkpoint, as truncate_metrics did for metrics.jsonl.
@@ -518,121 +688,49 @@ def train(accelerator, model, examples, args, loss_fn, pad_token_id, run_config,
 
         for tracker in accelerator.log_with:
             if isinstance(tracker, TensorBoardTracker) and args.resume:
-                tracker.init_kwargs["purge_step"] = step + 1
+                tracker.init_kwargs["purge_step"] = loop.step + 1
         accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(run_config, args))
-    progress = tqdm(total=total_steps, initial=step, desc="training", dynamic_ncols=True,
-                    disable=not accelerator.is_local_main_process)
+    log = _RunLog(accelerator, output_dir, loop.step, total_steps)
     model.train()
     stop = _StopFlag()
-    last_time, tokens_since_log = time.perf_counter(), 0
     with stop.installed(), _closing_trackers(accelerator):
-        while step < total_steps:
-            window = []
-            for k in range(args.grad_accum):
-                batch = (collate_fn or collate)(
-                    [examples[i] for i in order.indices(step * args.grad_accum + k)], pad_token_id)
-                batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
-                window.append(prepare_fn(model, batch, step) if prepare_fn else batch)
-            sums, global_tokens = backward_window(accelerator, model, window, loss_fn)
-            local_input_tokens = sum(int(b["attention_mask"].sum()) for b in window)
-
-            max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            # DeepSpeed clips inside its own step and may report no norm: nothing to check then.
-            grad_norm = None if grad_norm is None else float(grad_norm)
-            # Everything logged is a mean per supervised token over all processes. A stop signal
-            # rides along in the same reduction: every process must stop at the same step, or the
-            # ones still training would wait forever for the ones writing a checkpoint.
-            names = sorted(sums)
-            stop_vote = torch.tensor(float(stop.signal_name is not None), device=accelerator.device)
-            totals = accelerator.reduce(torch.stack([*(sums[n] for n in names), stop_vote]), "sum")
-            means = {n: (totals[i] / global_tokens.clamp(min=1)).item() for i, n in enumerate(names)}
-            interrupted = totals[-1].item() > 0
-            finite = math.isfinite(means["loss"]) and math.isfinite(grad_norm or 0.0)
-            if accelerator.scaler is not None:
-                # fp16: an inf gradient is the loss scaler's business (it skips that update and
-                # lowers the scale); skipping its step() as well would leave it stuck. Only a
-                # non-finite loss counts as a bad step.
-                optimizer.step()
-                finite = math.isfinite(means["loss"])
-            elif finite:
-                optimizer.step()
-            bad_steps_in_row = 0 if finite else bad_steps_in_row + 1
-            applied_steps += finite
-            non_finite_steps += not finite
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            progress.update(1)
-            tokens_since_log += local_input_tokens
-
-            if not finite:
-                accelerator.print(f"step {step:05d} | non-finite loss or gradient "
-                                  f"(loss {means['loss']}, grad norm {grad_norm}): "
-                                  f"update skipped ({bad_steps_in_row} in a row)")
-                if bad_steps_in_row >= args.max_bad_steps:
-                    raise error_on_every_process(accelerator, (
-                        f"{bad_steps_in_row} optimizer steps in a row had a NaN/inf loss or "
-                        f"gradient (last at step {step}); lower --learning-rate, use float32 "
-                        f"(--dtype float32 / --mixed-precision bf16), check the data, then rerun "
-                        f"with --resume from the last checkpoint"))
-            if step % args.log_steps == 0 or step == total_steps:
-                elapsed = time.perf_counter() - last_time
-                row = {"step": step, "epoch": round(step * args.grad_accum / order.batches_per_epoch, 4),
-                       **{n: round(v, 6) for n, v in means.items()},
-                       "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": None if grad_norm is None else round(grad_norm, 6),
-                       **(mean_over_processes(accelerator, step_metrics(step - 1))
-                          if step_metrics else {}),
-                       "supervised_tokens": int(global_tokens),
-                       "tokens_per_second": round(tokens_since_log * accelerator.num_processes
-                                                  / max(elapsed, 1e-9), 1)}
-                if accelerator.is_main_process:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    accelerator.log(tracker_values(row), step=step)
-                    extras = " | ".join(f"{n} {v:.4f}" for n, v in means.items() if n != "loss")
-                    progress.write(f"step {step:05d}/{total_steps} | loss {means['loss']:.4f}"
-                                   + (f" | {extras}" if extras else "")
-                                   + f" | lr {row['lr']:.2e}"
-                                   + (f" | grad {grad_norm:.3f}" if grad_norm is not None else "")
-                                   + f" | tok/s {row['tokens_per_second']:.0f}")
-                progress.set_postfix(loss=f"{means['loss']:.4f}")
-                last_time, tokens_since_log = time.perf_counter(), 0
-
-            # No periodic checkpoint inside a run of bad steps: the newest one stays the last
-            # good state (--save-total-limit would otherwise rotate good ones out).
-            periodic = args.save_steps and step % args.save_steps == 0 and bad_steps_in_row == 0
-            if step < total_steps and (periodic or interrupted):
-                save_checkpoint(accelerator, output_dir, step, trainer_state(),
+        while loop.step < total_steps:
+            window = _micro_batches(accelerator, model, examples, order, method, pad_token_id,
+                                    loop.step, args.grad_accum)
+            sums, global_tokens = backward_window(accelerator, model, window, method.loss)
+            grad_norm = _clip_gradients(accelerator, model, args.max_grad_norm)
+            means, interrupted = _means_and_stop_vote(accelerator, sums, global_tokens,
+                                                      stop.signal_name is not None)
+            applied = _update(accelerator, optimizer, scheduler, means["loss"], grad_norm)
+            loop.count(applied)
+            log.step_done(window)
+            if not applied:
+                _report_skipped_update(accelerator, loop, means["loss"], grad_norm,
+                                       args.max_bad_steps)
+            if loop.step % args.log_steps == 0 or loop.step == total_steps:
+                log.training_row(loop.step, loop.step * args.grad_accum / order.batches_per_epoch,
+                                 means, scheduler.get_last_lr()[0], grad_norm,
+                                 method.step_metrics, global_tokens)
+            if _checkpoint_due(args, loop, total_steps, interrupted):
+                save_checkpoint(accelerator, output_dir, loop.step, trainer_state(),
                                 args.save_total_limit)
             # Scored after that step's checkpoint: a failure here cannot cost the weights.
-            if eval_examples and not interrupted and (
-                    step == total_steps or (args.eval_steps and step % args.eval_steps == 0)):
-                means, eval_tokens = evaluate(accelerator, model, eval_examples, args.batch_size,
-                                              eval_loss_fn or loss_fn,
-                                              eval_collate_fn or collate_fn or collate,
-                                              pad_token_id)
-                if accelerator.is_main_process:
-                    row = {"step": step, **{f"eval_{n}": round(v, 6) for n, v in means.items()},
-                           "eval_supervised_tokens": eval_tokens}
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    accelerator.log(tracker_values(row), step=step)
-                    progress.write(f"step {step:05d}/{total_steps} | " + " | ".join(
-                        f"eval {n} {v:.4f}" for n, v in means.items()))
-            if interrupted and step < total_steps:
-                progress.close()
+            if eval_examples and not interrupted and _held_out_due(args, loop.step, total_steps):
+                log.held_out_row(loop.step, *_score_held_out(accelerator, model, eval_examples,
+                                                             method, args.batch_size, pad_token_id))
+            if interrupted and loop.step < total_steps:
+                log.progress.close()
                 raise error_on_every_process(accelerator, (
                     f"stopped by {stop.signal_name or 'a signal to another process'} at step "
-                    f"{step}; checkpoint saved, rerun the same command with --resume to continue"))
-    progress.close()
-    if applied_steps == 0:
+                    f"{loop.step}; checkpoint saved, rerun the same command with --resume to "
+                    f"continue"))
+    log.progress.close()
+    if loop.applied_steps == 0:
         # Exporting now would mark the untouched student as a finished, trained run.
         raise error_on_every_process(accelerator, (
-            f"all {step} optimizer steps had a NaN/inf loss or gradient, so the student was never "
-            f"updated and is not saved; check --loss-temperature and --learning-rate, use float32 "
-            f"(--dtype float32), check the data, then rerun with --overwrite"))
+            f"all {loop.step} optimizer steps had a NaN/inf loss or gradient, so the student was "
+            f"never updated and is not saved; check --loss-temperature and --learning-rate, use "
+            f"float32 (--dtype float32), check the data, then rerun with --overwrite"))
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         # Drop DDP's gradient-sync wrapper now, while the process group is alive (the export
         # needs only the module). Left to the end of the script, its destructor can be what

@@ -321,14 +321,14 @@ def cross_entropy_loss_fn(poisoned_steps=(), poison=float("nan")):
 
 def train_tiny(tiny, tiny_examples, args, loss_fn, prepare_fn, accelerator=None,
                run_config=None, examples=None):
-    from common.train import train
+    from common.train import Method, train
 
     all_examples, tokenizer = tiny_examples
     accelerator = accelerator or fresh_accelerator()
     model = AutoModelForCausalLM.from_pretrained(tiny / "student")
     return train(accelerator, model, all_examples if examples is None else examples, args,
-                 loss_fn, tokenizer.pad_token_id, run_config or {"test": True},
-                 prepare_fn=prepare_fn)
+                 Method(loss_fn, prepare=prepare_fn), tokenizer.pad_token_id,
+                 run_config or {"test": True})
 
 
 def test_a_non_finite_step_is_skipped_logged_and_training_goes_on(tiny, tiny_examples, tmp_path,
