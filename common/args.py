@@ -255,11 +255,28 @@ class _RenamedFlag(argparse.Action):
         used[self.option_strings[0]] = (self.new_flag, self.note)
 
 
+class _RemovedFlag(argparse.Action):
+    """A hidden flag that no longer exists: its use stops parsing with the note saying what to
+    pass instead (a REMOVED_FLAGS entry)."""
+
+    def __init__(self, option_strings, dest, note="", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.note = note
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise UserError(f"{self.option_strings[0]} was removed: {self.note}")
+
+
 def add_renamed_flags(parser, dataclass_types):
     """Register each dataclass's RENAMED_FLAGS as hidden aliases of the new flags (same type,
-    choices and field)."""
+    choices and field), and its REMOVED_FLAGS ({old field name: what to pass instead}) as hidden
+    flags that refuse to run with that note, rather than as unknown flags."""
     actions = flag_actions(parser)
     for dataclass_type in dataclass_types:
+        for old, note in getattr(dataclass_type, "REMOVED_FLAGS", {}).items():
+            options = dict.fromkeys([f"--{old.replace('_', '-')}", f"--{old}"])  # dashed first
+            parser.add_argument(*options, action=_RemovedFlag, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS, note=note)
         for old, (new, note) in renamed_flags(dataclass_type).items():
             target = actions[new]
             options = dict.fromkeys([f"--{old.replace('_', '-')}", f"--{old}"])  # dashed first
@@ -369,7 +386,8 @@ def yaml_word(value):
 def parse_args(dataclass_types, argv=None, description=None):
     """Parse the command line (and its --config file) into one instance per dataclass (bad
     values raise UserError). A flag a dataclass renamed (its RENAMED_FLAGS) is still taken under
-    the old name, on the command line or as a --config key, with a warning."""
+    the old name, on the command line or as a --config key, with a warning; one it removed (its
+    REMOVED_FLAGS) is refused with a note saying what to pass instead."""
     # No prefix matching: --max-step silently meaning --max-steps would hide typos (and a later
     # flag that shares the prefix would change what an old command line means).
     parser = HfArgumentParser(dataclass_types, description=description, allow_abbrev=False)
