@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from common.align import check_offsets, encode_pair, shared_vocabulary
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
-                         parse_args)
+                         parse_args, shared_field)
 from common.chat import ChatEncoder, SkipRow, collate, ensure_chat_template
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
@@ -86,24 +86,13 @@ class CrossTokenizerArguments:
     top_k: int = field(default=64, metadata={
         "help": "Ranks compared per position (0 = whole vocabularies: with l1 the shorter is "
                 "zero-padded as in the original ULD; with kl the shorter length is used)."})
-    loss_temperature: float = field(default=1.0, metadata={
-        "help": "Softmax temperature T of both models inside the loss (before sorting); the "
-                "divergence (ULD and --hybrid KL) is scaled by T², as in token_level.py. The "
-                "default 1 gives the same loss as before the T² factor."})
-    alpha: float = field(default=0.5, metadata={
-        "help": "Weight of cross-entropy on the student's own reply tokens, in [0, 1]: loss per "
-                "aligned token = (1-alpha)*T²*ULD (+ the --hybrid KL) + alpha*CE, as in "
-                "token_level.py."})
+    loss_temperature: float = shared_field("loss_temperature", default=1.0)
+    alpha: float = shared_field("alpha", default=0.5)
     hybrid: bool = field(default=False, metadata={
         "help": "Where the paired tokens are the same string in both vocabularies, add an exact "
                 "KL(teacher‖student) over the tokens the vocabularies share (each distribution "
                 "restricted to them and renormalized)."})
-    loss_chunk_size: int = field(default=0, metadata={
-        "help": "Aligned positions per chunk of the memory-bounded loss: both output layers run "
-                "only at aligned positions, this many at a time, each chunk recomputed in "
-                "backward. 0 = automatic, ~128 MiB of float32 logits of the larger vocabulary "
-                "per chunk (128 positions at 262,144 tokens); -1 = no chunking: both models' full "
-                "logits at every position."})
+    loss_chunk_size: int = shared_field("loss_chunk_size", default=0)
 
     def __post_init__(self):
         if self.loss_chunk_size < -1:
@@ -260,6 +249,12 @@ def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, u
     return loss_fn
 
 
+# What the command line parses into, in main's order (tests/test_flags.py builds every
+# script's parser from these).
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainingArguments, CrossTokenizerArguments,
+                   LoraArguments)
+
+
 def main(argv=None):
     from functools import partial
 
@@ -268,8 +263,7 @@ def main(argv=None):
     from common.train import make_accelerator, train
 
     model_args, data_args, train_args, uld_args, lora_args = parse_args(
-        (ModelArguments, DataArguments, TrainingArguments, CrossTokenizerArguments,
-         LoraArguments), argv, description=__doc__.split("\n\n")[0])
+        ARGUMENT_GROUPS, argv, description=__doc__.split("\n\n")[0])
     for flag, value in [("--teacher", model_args.teacher), ("--student", model_args.student),
                         ("--dataset", data_args.dataset)]:
         if not value:
