@@ -48,9 +48,9 @@ import torch
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from common.api_client import TeacherApiArguments, redacted_args, redacted_command
-from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
-                         parse_args, shared_field)
+from common.api_client import redacted_args, redacted_command
+from common.args import (DataArguments, KDArguments, ModelArguments, TrainingArguments,
+                         eval_data_args, parse_args, shared_field)
 from common.chat import IGNORE_INDEX, ChatEncoder, collate, encode_dataset
 from common import teacher_cache
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
@@ -63,25 +63,19 @@ from common.sharding import full_params_for_generation, prepare_teacher
 
 
 @dataclass
-class OnPolicyArguments(TeacherApiArguments):
+class OnPolicyArguments(KDArguments):
     RENAMED_FLAGS = {"temperature": "sampling_temperature"}  # old spelling, hidden, one release
-    # The server options (--teacher-api-base, --api-key-env, ...) come first, from common/api_client.
+    # The server options (--teacher-api-base, ...) and the divergence's (--beta, --teacher-cache,
+    # ...) come first, from common/args.py's KDArguments.
+    kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse",
+                "sampled_reverse"] = shared_field("kl", default="reverse")
     lmbda: float = field(default=0.5, metadata={
         "help": "Probability that an optimizer step is on-policy (student samples); the rest are "
                 "off-policy steps on the dataset replies. 1 = always on-policy."})
-    kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse",
-                "sampled_reverse"] = shared_field("kl", default="reverse")
-    beta: float = shared_field("beta", default=0.5)
-    skew: float = shared_field("skew", default=0.1)
     sampling_temperature: float = shared_field("sampling_temperature", default=1.0)
-    loss_temperature: float = shared_field("loss_temperature", default=1.0)
     top_p: float = shared_field("top_p", default=1.0)
     max_new_tokens: int = shared_field("max_new_tokens", default=128)
     completions: Optional[str] = shared_field("completions", default=None)
-    teacher_cache: Optional[str] = shared_field("teacher_cache", default=None)
-    cache_top_k: Optional[int] = shared_field("cache_top_k", default=None)
-    teacher_top_k: int = shared_field("teacher_top_k", default=20)
-    loss_chunk_size: int = shared_field("loss_chunk_size", default=0)
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,32 +89,14 @@ class OnPolicyArguments(TeacherApiArguments):
              f"--teacher-api-base supports --kl forward (top-K) or sampled_reverse, not "
              f"{self.kl}: the server returns log-probs of its top K and of the sampled tokens, "
              f"not every token's"),
-            (not served or self.loss_temperature == 1.0,
-             "--teacher-api-base needs --loss-temperature 1: the server's log-probs are at "
-             "temperature 1, and a top K cannot be re-tempered without the rest"),
             (not (served and self.teacher_cache),
              "--teacher-cache cannot be filled from --teacher-api-base yet; build it with a local "
              "--teacher"),
-            (self.teacher_top_k >= 1, f"--teacher-top-k must be >= 1, got {self.teacher_top_k}"),
             (0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}"),
             (math.isfinite(self.sampling_temperature) and self.sampling_temperature > 0,
              f"--sampling-temperature must be > 0 and finite, got {self.sampling_temperature}"),
-            (math.isfinite(self.loss_temperature) and self.loss_temperature > 0,
-             f"--loss-temperature must be > 0 and finite, got {self.loss_temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.kl != "jsd" or 0 < self.beta < 1,
-             f"--beta must be strictly between 0 and 1 for --kl jsd, got {self.beta}"),
-            (not self.kl.startswith("skew") or 0 < self.skew < 1,
-             f"--skew must be strictly between 0 and 1 for --kl {self.kl}, got {self.skew}"),
-            (not self.teacher_cache or self.kl == "forward",
-             "--teacher-cache needs --kl forward: the cache keeps the teacher's top K per "
-             "position, which defines forward KL only (reverse KL and JSD need every token)"),
-            (self.cache_top_k is None or self.cache_top_k >= 1,
-             f"--cache-top-k must be >= 1, got {self.cache_top_k}"),
-            (self.loss_chunk_size >= -1,
-             f"--loss-chunk-size must be a number of positions >= 1, 0 (automatic) or -1 (no "
-             f"chunking), got {self.loss_chunk_size}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -43,14 +43,13 @@ Examples:
         --dataset runs/tiny/train.jsonl --output-dir runs/tiny/kd --max-steps 12 --kl reverse
 """
 
-import math
 import sys
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
-from common.api_client import TeacherApiArguments, redacted_args, redacted_command
-from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
-                         parse_args, shared_field)
+from common.api_client import redacted_args, redacted_command
+from common.args import (DataArguments, KDArguments, ModelArguments, TrainingArguments,
+                         eval_data_args, parse_args, shared_field)
 from common import teacher_cache
 from common.chat import ChatEncoder, collate, encode_dataset
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
@@ -64,58 +63,29 @@ from common.sharding import prepare_teacher
 
 
 @dataclass
-class TokenLevelArguments(TeacherApiArguments):
+class TokenLevelArguments(KDArguments):
     RENAMED_FLAGS = {"temperature": "loss_temperature"}  # old spelling, hidden, for one release
-    # The server options (--teacher-api-base, --api-key-env, ...) come first, from common/api_client.
+    # The server options (--teacher-api-base, ...) and the divergence's (--beta, --teacher-cache,
+    # ...) come first, from common/args.py's KDArguments.
     kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse"] = shared_field(
         "kl", default="forward")
-    beta: float = shared_field("beta", default=0.5)
-    skew: float = shared_field("skew", default=0.1)
-    loss_temperature: float = shared_field("loss_temperature", default=1.0)
     alpha: float = shared_field("alpha", default=0.0)
-    teacher_cache: Optional[str] = shared_field("teacher_cache", default=None)
-    cache_top_k: Optional[int] = shared_field("cache_top_k", default=None)
-    teacher_top_k: int = shared_field("teacher_top_k", default=20)
-    loss_chunk_size: int = shared_field("loss_chunk_size", default=0)
 
     def __post_init__(self):
         super().__post_init__()
-        if not (math.isfinite(self.loss_temperature) and self.loss_temperature > 0):
-            raise UserError(f"--loss-temperature must be > 0 and finite, got "
-                            f"{self.loss_temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must be in [0, 1] (the weight of cross-entropy; 0 = pure "
                             f"distillation), got {self.alpha}")
-        if self.teacher_cache and self.kl != "forward":
-            raise UserError("--teacher-cache supports --kl forward only: reverse KL and JSD need "
-                            "the teacher's probability of every token, the cache keeps its top K")
         if self.teacher_api_base:
             if self.kl != "forward":
                 raise UserError("--teacher-api-base supports --kl forward only: the server returns "
                                 "the teacher's top K per position, which defines forward KL only")
-            if self.loss_temperature != 1.0:
-                raise UserError("--teacher-api-base needs --loss-temperature 1: the server's "
-                                "log-probs are at temperature 1, and a top K cannot be re-tempered "
-                                "without the rest of the distribution")
             if (self.teacher_cache and self.cache_top_k is not None
                     and self.cache_top_k != self.teacher_top_k):
                 raise UserError(f"--cache-top-k {self.cache_top_k} and --teacher-top-k "
                                 f"{self.teacher_top_k} differ: a cache filled from "
                                 f"--teacher-api-base keeps the server's top K; drop --cache-top-k "
                                 f"and set --teacher-top-k to the K wanted")
-        if self.teacher_top_k < 1:
-            raise UserError(f"--teacher-top-k must be >= 1, got {self.teacher_top_k}")
-        if self.cache_top_k is not None and self.cache_top_k < 1:
-            raise UserError(f"--cache-top-k must be >= 1, got {self.cache_top_k}")
-        if self.loss_chunk_size < -1:
-            raise UserError(f"--loss-chunk-size must be a number of positions >= 1, 0 "
-                            f"(automatic) or -1 (no chunking), got {self.loss_chunk_size}")
-        if self.kl == "jsd" and not 0.0 < self.beta < 1.0:
-            raise UserError(f"--beta must be strictly between 0 and 1 for --kl jsd, got "
-                            f"{self.beta}; use --kl forward or --kl reverse for the end points")
-        if self.kl.startswith("skew") and not 0.0 < self.skew < 1.0:
-            raise UserError(f"--skew must be strictly between 0 and 1 for --kl {self.kl}, got "
-                            f"{self.skew}; use --kl forward or --kl reverse for skew 0")
 
 
 # What the command line parses into, in main's order (tests/test_flags.py builds every

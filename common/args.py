@@ -20,6 +20,7 @@ from typing import Literal, Optional
 
 from transformers import HfArgumentParser
 
+from common.api_client import TeacherApiArguments
 from common.chat import read_chat_template
 from common.errors import UserError
 
@@ -285,6 +286,51 @@ class TrainingArguments:
             if not ok:
                 raise UserError(message)
         installed_trackers(self.report_to)  # a missing package fails now, not after loading
+
+
+@dataclass
+class KDArguments(TeacherApiArguments):
+    """The same-vocabulary distillation options of token_level.py and on_policy.py: the
+    divergence and its knobs, and a teacher given as its top K per position (--teacher-cache, a
+    server). Each script's own group derives from this one (adding its options and its --kl
+    choices and default), so they stay in its run_config group."""
+    kl: str = shared_field("kl", default="forward")  # each script narrows the choices
+    beta: float = shared_field("beta", default=0.5)
+    skew: float = shared_field("skew", default=0.1)
+    loss_temperature: float = shared_field("loss_temperature", default=1.0)
+    teacher_cache: Optional[str] = shared_field("teacher_cache", default=None)
+    cache_top_k: Optional[int] = shared_field("cache_top_k", default=None)
+    teacher_top_k: int = shared_field("teacher_top_k", default=20)
+    loss_chunk_size: int = shared_field("loss_chunk_size", default=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [
+            (math.isfinite(self.loss_temperature) and self.loss_temperature > 0,
+             f"--loss-temperature must be > 0 and finite, got {self.loss_temperature}"),
+            (self.kl != "jsd" or 0.0 < self.beta < 1.0,
+             f"--beta must be strictly between 0 and 1 for --kl jsd, got {self.beta}; use --kl "
+             f"forward or --kl reverse for the end points"),
+            (not self.kl.startswith("skew") or 0.0 < self.skew < 1.0,
+             f"--skew must be strictly between 0 and 1 for --kl {self.kl}, got {self.skew}; use "
+             f"--kl forward or --kl reverse for skew 0"),
+            (not self.teacher_cache or self.kl == "forward",
+             "--teacher-cache supports --kl forward only: the cache keeps the teacher's top K per "
+             "position, which defines forward KL only (reverse KL and JSD need every token)"),
+            (not self.teacher_api_base or self.loss_temperature == 1.0,
+             "--teacher-api-base needs --loss-temperature 1: the server's log-probs are at "
+             "temperature 1, and a top K cannot be re-tempered without the rest of the "
+             "distribution"),
+            (self.teacher_top_k >= 1, f"--teacher-top-k must be >= 1, got {self.teacher_top_k}"),
+            (self.cache_top_k is None or self.cache_top_k >= 1,
+             f"--cache-top-k must be >= 1, got {self.cache_top_k}"),
+            (self.loss_chunk_size >= -1,
+             f"--loss-chunk-size must be a number of positions >= 1, 0 (automatic) or -1 (no "
+             f"chunking), got {self.loss_chunk_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # each one's package has its name
