@@ -16,10 +16,11 @@ shared vocabulary.
     --hybrid        also an exact KL over the tokens both vocabularies share, at positions whose
                     paired tokens are the same string in both
 
-Loss per aligned student token = alpha * cross-entropy on the student's own reply token
-+ distill_weight * ULD (+ the hybrid KL). What this loses: the token identity (a teacher sure of
-"Paris" and one sure of "London" look the same), the exactness of the pairing (tokens that do not
-share boundaries are paired approximately) and the tail of the distributions beyond --top-k.
+Loss per aligned student token = (1 - alpha) * T² * (ULD (+ the hybrid KL)) + alpha * cross-entropy
+on the student's own reply token, token_level.py's formula with ULD as the divergence. What this
+loses: the token identity (a teacher sure of "Paris" and one sure of "London" look the same), the
+exactness of the pairing (tokens that do not share boundaries are paired approximately) and the
+tail of the distributions beyond --top-k.
 
 Memory: both output layers run only at the positions that predict an aligned token or its partner,
 --loss-chunk-size of them at a time (see make_loss_fn): at a 262,144-token vocabulary full logits
@@ -55,13 +56,14 @@ import torch.nn.functional as F
 
 from common.align import check_offsets, encode_pair, shared_vocabulary
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
-                         parse_args)
+                         parse_args, shared_field)
 from common.chat import ChatEncoder, SkipRow, collate, ensure_chat_template
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.errors import UserError, run_cli
 from common.lora import LoraArguments, add_adapters
-from common.losses import cross_entropy, shared_vocab_kl, uld_loss
+from common.losses import (combine_kd_and_ce, cross_entropy, shared_vocab_kl, temperature_scale,
+                           uld_loss)
 from common.models import (check_vocab_fits, freeze, load_model, load_student, load_tokenizer,
                            real_vocab_size)
 from common.sharding import prepare_teacher
@@ -72,6 +74,11 @@ class CrossTokenizerArguments:
     # Old spelling, hidden, for one release; it had no T² factor.
     RENAMED_FLAGS = {"temperature": ("loss_temperature", "which scales the divergence by T², "
                                                          "as in token_level.py")}
+    # --alpha was a CE weight >= 0 beside this ULD weight; it is now token_level.py's CE share.
+    REMOVED_FLAGS = {"distill_weight": "--alpha is now the cross-entropy weight in [0, 1], loss = "
+                                       "(1-alpha)*T²*ULD + alpha*CE as in token_level.py; for "
+                                       "the old --alpha A --distill-weight W pass --alpha "
+                                       "A/(A+W) (the old loss divided by A+W; old defaults: 0.5)"}
     uld_loss: Literal["kl", "l1"] = field(default="kl", metadata={
         "help": "How the two sorted top-K probability vectors are compared: kl = KL(teacher‖"
                 "student) after renormalizing each to sum 1; l1 = sum of absolute differences "
@@ -79,25 +86,13 @@ class CrossTokenizerArguments:
     top_k: int = field(default=64, metadata={
         "help": "Ranks compared per position (0 = whole vocabularies: with l1 the shorter is "
                 "zero-padded as in the original ULD; with kl the shorter length is used)."})
-    loss_temperature: float = field(default=1.0, metadata={
-        "help": "Softmax temperature T of both models inside the loss (before sorting); the "
-                "divergence (ULD and --hybrid KL) is scaled by T², as in token_level.py. The "
-                "default 1 gives the same loss as before the T² factor."})
-    alpha: float = field(default=1.0, metadata={
-        "help": "Weight (>= 0) of cross-entropy on the student's own reply tokens. Loss per "
-                "aligned token = alpha*CE + distill_weight*ULD."})
-    distill_weight: float = field(default=1.0, metadata={
-        "help": "Weight (>= 0) of the ULD term (and of the --hybrid KL)."})
+    loss_temperature: float = shared_field("loss_temperature", default=1.0)
+    alpha: float = shared_field("alpha", default=0.5)
     hybrid: bool = field(default=False, metadata={
         "help": "Where the paired tokens are the same string in both vocabularies, add an exact "
                 "KL(teacher‖student) over the tokens the vocabularies share (each distribution "
                 "restricted to them and renormalized)."})
-    loss_chunk_size: int = field(default=0, metadata={
-        "help": "Aligned positions per chunk of the memory-bounded loss: both output layers run "
-                "only at aligned positions, this many at a time, each chunk recomputed in "
-                "backward. 0 = automatic, ~128 MiB of float32 logits of the larger vocabulary "
-                "per chunk (128 positions at 262,144 tokens); -1 = no chunking: both models' full "
-                "logits at every position."})
+    loss_chunk_size: int = shared_field("loss_chunk_size", default=0)
 
     def __post_init__(self):
         if self.loss_chunk_size < -1:
@@ -108,12 +103,9 @@ class CrossTokenizerArguments:
         if not (math.isfinite(self.loss_temperature) and self.loss_temperature > 0):
             raise UserError(f"--loss-temperature must be > 0 and finite, got "
                             f"{self.loss_temperature}")
-        if not all(math.isfinite(w) and w >= 0 for w in (self.alpha, self.distill_weight)):
-            raise UserError(f"--alpha and --distill-weight must be >= 0 and finite, got "
-                            f"{self.alpha} and {self.distill_weight}")
-        if self.alpha == 0 and self.distill_weight == 0:
-            raise UserError("--alpha and --distill-weight are both 0: nothing to train on; "
-                            "raise one of them")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"--alpha must be in [0, 1] (the weight of cross-entropy; 0 = pure "
+                            f"distillation), got {self.alpha}")
 
 
 def encode_pairs(data_args, student_encoder, teacher_encoder, log=print, progress=True):
@@ -203,9 +195,8 @@ def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, u
         """The summed loss of some aligned positions (all or one chunk) and its statistics."""
         teacher_logits = teacher_logits_of(teacher_rows)
         temperature = uld_args.loss_temperature
-        # T² keeps the gradient's size as T changes (softened probabilities move ~1/T² as much).
         uld = uld_loss(student_logits, teacher_logits, uld_args.uld_loss, uld_args.top_k,
-                       temperature) * temperature ** 2
+                       temperature) * temperature_scale(temperature)
         ce = cross_entropy(student_logits, targets)
         distill, stats = uld, {"uld": uld.sum().detach(), "ce": ce.sum().detach()}
         if shared is not None:
@@ -213,12 +204,12 @@ def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, u
             index = same_string.nonzero(as_tuple=True)[0]
             exact = shared_vocab_kl(student_logits[index], teacher_logits[index],
                                     shared_student_ids, shared_teacher_ids,
-                                    temperature) * temperature ** 2
+                                    temperature) * temperature_scale(temperature)
             # Scatter out of place: the hybrid term exists only where the strings match.
             exact = torch.zeros_like(uld).index_put((index,), exact)
             distill = uld + exact
             stats.update(hybrid=exact.sum().detach(), same_string=same_string.sum().float())
-        loss = uld_args.alpha * ce.sum() + uld_args.distill_weight * distill.sum()
+        loss = combine_kd_and_ce(distill.sum(), ce.sum(), uld_args.alpha)
         return loss, stats
 
     student_loss_fn = make_head_loss_fn(
@@ -258,6 +249,12 @@ def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, u
     return loss_fn
 
 
+# What the command line parses into, in main's order (tests/test_flags.py builds every
+# script's parser from these).
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainingArguments, CrossTokenizerArguments,
+                   LoraArguments)
+
+
 def main(argv=None):
     from functools import partial
 
@@ -266,8 +263,7 @@ def main(argv=None):
     from common.train import Method, make_accelerator, train
 
     model_args, data_args, train_args, uld_args, lora_args = parse_args(
-        (ModelArguments, DataArguments, TrainingArguments, CrossTokenizerArguments,
-         LoraArguments), argv, description=__doc__.split("\n\n")[0])
+        ARGUMENT_GROUPS, argv, description=__doc__.split("\n\n")[0])
     for flag, value in [("--teacher", model_args.teacher), ("--student", model_args.student),
                         ("--dataset", data_args.dataset)]:
         if not value:

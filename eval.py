@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from common.args import DataArguments, parse_args
+from common.args import DataArguments, parse_args, shared_field
 from common.chat import read_chat_template
 from common.errors import UserError, run_cli
 
@@ -61,13 +61,9 @@ class EvalArguments:
         "help": "Short row names, one per --models entry in the same order (default: each "
                 "model's directory or Hub id's last part, with parent folders added where two "
                 "would collide). List the teacher in --models too to name its row."})
-    teacher: Optional[str] = field(default=None, metadata={
-        "help": "Teacher (directory or Hub id): scored in its own row, and every model with the "
-                "same tokenizer gets kl_to_teacher and top1_agreement."})
-    max_new_tokens: int = field(default=256, metadata={
-        "help": "Most tokens generated per reply (generation also stops at end of turn or EOS)."})
-    batch_size: int = field(default=8, metadata={
-        "help": "Conversations per forward pass and per generation batch."})
+    teacher: Optional[str] = shared_field("teacher", default=None)
+    max_new_tokens: int = shared_field("max_new_tokens", default=256)
+    batch_size: int = shared_field("batch_size", default=8)
     output: Optional[str] = field(default=None, metadata={
         "help": "Write the numbers and the settings used to this JSON file. If it (or the "
                 "NAME.partial.json of a run that failed) already holds a model's row scored "
@@ -79,16 +75,11 @@ class EvalArguments:
     answers_field: str = field(default="answers", metadata={
         "help": "Column holding a list of accepted answers for exact match; rows without it are "
                 "matched against the reference reply."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "Weight dtype for loading every model ('auto' = as stored). Metrics are computed "
-                "in float32 either way."})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "Allow models/tokenizers that ship their own Python code (trusted repos only)."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = shared_field("dtype",
+                                                                            default="auto")
+    trust_remote_code: bool = shared_field("trust_remote_code", default=False)
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bars."})
-    chat_template: Optional[str] = field(default=None, metadata={
-        "help": "Jinja chat template file for every model whose tokenizer has none (a base model, "
-                "a GGUF conversion). Default: the generic <|user|>/<|assistant|> template of "
-                "docs/data_and_masking.md, with a warning."})
+    chat_template: Optional[str] = shared_field("chat_template", default=None)
 
     def __post_init__(self):
         if self.chat_template is not None:
@@ -108,11 +99,7 @@ class EvalArguments:
 @dataclass
 class EvalDataArguments(DataArguments):
     """The shared data options, with evaluation defaults."""
-    dataset: Optional[str] = field(default=None, metadata={
-        "help": "Held-out data: a local .jsonl/.json/.parquet/.csv file or a Hugging Face Hub "
-                "dataset id. Rows need a messages column or prompt/response columns."})
-    dataset_split: str = field(default="test", metadata={
-        "help": "Split to use for a Hub dataset (ignored for a local file, which is one split)."})
+    dataset_split: str = shared_field("dataset_split", default="test")
 
 
 def log(message):
@@ -738,8 +725,13 @@ def write_results(path, settings, results):
                         f"above has the numbers") from None
 
 
+# What the command line parses into, in main's order (tests/test_flags.py builds every
+# script's parser from these).
+ARGUMENT_GROUPS = (EvalArguments, EvalDataArguments)
+
+
 def main(argv=None):
-    eval_args, data_args = parse_args((EvalArguments, EvalDataArguments), argv,
+    eval_args, data_args = parse_args(ARGUMENT_GROUPS, argv,
                                       description=__doc__.split("\n\n")[0])
     if not eval_args.models:
         raise UserError("--models is required: one or more model directories or Hub ids")

@@ -48,9 +48,9 @@ import torch
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from common.api_client import TeacherApiArguments, redacted_args, redacted_command
-from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
-                         parse_args)
+from common.api_client import redacted_args, redacted_command
+from common.args import (DataArguments, KDArguments, ModelArguments, TrainingArguments,
+                         eval_data_args, parse_args, shared_field)
 from common.chat import IGNORE_INDEX, ChatEncoder, collate, encode_dataset
 from common import teacher_cache
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
@@ -63,58 +63,19 @@ from common.sharding import full_params_for_generation, prepare_teacher
 
 
 @dataclass
-class OnPolicyArguments(TeacherApiArguments):
+class OnPolicyArguments(KDArguments):
     RENAMED_FLAGS = {"temperature": "sampling_temperature"}  # old spelling, hidden, one release
-    # The server options (--teacher-api-base, --api-key-env, ...) come first, from common/api_client.
+    # The server options (--teacher-api-base, ...) and the divergence's (--beta, --teacher-cache,
+    # ...) come first, from common/args.py's KDArguments.
+    kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse",
+                "sampled_reverse"] = shared_field("kl", default="reverse")
     lmbda: float = field(default=0.5, metadata={
         "help": "Probability that an optimizer step is on-policy (student samples); the rest are "
                 "off-policy steps on the dataset replies. 1 = always on-policy."})
-    kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse",
-                "sampled_reverse"] = field(
-        default="reverse", metadata={
-        "help": "Divergence: reverse = KL(student‖teacher) (default, GKD/MiniLLM), forward = "
-                "KL(teacher‖student), jsd = generalized JSD with --beta, skew_forward / "
-                "skew_reverse = DistiLLM's skew KL with --skew (bounded where the teacher gives "
-                "a token ~0). With --teacher-api-base: forward = forward KL over the teacher's "
-                "top --teacher-top-k plus a tail bucket (biased low: the rest is one lump), or "
-                "sampled_reverse = on on-policy steps, per sampled token x, advantage = log "
-                "p_teacher(x) - log p_student(x) (detached) and loss = -advantage * log "
-                "p_student(x): its expected gradient is the reverse KL's (unbiased) but from one "
-                "sample per position (noisy), and its logged loss is not the KL (kd is the "
-                "sampled KL estimate); off-policy steps (dataset replies, not student samples) "
-                "then use the top-K forward KL."})
-    beta: float = field(default=0.5, metadata={
-        "help": "JSD mixture weight in (0, 1), with --kl jsd only."})
-    skew: float = field(default=0.1, metadata={
-        "help": "Skew in (0, 1), with --kl skew_forward / skew_reverse only: skew_reverse = "
-                "KL(p_s ‖ skew*p_s + (1-skew)*p_t). 0.1 is DistiLLM's."})
-    sampling_temperature: float = field(default=1.0, metadata={
-        "help": "Sampling temperature of the student's on-policy samples."})
-    loss_temperature: float = field(default=1.0, metadata={
-        "help": "Softmax temperature inside the loss (the divergence is scaled by T²)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    max_new_tokens: int = field(default=128, metadata={
-        "help": "Longest on-policy sample per prompt."})
-    completions: Optional[str] = field(default=None, metadata={
-        "help": "Teacher-written completions (a sequence_level.py cache) for the off-policy "
-                "steps instead of the dataset's replies (GKD's sequence-level mode)."})
-    teacher_cache: Optional[str] = field(default=None, metadata={
-        "help": "Directory of an offline teacher cache (token_level.py's format, built here on "
-                "the first run) read by the off-policy steps instead of running the teacher; "
-                "on-policy steps still score their samples with the live teacher. Needs --kl "
-                "forward."})
-    cache_top_k: int = field(default=32, metadata={
-        "help": "Teacher tokens kept per position in --teacher-cache (plus one tail bucket)."})
-    teacher_top_k: int = field(default=20, metadata={
-        "help": "With --teacher-api-base: teacher log-probs per position asked of the server for "
-                "the top-K forward KL (at most its own maximum, vLLM's --max-logprobs, default "
-                "20)."})
-    loss_chunk_size: int = field(default=0, metadata={
-        "help": "Supervised positions per chunk of the memory-bounded loss: both output layers "
-                "and the divergence run on this many positions at a time, so about one chunk of "
-                "logits (4 bytes x vocabulary per position in float32) is alive at once. "
-                "0 = automatic, ~128 MiB of float32 logits per chunk (256 positions at a 128K "
-                "vocabulary); -1 = no chunking: full logits at every position."})
+    sampling_temperature: float = shared_field("sampling_temperature", default=1.0)
+    top_p: float = shared_field("top_p", default=1.0)
+    max_new_tokens: int = shared_field("max_new_tokens", default=128)
+    completions: Optional[str] = shared_field("completions", default=None)
 
     def __post_init__(self):
         super().__post_init__()
@@ -128,31 +89,14 @@ class OnPolicyArguments(TeacherApiArguments):
              f"--teacher-api-base supports --kl forward (top-K) or sampled_reverse, not "
              f"{self.kl}: the server returns log-probs of its top K and of the sampled tokens, "
              f"not every token's"),
-            (not served or self.loss_temperature == 1.0,
-             "--teacher-api-base needs --loss-temperature 1: the server's log-probs are at "
-             "temperature 1, and a top K cannot be re-tempered without the rest"),
             (not (served and self.teacher_cache),
              "--teacher-cache cannot be filled from --teacher-api-base yet; build it with a local "
              "--teacher"),
-            (self.teacher_top_k >= 1, f"--teacher-top-k must be >= 1, got {self.teacher_top_k}"),
             (0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}"),
             (math.isfinite(self.sampling_temperature) and self.sampling_temperature > 0,
              f"--sampling-temperature must be > 0 and finite, got {self.sampling_temperature}"),
-            (math.isfinite(self.loss_temperature) and self.loss_temperature > 0,
-             f"--loss-temperature must be > 0 and finite, got {self.loss_temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.kl != "jsd" or 0 < self.beta < 1,
-             f"--beta must be strictly between 0 and 1 for --kl jsd, got {self.beta}"),
-            (not self.kl.startswith("skew") or 0 < self.skew < 1,
-             f"--skew must be strictly between 0 and 1 for --kl {self.kl}, got {self.skew}"),
-            (not self.teacher_cache or self.kl == "forward",
-             "--teacher-cache needs --kl forward: the cache keeps the teacher's top K per "
-             "position, which defines forward KL only (reverse KL and JSD need every token)"),
-            (self.cache_top_k >= 1, f"--cache-top-k must be >= 1, got {self.cache_top_k}"),
-            (self.loss_chunk_size >= -1,
-             f"--loss-chunk-size must be a number of positions >= 1, 0 (automatic) or -1 (no "
-             f"chunking), got {self.loss_chunk_size}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -230,14 +174,19 @@ class OnPolicySampler:
         return row
 
 
+# What the command line parses into, in main's order (tests/test_flags.py builds every
+# script's parser from these).
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainingArguments, OnPolicyArguments,
+                   LoraArguments)
+
+
 def main(argv=None):
     from accelerate.utils import set_seed
 
     from common.train import Method, make_accelerator, train
 
     model_args, data_args, train_args, gkd_args, lora_args = parse_args(
-        (ModelArguments, DataArguments, TrainingArguments, OnPolicyArguments, LoraArguments),
-        argv, description=__doc__.split("\n\n")[0])
+        ARGUMENT_GROUPS, argv, description=__doc__.split("\n\n")[0])
     held_out_data_args = data_args  # --eval-dataset keeps the user's column names
     if gkd_args.completions:
         data_args = dataclasses.replace(data_args, dataset=gkd_args.completions,
@@ -292,7 +241,8 @@ def main(argv=None):
             example["example_index"] = index  # cache rows are found by example, never by step
         cache = teacher_cache.prepare(
             gkd_args.teacher_cache, examples, tokenizer, model_args.teacher, data_args,
-            gkd_args.cache_top_k, gkd_args.loss_temperature, accelerator, lambda: teacher,
+            teacher_cache.top_k_to_keep(gkd_args.cache_top_k, gkd_args.teacher_cache),
+            gkd_args.loss_temperature, accelerator, lambda: teacher,
             train_args.batch_size, reuse_note="off-policy steps read it, on-policy steps run the "
                                               "teacher")
         collate_fn = cache.collate_fn(collate)

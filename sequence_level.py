@@ -46,7 +46,8 @@ from typing import Optional
 
 from common.api_client import (TeacherApiArguments, api_error, make_client, redacted_args,
                                redacted_command)
-from common.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from common.args import (DataArguments, ModelArguments, TrainingArguments, parse_args,
+                         shared_field)
 from common.lora import LoraArguments, add_adapters
 from common.errors import UserError, run_cli
 
@@ -57,28 +58,20 @@ COMPLETIONS_FILE = "teacher_completions.jsonl"
 class SequenceLevelArguments(TeacherApiArguments):
     RENAMED_FLAGS = {"temperature": "sampling_temperature"}  # old spelling, hidden, one release
     # The API options (--teacher-api-base, --api-key-env, ...) come first, from common/api_client.
-    max_new_tokens: int = field(default=512, metadata={"help": "Longest teacher completion."})
-    sampling_temperature: float = field(default=0.0, metadata={
-        "help": "Teacher sampling temperature (0 = greedy)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    max_new_tokens: int = shared_field("max_new_tokens", default=512)
+    sampling_temperature: float = shared_field("sampling_temperature", default=0.0)
+    top_p: float = shared_field("top_p", default=1.0)
     num_completions_per_prompt: int = field(default=1, metadata={
         "help": "Completions per prompt (> 1 needs --sampling-temperature > 0)."})
     generation_batch_size: int = field(default=8, metadata={
         "help": "Prompts per batch for a local teacher."})
-    completions: Optional[str] = field(default=None, metadata={
-        "help": "Completions cache (JSON Lines) to fill and/or train from "
-                "(default: OUTPUT_DIR/teacher_completions.jsonl). Rows are read as --dataset "
-                "rows are (`messages`, or `prompt`/`response` columns); the last turn is the "
-                "teacher's reply."})
+    completions: Optional[str] = shared_field("completions", default=None)
     generate_only: bool = field(default=False, metadata={
         "help": "Stop after the generation phase."})
     drop_truncated: bool = field(default=False, metadata={
         "help": "Leave out of training the completions cut off by --max-new-tokens (kept by "
                 "default; they teach the student to end its turn where the cut fell)."})
-    loss_chunk_size: int = field(default=0, metadata={
-        "help": "Supervised positions per chunk of the memory-bounded cross-entropy: the output "
-                "layer runs on this many positions at a time (recomputed in backward). 0 = "
-                "automatic, ~128 MiB of float32 logits per chunk; -1 = full logits."})
+    loss_chunk_size: int = shared_field("loss_chunk_size", default=0)
 
     def __post_init__(self):
         super().__post_init__()
@@ -583,6 +576,12 @@ def encode_rows(rows, encoder, cache_path, truncated=0, empty=None, log=print):
     raise UserError(f"no completion to train on in {cache_path}: {'; '.join(causes)}")
 
 
+# What the command line parses into, in main's order (tests/test_flags.py builds every
+# script's parser from these).
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainingArguments, SequenceLevelArguments,
+                   LoraArguments)
+
+
 def main(argv=None):
     from accelerate.utils import set_seed
 
@@ -596,9 +595,7 @@ def main(argv=None):
     from common.train import Method, make_accelerator, train
 
     model_args, data_args, train_args, seq_args, lora_args = parse_args(
-        (ModelArguments, DataArguments, TrainingArguments, SequenceLevelArguments, LoraArguments),
-        argv,
-        description=__doc__.split("\n\n")[0])
+        ARGUMENT_GROUPS, argv, description=__doc__.split("\n\n")[0])
     if not data_args.dataset and not seq_args.completions:
         raise UserError("--dataset is required (or --completions with a filled cache)")
     if not seq_args.generate_only and not model_args.student:

@@ -43,14 +43,13 @@ Examples:
         --dataset runs/tiny/train.jsonl --output-dir runs/tiny/kd --max-steps 12 --kl reverse
 """
 
-import math
 import sys
-from dataclasses import dataclass, field
-from typing import Literal, Optional
+from dataclasses import dataclass
+from typing import Literal
 
-from common.api_client import TeacherApiArguments, redacted_args, redacted_command
-from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
-                         parse_args)
+from common.api_client import redacted_args, redacted_command
+from common.args import (DataArguments, KDArguments, ModelArguments, TrainingArguments,
+                         eval_data_args, parse_args, shared_field)
 from common import teacher_cache
 from common.chat import ChatEncoder, collate, encode_dataset
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
@@ -64,88 +63,35 @@ from common.sharding import prepare_teacher
 
 
 @dataclass
-class TokenLevelArguments(TeacherApiArguments):
+class TokenLevelArguments(KDArguments):
     RENAMED_FLAGS = {"temperature": "loss_temperature"}  # old spelling, hidden, for one release
-    # The server options (--teacher-api-base, --api-key-env, ...) come first, from common/api_client.
-    kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse"] = field(
-        default="forward", metadata={
-            "help": "Divergence: forward = KL(teacher‖student), mode-covering; reverse = "
-                "KL(student‖teacher), mode-seeking; jsd = generalized JSD weighted by --beta; "
-                "skew_forward / skew_reverse = DistiLLM's skew KL with --skew: the second "
-                "distribution is mixed with --skew of the first, which bounds the loss where the "
-                "teacher gives a token ~0."})
-    beta: float = field(default=0.5, metadata={
-        "help": "JSD mixture weight in (0, 1), with --kl jsd only: m = beta*p_teacher + "
-                "(1-beta)*p_student; 0.5 is the symmetric JSD."})
-    skew: float = field(default=0.1, metadata={
-        "help": "Skew in (0, 1), with --kl skew_forward / skew_reverse only: skew_forward = "
-                "KL(p_t ‖ skew*p_t + (1-skew)*p_s), skew_reverse = KL(p_s ‖ skew*p_s + "
-                "(1-skew)*p_t); each token's log-ratio is at most log(1/skew). 0.1 is DistiLLM's."})
-    loss_temperature: float = field(default=1.0, metadata={
-        "help": "Softmax temperature T of both models inside the loss; the divergence is scaled "
-                "by T²."})
-    alpha: float = field(default=0.0, metadata={
-        "help": "Weight of ordinary cross-entropy on the dataset's assistant tokens, in [0, 1]: "
-                "loss = (1-alpha)*KD + alpha*CE (0 = pure distillation)."})
-    teacher_cache: Optional[str] = field(default=None, metadata={
-        "help": "Directory of an offline teacher cache: built on the first run (needs "
-                "--teacher, or --teacher-api-base to fill it from the server), then read instead "
-                "of asking any teacher. Forward KL only."})
-    cache_top_k: Optional[int] = field(default=None, metadata={
-        "help": "Teacher tokens kept per position in --teacher-cache (plus one tail bucket); "
-                "about 6 bytes each. Unset: the existing cache's K, else 32 for a build with "
-                "--teacher; a cache filled from --teacher-api-base keeps --teacher-top-k (another "
-                "--cache-top-k is refused)."})
-    teacher_top_k: int = field(default=20, metadata={
-        "help": "With --teacher-api-base: teacher log-probs per position asked of the server (at "
-                "most its own maximum, vLLM's --max-logprobs, default 20). The loss is forward KL "
-                "over these K tokens plus one bucket for the rest: biased low against the full "
-                "forward KL (the rest is compared as one lump), exact when K covers the "
-                "vocabulary."})
-    loss_chunk_size: int = field(default=0, metadata={
-        "help": "Supervised positions per chunk of the memory-bounded loss: both output layers "
-                "and the divergence run on this many positions at a time, so about one chunk of "
-                "logits (4 bytes x vocabulary per position in float32) is alive at once. "
-                "0 = automatic, ~128 MiB of float32 logits per chunk (256 positions at a 128K "
-                "vocabulary); -1 = no chunking: full logits at every position."})
+    # The server options (--teacher-api-base, ...) and the divergence's (--beta, --teacher-cache,
+    # ...) come first, from common/args.py's KDArguments.
+    kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse"] = shared_field(
+        "kl", default="forward")
+    alpha: float = shared_field("alpha", default=0.0)
 
     def __post_init__(self):
         super().__post_init__()
-        if not (math.isfinite(self.loss_temperature) and self.loss_temperature > 0):
-            raise UserError(f"--loss-temperature must be > 0 and finite, got "
-                            f"{self.loss_temperature}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise UserError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.teacher_cache and self.kl != "forward":
-            raise UserError("--teacher-cache supports --kl forward only: reverse KL and JSD need "
-                            "the teacher's probability of every token, the cache keeps its top K")
+            raise UserError(f"--alpha must be in [0, 1] (the weight of cross-entropy; 0 = pure "
+                            f"distillation), got {self.alpha}")
         if self.teacher_api_base:
             if self.kl != "forward":
                 raise UserError("--teacher-api-base supports --kl forward only: the server returns "
                                 "the teacher's top K per position, which defines forward KL only")
-            if self.loss_temperature != 1.0:
-                raise UserError("--teacher-api-base needs --loss-temperature 1: the server's "
-                                "log-probs are at temperature 1, and a top K cannot be re-tempered "
-                                "without the rest of the distribution")
             if (self.teacher_cache and self.cache_top_k is not None
                     and self.cache_top_k != self.teacher_top_k):
                 raise UserError(f"--cache-top-k {self.cache_top_k} and --teacher-top-k "
                                 f"{self.teacher_top_k} differ: a cache filled from "
                                 f"--teacher-api-base keeps the server's top K; drop --cache-top-k "
                                 f"and set --teacher-top-k to the K wanted")
-        if self.teacher_top_k < 1:
-            raise UserError(f"--teacher-top-k must be >= 1, got {self.teacher_top_k}")
-        if self.cache_top_k is not None and self.cache_top_k < 1:
-            raise UserError(f"--cache-top-k must be >= 1, got {self.cache_top_k}")
-        if self.loss_chunk_size < -1:
-            raise UserError(f"--loss-chunk-size must be a number of positions >= 1, 0 "
-                            f"(automatic) or -1 (no chunking), got {self.loss_chunk_size}")
-        if self.kl == "jsd" and not 0.0 < self.beta < 1.0:
-            raise UserError(f"--beta must be strictly between 0 and 1 for --kl jsd, got "
-                            f"{self.beta}; use --kl forward or --kl reverse for the end points")
-        if self.kl.startswith("skew") and not 0.0 < self.skew < 1.0:
-            raise UserError(f"--skew must be strictly between 0 and 1 for --kl {self.kl}, got "
-                            f"{self.skew}; use --kl forward or --kl reverse for skew 0")
+
+
+# What the command line parses into, in main's order (tests/test_flags.py builds every
+# script's parser from these).
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainingArguments, TokenLevelArguments,
+                   LoraArguments)
 
 
 def main(argv=None):
@@ -154,9 +100,7 @@ def main(argv=None):
     from common.train import Method, make_accelerator, train
 
     model_args, data_args, train_args, kd_args, lora_args = parse_args(
-        (ModelArguments, DataArguments, TrainingArguments, TokenLevelArguments, LoraArguments),
-        argv,
-        description=__doc__.split("\n\n")[0])
+        ARGUMENT_GROUPS, argv, description=__doc__.split("\n\n")[0])
     cached_meta = teacher_cache.read_meta(kd_args.teacher_cache) if kd_args.teacher_cache else None
     served = bool(kd_args.teacher_api_base)
     use_cache_only = (bool(cached_meta and cached_meta.get("complete")) and not model_args.teacher
@@ -203,10 +147,8 @@ def main(argv=None):
             example["example_index"] = index  # cache rows are found by example, never by step
         if served:
             cache_top_k = kd_args.teacher_top_k  # the server's K (within its max: server.check)
-        elif kd_args.cache_top_k is not None:
-            cache_top_k = kd_args.cache_top_k
         else:
-            cache_top_k = (cached_meta or {}).get("identity", {}).get("top_k", 32)
+            cache_top_k = teacher_cache.top_k_to_keep(kd_args.cache_top_k, kd_args.teacher_cache)
         cache = teacher_cache.prepare(
             kd_args.teacher_cache, examples, tokenizer, model_args.teacher, data_args,
             cache_top_k, kd_args.loss_temperature, accelerator, load_teacher,

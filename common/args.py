@@ -20,31 +20,124 @@ from typing import Literal, Optional
 
 from transformers import HfArgumentParser
 
+from common.api_client import TeacherApiArguments
 from common.chat import read_chat_template
 from common.errors import UserError
+
+# The help text of every flag that more than one script defines, one per name: a flag name means
+# one thing in every script (tests/test_flags.py checks each script's --help). Types and defaults
+# stay with each script's dataclass field (shared_field); a text names a script only where the
+# flag does something there that it does not do elsewhere.
+SHARED_HELP = {
+    # models
+    "teacher": "Teacher: a local model directory or a Hugging Face Hub id. eval.py scores it in "
+               "its own row and gives every model with the same tokenizer kl_to_teacher and "
+               "top1_agreement.",
+    "dtype": "Weight dtype for loading the models ('auto' = as stored in the checkpoint, but a "
+             "training script's student loads in float32: see --student-dtype). For bf16 compute "
+             "keep the student's weights float32 and pass --mixed-precision bf16; eval.py "
+             "computes its metrics in float32 either way.",
+    "trust_remote_code": "Allow models/tokenizers that ship their own Python code. Off by "
+                         "default: only enable it for repositories you trust.",
+    "chat_template": "Jinja chat template file for every model (teacher, student, eval.py's "
+                     "--models) whose tokenizer has none (a base model, a GGUF conversion). "
+                     "Default: the generic <|user|>/<|assistant|> template of "
+                     "docs/data_and_masking.md, with a warning.",
+    # data
+    "dataset": "Conversations (training data; eval.py's held-out data): a local "
+               ".jsonl/.json/.parquet/.csv file or a Hugging Face Hub dataset id. Rows need a "
+               "messages column or prompt/response columns.",
+    "dataset_split": "Split to use for a Hub dataset (ignored for a local file, which is one "
+                     "split).",
+    "batch_size": "Conversations per micro-batch on each process (eval.py: per forward pass and "
+                  "per generation batch).",
+    # generation
+    "max_new_tokens": "Most tokens generated per reply: eval.py's model replies, on_policy.py's "
+                      "student samples, sequence_level.py's teacher completions (generation also "
+                      "stops at end of turn or EOS).",
+    "sampling_temperature": "Temperature of the generated replies: on_policy.py's student "
+                            "samples (> 0), sequence_level.py's teacher completions (0 = greedy). "
+                            "The loss's temperature is --loss-temperature.",
+    "top_p": "Nucleus sampling threshold of the generated replies, in (0, 1] (1 = off).",
+    "completions": "Teacher completions, JSON Lines read as --dataset rows are (`messages`, or "
+                   "`prompt`/`response` columns), the last turn the teacher's reply. "
+                   "sequence_level.py fills this file (default: "
+                   "OUTPUT_DIR/teacher_completions.jsonl) and trains on it; on_policy.py trains "
+                   "its off-policy steps on it instead of the dataset's replies (GKD's "
+                   "sequence-level mode).",
+    # the distillation loss
+    "kl": "Divergence: forward = KL(teacher‖student), mode-covering; reverse = "
+          "KL(student‖teacher), mode-seeking (MiniLLM, GKD); jsd = generalized JSD weighted by "
+          "--beta; skew_forward / skew_reverse = DistiLLM's skew KL with --skew: the second "
+          "distribution is mixed with --skew of the first, which bounds the loss where the "
+          "teacher gives a token ~0. A teacher given as its top K per position (--teacher-cache, "
+          "--teacher-api-base) defines forward KL only: over those K tokens plus a tail bucket, "
+          "biased low (the rest is one lump). on_policy.py only, with --teacher-api-base: "
+          "sampled_reverse = on on-policy steps, per sampled token x, advantage = log "
+          "p_teacher(x) - log p_student(x) (detached) and loss = -advantage * log p_student(x): "
+          "its expected gradient is the reverse KL's (unbiased) but from one sample per position "
+          "(noisy), and its logged loss is not the KL (kd is the sampled KL estimate); "
+          "off-policy steps (dataset replies, not student samples) then use the top-K forward "
+          "KL.",
+    "beta": "JSD mixture weight in (0, 1), with --kl jsd only: m = beta*p_teacher + "
+            "(1-beta)*p_student; 0.5 is the symmetric JSD.",
+    "skew": "Skew in (0, 1), with --kl skew_forward / skew_reverse only: skew_forward = "
+            "KL(p_t ‖ skew*p_t + (1-skew)*p_s), skew_reverse = KL(p_s ‖ skew*p_s + "
+            "(1-skew)*p_t); each token's log-ratio is at most log(1/skew). 0.1 is DistiLLM's.",
+    "loss_temperature": "Softmax temperature T of both models inside the loss (in "
+                        "cross_tokenizer.py before sorting); the divergence is scaled by T², so "
+                        "that its gradient keeps its size as T changes. With --teacher-api-base "
+                        "only 1 (the server's log-probs are at temperature 1).",
+    "alpha": "Weight of cross-entropy on the data's reply tokens, in [0, 1]: loss = "
+             "(1-alpha)*T²*divergence + alpha*CE (0 = pure distillation). In cross_tokenizer.py "
+             "the divergence is ULD (plus the --hybrid KL) and both terms count the student's "
+             "aligned reply tokens only.",
+    "loss_chunk_size": "Supervised positions per chunk of the memory-bounded loss: the output "
+                       "layers run on this many positions at a time (cross_tokenizer.py: aligned "
+                       "positions; sequence_level.py: the student's, for its cross-entropy), so "
+                       "about one chunk of logits (4 bytes x vocabulary per position in float32) "
+                       "is alive at once. 0 = automatic, ~128 MiB of float32 logits of the "
+                       "larger vocabulary per chunk (256 positions at a 128K vocabulary); -1 = no "
+                       "chunking: full logits at every position.",
+    # teachers given as their top K per position
+    "teacher_cache": "Directory of an offline teacher cache (the teacher's top --cache-top-k "
+                     "log-probs per position plus a tail bucket), built on the first run and "
+                     "then read instead of running the teacher. token_level.py builds it with "
+                     "--teacher or fills it from --teacher-api-base, then asks no teacher; "
+                     "on_policy.py builds it with --teacher and reads it on off-policy steps "
+                     "only (its on-policy samples are scored by the live teacher). Forward KL "
+                     "only.",
+    "cache_top_k": "Teacher tokens kept per position in --teacher-cache (plus one tail bucket); "
+                   "about 6 bytes each. Unset: the existing cache's K, else 32; a cache filled "
+                   "from --teacher-api-base keeps --teacher-top-k (another --cache-top-k is "
+                   "refused).",
+    "teacher_top_k": "With --teacher-api-base: teacher log-probs per position asked of the "
+                     "server (at most its own maximum, vLLM's --max-logprobs, default 20). The "
+                     "top-K forward KL compares these K tokens plus one bucket for the rest: "
+                     "biased low against the full forward KL (the rest is compared as one "
+                     "lump), exact when K covers the vocabulary.",
+}
+
+
+def shared_field(name, **field_kwargs):
+    """A dataclass field with SHARED_HELP[name] as its help text: `name` is the field's own name
+    (the flag --name); default / default_factory stay the script's own."""
+    return field(metadata={"help": SHARED_HELP[name]}, **field_kwargs)
 
 
 @dataclass
 class ModelArguments:
-    teacher: Optional[str] = field(default=None, metadata={
-        "help": "Teacher: a local model directory or a Hugging Face Hub id."})
+    teacher: Optional[str] = shared_field("teacher", default=None)
     student: Optional[str] = field(default=None, metadata={
         "help": "Student to train: a local model directory or a Hugging Face Hub id."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "Weight dtype for loading both models ('auto' = as stored in the checkpoint for "
-                "the teacher, float32 for the student). For bf16 compute keep the student's "
-                "weights float32 and pass --mixed-precision bf16."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = shared_field("dtype",
+                                                                            default="auto")
     student_dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = field(
         default=None, metadata={"help": "Override --dtype for the student only (the trained "
                                         "weights and optimizer state use it; 'auto' = float32, "
                                         "bfloat16/float16 = pure low-precision training)."})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "Allow models/tokenizers that ship their own Python code. Off by default: "
-                "only enable it for repositories you trust."})
-    chat_template: Optional[str] = field(default=None, metadata={
-        "help": "Jinja chat template file for a teacher or student whose tokenizer has none (a "
-                "base model, a GGUF conversion). Default: the generic <|user|>/<|assistant|> "
-                "template of docs/data_and_masking.md, with a warning."})
+    trust_remote_code: bool = shared_field("trust_remote_code", default=False)
+    chat_template: Optional[str] = shared_field("chat_template", default=None)
 
     def __post_init__(self):
         if self.chat_template is not None:
@@ -73,11 +166,8 @@ def has_accelerator():
 
 @dataclass
 class DataArguments:
-    dataset: Optional[str] = field(default=None, metadata={
-        "help": "Training data: a local .jsonl/.json/.parquet/.csv file or a Hugging Face Hub "
-                "dataset id. Rows need a messages column or prompt/response columns."})
-    dataset_split: str = field(default="train", metadata={
-        "help": "Split to use for a Hub dataset (ignored for a local file, which is one split)."})
+    dataset: Optional[str] = shared_field("dataset", default=None)
+    dataset_split: str = shared_field("dataset_split", default="train")
     dataset_config: Optional[str] = field(default=None, metadata={
         "help": "Configuration (subset) name of a Hub dataset, if it has several."})
     messages_field: str = field(default="messages", metadata={
@@ -109,8 +199,7 @@ class TrainingArguments:
         "help": "Optimizer steps to run (-1 = --num-epochs full passes over the data)."})
     num_epochs: float = field(default=1.0, metadata={
         "help": "Passes over the data when --max-steps is -1 (fractions allowed)."})
-    batch_size: int = field(default=8, metadata={
-        "help": "Conversations per micro-batch on each process."})
+    batch_size: int = shared_field("batch_size", default=8)
     grad_accum: int = field(default=1, metadata={
         "help": "Micro-batches per optimizer step. Effective batch = batch_size x grad_accum x "
                 "processes; the loss is averaged over all supervised tokens of that batch."})
@@ -199,6 +288,51 @@ class TrainingArguments:
         installed_trackers(self.report_to)  # a missing package fails now, not after loading
 
 
+@dataclass
+class KDArguments(TeacherApiArguments):
+    """The same-vocabulary distillation options of token_level.py and on_policy.py: the
+    divergence and its knobs, and a teacher given as its top K per position (--teacher-cache, a
+    server). Each script's own group derives from this one (adding its options and its --kl
+    choices and default), so they stay in its run_config group."""
+    kl: str = shared_field("kl", default="forward")  # each script narrows the choices
+    beta: float = shared_field("beta", default=0.5)
+    skew: float = shared_field("skew", default=0.1)
+    loss_temperature: float = shared_field("loss_temperature", default=1.0)
+    teacher_cache: Optional[str] = shared_field("teacher_cache", default=None)
+    cache_top_k: Optional[int] = shared_field("cache_top_k", default=None)
+    teacher_top_k: int = shared_field("teacher_top_k", default=20)
+    loss_chunk_size: int = shared_field("loss_chunk_size", default=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [
+            (math.isfinite(self.loss_temperature) and self.loss_temperature > 0,
+             f"--loss-temperature must be > 0 and finite, got {self.loss_temperature}"),
+            (self.kl != "jsd" or 0.0 < self.beta < 1.0,
+             f"--beta must be strictly between 0 and 1 for --kl jsd, got {self.beta}; use --kl "
+             f"forward or --kl reverse for the end points"),
+            (not self.kl.startswith("skew") or 0.0 < self.skew < 1.0,
+             f"--skew must be strictly between 0 and 1 for --kl {self.kl}, got {self.skew}; use "
+             f"--kl forward or --kl reverse for skew 0"),
+            (not self.teacher_cache or self.kl == "forward",
+             "--teacher-cache supports --kl forward only: the cache keeps the teacher's top K per "
+             "position, which defines forward KL only (reverse KL and JSD need every token)"),
+            (not self.teacher_api_base or self.loss_temperature == 1.0,
+             "--teacher-api-base needs --loss-temperature 1: the server's log-probs are at "
+             "temperature 1, and a top K cannot be re-tempered without the rest of the "
+             "distribution"),
+            (self.teacher_top_k >= 1, f"--teacher-top-k must be >= 1, got {self.teacher_top_k}"),
+            (self.cache_top_k is None or self.cache_top_k >= 1,
+             f"--cache-top-k must be >= 1, got {self.cache_top_k}"),
+            (self.loss_chunk_size >= -1,
+             f"--loss-chunk-size must be a number of positions >= 1, 0 (automatic) or -1 (no "
+             f"chunking), got {self.loss_chunk_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # each one's package has its name
 
 
@@ -255,11 +389,28 @@ class _RenamedFlag(argparse.Action):
         used[self.option_strings[0]] = (self.new_flag, self.note)
 
 
+class _RemovedFlag(argparse.Action):
+    """A hidden flag that no longer exists: its use stops parsing with the note saying what to
+    pass instead (a REMOVED_FLAGS entry)."""
+
+    def __init__(self, option_strings, dest, note="", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.note = note
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise UserError(f"{self.option_strings[0]} was removed: {self.note}")
+
+
 def add_renamed_flags(parser, dataclass_types):
     """Register each dataclass's RENAMED_FLAGS as hidden aliases of the new flags (same type,
-    choices and field)."""
+    choices and field), and its REMOVED_FLAGS ({old field name: what to pass instead}) as hidden
+    flags that refuse to run with that note, rather than as unknown flags."""
     actions = flag_actions(parser)
     for dataclass_type in dataclass_types:
+        for old, note in getattr(dataclass_type, "REMOVED_FLAGS", {}).items():
+            options = dict.fromkeys([f"--{old.replace('_', '-')}", f"--{old}"])  # dashed first
+            parser.add_argument(*options, action=_RemovedFlag, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS, note=note)
         for old, (new, note) in renamed_flags(dataclass_type).items():
             target = actions[new]
             options = dict.fromkeys([f"--{old.replace('_', '-')}", f"--{old}"])  # dashed first
@@ -366,10 +517,9 @@ def yaml_word(value):
     return str(value)
 
 
-def parse_args(dataclass_types, argv=None, description=None):
-    """Parse the command line (and its --config file) into one instance per dataclass (bad
-    values raise UserError). A flag a dataclass renamed (its RENAMED_FLAGS) is still taken under
-    the old name, on the command line or as a --config key, with a warning."""
+def make_parser(dataclass_types, description=None):
+    """The parser of a script taking these dataclasses: their flags, --config and the hidden old
+    spellings (RENAMED_FLAGS, REMOVED_FLAGS); an argparse error is a one-line UserError."""
     # No prefix matching: --max-step silently meaning --max-steps would hide typos (and a later
     # flag that shares the prefix would change what an old command line means).
     parser = HfArgumentParser(dataclass_types, description=description, allow_abbrev=False)
@@ -382,6 +532,15 @@ def parse_args(dataclass_types, argv=None, description=None):
         raise UserError(f"{message} (see --help)")
 
     parser.error = one_line_error
+    return parser
+
+
+def parse_args(dataclass_types, argv=None, description=None):
+    """Parse the command line (and its --config file) into one instance per dataclass (bad
+    values raise UserError). A flag a dataclass renamed (its RENAMED_FLAGS) is still taken under
+    the old name, on the command line or as a --config key, with a warning; one it removed (its
+    REMOVED_FLAGS) is refused with a note saying what to pass instead."""
+    parser = make_parser(dataclass_types, description)
     args = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     # Unknown words first: a typo explains a value check that would otherwise fail first.
     namespace, unknown = parser.parse_known_args(args)

@@ -243,7 +243,7 @@ def _chunk_loss_and_grad(student_logits, teacher_logits, target_ids, settings, n
                 g = log_ratio.mul_(student_probs).mul_(1.0 - beta)
             g.masked_fill_(student_probs == 0, 0.0)
             grad = g.sub_(student_probs * g.sum(dim=-1, keepdim=True))
-    kd = kd * temperature ** 2
+    kd = kd * objective.scale
     if not needs_grad:
         return kd, ce, None
     if alpha == 1.0:

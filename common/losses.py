@@ -113,6 +113,14 @@ def skew_reverse_kl(student_logits, teacher_logits, skew=0.1, temperature=1.0):
                    skew)
 
 
+def temperature_scale(temperature):
+    """T², the factor on every divergence taken at softmax temperature T. Softened probabilities
+    move about 1/T² as much per logit (Hinton et al. 2015), so without it the divergence's
+    gradient would shrink as T grows and a change of T would also change the step size and the
+    balance against cross-entropy."""
+    return temperature ** 2
+
+
 def distillation_loss(student_logits, teacher_logits, kind="forward", temperature=1.0, beta=0.5,
                       skew=0.1):
     """The chosen divergence per token, times T² so gradients keep their size as T changes."""
@@ -128,7 +136,7 @@ def distillation_loss(student_logits, teacher_logits, kind="forward", temperatur
         loss = skew_reverse_kl(student_logits, teacher_logits, skew, temperature)
     else:
         raise ValueError(f"unknown divergence {kind!r}; expected one of {KL_KINDS}")
-    return loss * temperature ** 2
+    return loss * temperature_scale(temperature)
 
 
 def sampled_reverse_kl(student_logits, sampled_ids, teacher_sampled_log_probs,
@@ -186,11 +194,22 @@ class KDObjective:
         if self.kind != "forward":
             raise ValueError(f"a top-K teacher defines forward KL only, not {self.kind!r}")
         return sparse_forward_kl(student_logits, teacher_ids, teacher_logprobs, teacher_tail,
-                                 self.temperature) * self.temperature ** 2
+                                 self.temperature) * self.scale
+
+    @property
+    def scale(self):
+        """T², the factor on the divergence (see temperature_scale)."""
+        return temperature_scale(self.temperature)
 
     def combine(self, kd, ce):
         """The loss from the (summed) T²·D and CE terms."""
-        return (1.0 - self.alpha) * kd + self.alpha * ce
+        return combine_kd_and_ce(kd, ce, self.alpha)
+
+
+def combine_kd_and_ce(kd, ce, alpha):
+    """(1 − alpha) · kd + alpha · ce: how every script of the suite weighs its (T²-scaled)
+    divergence against cross-entropy on the data, alpha in [0, 1] (0 = pure distillation)."""
+    return (1.0 - alpha) * kd + alpha * ce
 
 
 def sparse_forward_kl(student_logits, teacher_ids, teacher_logprobs, teacher_tail,
@@ -243,7 +262,8 @@ def shift_for_next_token(logits, labels):
 # two.
 # ULD (Boizard et al. 2024) compares only the *shape* of the two distributions: each row's
 # probabilities p = softmax(logits / T), sorted descending, so a permutation of either vocabulary
-# leaves the loss unchanged. No T² factor is applied (unlike `distillation_loss`).
+# leaves the loss unchanged. These return the bare divergence: cross_tokenizer.py applies the
+# T² factor (temperature_scale) and the alpha weighting (combine_kd_and_ce) as every script does.
 
 ULD_KINDS = ("kl", "l1")
 

@@ -38,6 +38,7 @@ from common.models import weights_fingerprint
 # read_meta): nothing could tell whether they match the teacher or were damaged since.
 FORMAT_VERSION = 2
 EXAMPLES_PER_SHARD = 2048
+DEFAULT_TOP_K = 32  # teacher tokens per position of a new cache when --cache-top-k is unset
 
 
 def fingerprint(data):
@@ -105,6 +106,14 @@ def read_meta(cache_dir):
                         f"reads format {FORMAT_VERSION} (which checks shard checksums and the "
                         f"teacher's weights); {_rebuild_hint(cache_dir)}")
     return meta
+
+
+def top_k_to_keep(cache_top_k, cache_dir):
+    """--cache-top-k, or where it is unset the K of the cache already in cache_dir, else 32."""
+    if cache_top_k is not None:
+        return cache_top_k
+    meta = read_meta(cache_dir)
+    return (meta or {}).get("identity", {}).get("top_k", DEFAULT_TOP_K)
 
 
 def check_identity(cache_dir, meta, identity, teacher_given=True):

@@ -401,7 +401,7 @@ def test_an_oracle_student_has_zero_cross_entropy_in_the_loss(tokenizers):
 
     examples = [encode_pair(*encoders(tokenizers), conversation("東京 42 cafés"))]
     batch = collate_pairs(examples, student.pad_token_id, teacher.pad_token_id)
-    args = CrossTokenizerArguments(alpha=1.0, distill_weight=1.0, top_k=4, hybrid=False)
+    args = CrossTokenizerArguments(alpha=0.5, top_k=4, hybrid=False)
     loss_fn = make_loss_fn(Accelerator(cpu=True), Oracle(len(teacher)), len(student),
                            len(teacher), args)
     loss, stats = loss_fn(Oracle(len(student)), batch)
@@ -473,7 +473,7 @@ def full_logits_uld_float64(teacher, student, batch, vocab_sizes, args, shared):
                                 temperature) * temperature ** 2
         stats.update(hybrid=exact.sum(), same_string=same.sum().double())
         distill = distill + exact.sum()
-    loss = args.alpha * ce.sum() + args.distill_weight * distill
+    loss = (1 - args.alpha) * distill + args.alpha * ce.sum()  # as token_level.py weighs them
     loss.backward()
     scale = max(temperature ** 2 * log_prob_scale(student_rows, teacher_rows,
                                                   temperature=temperature),
@@ -503,12 +503,11 @@ def assert_uld_matches_float64(got, reference, teacher, student, batch, vocab_si
         assert_close(got[2][name], grad, backward, what=f"gradient of {name}")
 
 
-@pytest.mark.parametrize("uld_kind, top_k, temperature, alpha, distill_weight, hybrid", [
-    ("kl", 5, 1.0, 1.0, 1.0, False), ("kl", 0, 2.0, 0.5, 1.0, True),
-    ("l1", 5, 1.0, 0.0, 1.0, True), ("l1", 0, 0.7, 1.0, 2.0, False)])
+@pytest.mark.parametrize("uld_kind, top_k, temperature, alpha, hybrid", [
+    ("kl", 5, 1.0, 0.5, False), ("kl", 0, 2.0, 1 / 3, True),
+    ("l1", 5, 1.0, 0.0, True), ("l1", 0, 0.7, 0.25, False)])
 def test_chunked_loss_equals_the_full_logits_loss(tiny, chatml_student, tokenizers, uld_kind,
-                                                  top_k, temperature, alpha, distill_weight,
-                                                  hybrid):
+                                                  top_k, temperature, alpha, hybrid):
     """Loss, statistics and student gradients of the chunked path (5 aligned positions per chunk:
     several chunks, the last one short) and of --loss-chunk-size -1, in float32, within float32
     error of the old full-logits computation in float64."""
@@ -519,7 +518,7 @@ def test_chunked_loss_equals_the_full_logits_loss(tiny, chatml_student, tokenize
     teacher, student, batch, vocab_sizes, shared = uld_setup(tiny, chatml_student, tokenizers,
                                                              hybrid)
     settings = dict(uld_loss=uld_kind, top_k=top_k, loss_temperature=temperature, alpha=alpha,
-                    distill_weight=distill_weight, hybrid=hybrid)
+                    hybrid=hybrid)
     reference = full_logits_uld_float64(teacher, student, batch, vocab_sizes,
                                         CrossTokenizerArguments(**settings), shared)
     assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) % 5 != 0
@@ -709,8 +708,10 @@ BAD_INPUTS = {
     "unknown uld loss": (["--uld-loss", "wasserstein"], "invalid choice"),
     "negative top-k": (["--top-k", "-1"], "--top-k must be >= 0"),
     "zero temperature": (["--loss-temperature", "0"], "--loss-temperature must be > 0"),
-    "negative alpha": (["--alpha", "-0.5"], "--alpha"),
-    "nothing to train": (["--alpha", "0", "--distill-weight", "0"], "both 0"),
+    "negative alpha": (["--alpha", "-0.5"], "--alpha must be in [0, 1]"),
+    "alpha above 1": (["--alpha", "2"], "--alpha must be in [0, 1]"),
+    "removed --distill-weight": (["--distill-weight", "1"], "--distill-weight was removed: "
+                                 "--alpha is now the cross-entropy weight in [0, 1]"),
     "bad loss chunk size": (["--loss-chunk-size", "-2"], "--loss-chunk-size must be"),
     "missing teacher path": (["--teacher", "./no/such/teacher"], "does not exist"),
     "missing student path": (["--student", "/no/such/student"], "does not exist"),
@@ -733,6 +734,7 @@ def test_bad_input_is_a_one_line_error(tiny, chatml_student, tmp_path, capsys, c
 
 def test_help_documents_the_method_flags():
     result = run_script("cross_tokenizer.py", "--help")
-    for flag in ["--uld-loss", "--top-k", "--loss-temperature", "--alpha", "--distill-weight",
-                 "--hybrid", "--teacher", "--student", "--max-length", "--output-dir"]:
+    for flag in ["--uld-loss", "--top-k", "--loss-temperature", "--alpha", "--hybrid",
+                 "--teacher", "--student", "--max-length", "--output-dir"]:
         assert flag in result.stdout, flag
+    assert "--distill-weight" not in result.stdout  # removed: refused with the conversion

@@ -125,9 +125,10 @@ def test_temperatures_must_be_finite_and_positive(value):
         flag = "--" + name.replace("_", "-")
         with pytest.raises(UserError, match=f"{flag} must be >=? ?0 and finite"):
             options_class(**{name: temperature})
-    for bad in ({"alpha": float("inf")}, {"distill_weight": float("nan")}):
-        with pytest.raises(UserError, match="finite"):
-            CrossTokenizerArguments(**bad)
+    for options_class in (CrossTokenizerArguments, TokenLevelArguments):  # NaN fails no <=
+        for alpha in (float("inf"), float("nan"), -0.5, 1.5):
+            with pytest.raises(UserError, match=r"--alpha must be in \[0, 1\]"):
+                options_class(alpha=alpha)
 
 
 def test_float16_student_on_a_machine_without_a_gpu_is_refused(monkeypatch):

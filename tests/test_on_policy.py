@@ -157,10 +157,12 @@ def test_off_policy_steps_read_the_teacher_cache(tiny, tmp_path):
     off-policy steps equal live-teacher ones, so the rows line up with the examples."""
     cache = tmp_path / "cache"
     vocab = len(AutoTokenizer.from_pretrained(tiny / "student"))
-    common = ["--max-steps", "4", "--kl", "forward", "--seed", "5", "--cache-top-k", str(vocab)]
+    common = ["--max-steps", "4", "--kl", "forward", "--seed", "5"]
     run_script("token_level.py", "--teacher", tiny / "teacher", "--student", tiny / "student",
                "--dataset", tiny / "train.jsonl", "--output-dir", tmp_path / "kd",
-               "--batch-size", "4", "--log-steps", "1", "--teacher-cache", cache, *common)
+               "--batch-size", "4", "--log-steps", "1", "--teacher-cache", cache,
+               "--cache-top-k", vocab, *common)
+    # on_policy.py is not told the K: unset, --cache-top-k is the existing cache's, as there
     # --lmbda 0: every step off-policy from the cache token_level.py built = token_level.py
     result = run_script("on_policy.py", *args(tiny, tmp_path / "off", "--lmbda", "0",
                                               "--teacher-cache", cache, *common))
