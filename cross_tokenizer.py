@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from common.align import check_offsets, encode_pair, shared_vocabulary
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
                          parse_args)
-from common.chat import ChatEncoder, SkipRow, collate, ensure_chat_template
+from common.chat import (ChatEncoder, SkipRow, collate, ensure_chat_template,
+                         num_supervised_tokens)
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.errors import UserError, run_cli
@@ -295,7 +296,7 @@ def main(argv=None):
         eval_examples = encode_pairs(eval_data_args(data_args, train_args), encoder,
                                      teacher_encoder, log=accelerator.print, progress=False) \
             if train_args.eval_dataset else None
-    aligned = sum(sum(1 for label in e["labels"] if label != -100) for e in examples)
+    aligned = num_supervised_tokens(examples)
     reply_tokens = sum(e["num_reply_tokens"] for e in examples)
     accelerator.print(f"{len(examples)} training conversations, {aligned} of {reply_tokens} "
                       f"student reply tokens aligned with a teacher token "

@@ -52,7 +52,7 @@ from common.api_client import TeacherApiArguments, redacted_args, redacted_comma
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
                          parse_args)
 from common import teacher_cache
-from common.chat import ChatEncoder, collate, encode_dataset
+from common.chat import ChatEncoder, collate, encode_dataset, num_supervised_tokens
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.distill import make_ce_loss_fn, make_kd_loss_fn
@@ -186,7 +186,7 @@ def main(argv=None):
         eval_examples = encode_dataset(eval_data_args(data_args, train_args), encoder,
                                        log=accelerator.print) if train_args.eval_dataset else None
     accelerator.print(f"{len(examples)} training conversations, "
-                      f"{sum(sum(1 for l in e['labels'] if l != -100) for e in examples)} "
+                      f"{num_supervised_tokens(examples)} "
                       f"supervised tokens")
 
     vocab_size = real_vocab_size(tokenizer)

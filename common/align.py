@@ -33,7 +33,7 @@ import json
 import re
 from bisect import bisect_left, bisect_right
 
-from common.chat import IGNORE_INDEX, SkipRow, is_supervised, render
+from common.chat import IGNORE_INDEX, SkipRow, is_supervised, render, supervised_positions
 from common.errors import UserError
 
 _OFFSET_PROBE = "Offsets probe: héllo 東京 🙂 42"
@@ -205,7 +205,7 @@ def aligned_partners(labels, teacher_positions):
     """
     import torch
 
-    mask = labels[:, 1:] != IGNORE_INDEX
+    mask = supervised_positions(labels)
     batch_rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
     return mask, batch_rows, teacher_positions[:, 1:][mask]
 

@@ -283,6 +283,19 @@ class ChatEncoder:
         return examples, skipped
 
 
+def supervised_positions(labels):
+    """(B, T - 1) bool for labels (B, T): True at position t when label t + 1 is supervised, i.e.
+    where the model's output predicts a token it is trained on. `labels[:, 1:][mask]` are the
+    targets, `logits[:, :-1][mask]` what predicts them (row-major: every per-token tensor's order)."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def num_supervised_tokens(examples):
+    """Supervised tokens over encoded examples (lists of labels, before collate)."""
+    return sum(sum(1 for label in example["labels"] if label != IGNORE_INDEX)
+               for example in examples)
+
+
 def collate(examples, pad_token_id):
     """Right-pad a list of encoded examples into `input_ids`, `attention_mask`, `labels` tensors."""
     import torch

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.chat import supervised_positions
 from common.checkpoint import examples_digest, write_json_atomic
 from common.errors import UserError
 from common.losses import log_probs, shift_for_next_token
@@ -235,7 +236,7 @@ def build_cache(cache_dir, teacher, examples, identity, vocab_size, batch_size, 
             ids.append(top_ids.cpu().numpy().astype(np.int32))  # a server's rows come as int64
             logprobs.append(top_log_probs.cpu().numpy().astype(np.float16))
             tails.append(tail.cpu().numpy().astype(np.float32))
-            counts.extend((batch["labels"][:, 1:] != -100).sum(dim=1).tolist())
+            counts.extend(supervised_positions(batch["labels"]).sum(dim=1).tolist())
             bar.update(len(batch["input_ids"]))
         number = len(progress["shards"])
         checksums = {}
