@@ -46,8 +46,8 @@ Examples:
 
 import math
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from common.align import check_offsets, encode_pair, shared_vocabulary
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
                          parse_args)
-from common.chat import (ChatEncoder, SkipRow, collate, ensure_chat_template,
+from common.chat import (ChatEncoder, collate, encode_dataset, encode_each, ensure_chat_template,
                          num_supervised_tokens)
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
@@ -117,31 +117,18 @@ class CrossTokenizerArguments:
                             "raise one of them")
 
 
-def encode_pairs(data_args, student_encoder, teacher_encoder, log=print, progress=True):
-    """Load the dataset and encode + align every usable conversation; report what was skipped."""
-    from tqdm.auto import tqdm
+class PairEncoder:
+    """For common.chat.encode_dataset: each conversation encoded by both models' ChatEncoders and
+    aligned (common.align.encode_pair)."""
 
-    from common.data import describe_skips, load_conversations
+    no_usable_hint = "check that rows hold non-empty assistant replies"
 
-    conversations, skipped = load_conversations(data_args, require_reply=True)
-    total = len(conversations) + sum(skipped.values())
-    examples, encode_skipped = [], Counter()
-    for messages in tqdm(conversations, desc="tokenizing + aligning", mininterval=2.0,
-                         disable=not progress):
-        try:
-            examples.append(encode_pair(student_encoder, teacher_encoder, messages))
-        except SkipRow as exc:
-            encode_skipped[str(exc)] += 1
-    skipped.update(encode_skipped)
-    if skipped:
-        log(f"warning: {describe_skips(skipped, total)}")
-    if not examples:
-        hint = (f"raise --max-length (now {data_args.max_length})"
-                if any("max-length" in reason for reason in skipped) else
-                "check that rows hold non-empty assistant replies")
-        raise UserError(f"no usable example in {data_args.dataset} "
-                        f"({describe_skips(skipped, total) or 'empty'}); {hint}")
-    return examples
+    def __init__(self, student_encoder, teacher_encoder):
+        self.student_encoder, self.teacher_encoder = student_encoder, teacher_encoder
+
+    def encode_all(self, conversations, progress=True):
+        return encode_each(partial(encode_pair, self.student_encoder, self.teacher_encoder),
+                           conversations, "tokenizing + aligning", progress)
 
 
 def collate_pairs(examples, pad_token_id, teacher_pad_token_id):
@@ -260,8 +247,6 @@ def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, u
 
 
 def main(argv=None):
-    from functools import partial
-
     from accelerate.utils import set_seed
 
     from common.train import make_accelerator, train
@@ -289,12 +274,12 @@ def main(argv=None):
         accelerator.print("note: teacher and student share a vocabulary; token_level.py compares "
                           "their full distributions exactly, which ULD cannot")
     encoder = ChatEncoder(tokenizer, data_args.max_length)
-    teacher_encoder = ChatEncoder(teacher_tokenizer, data_args.max_length)
+    pair_encoder = PairEncoder(encoder, ChatEncoder(teacher_tokenizer, data_args.max_length))
     with accelerator.main_process_first():
-        examples = encode_pairs(data_args, encoder, teacher_encoder, log=accelerator.print,
-                                progress=accelerator.is_local_main_process)
-        eval_examples = encode_pairs(eval_data_args(data_args, train_args), encoder,
-                                     teacher_encoder, log=accelerator.print, progress=False) \
+        examples = encode_dataset(data_args, pair_encoder, log=accelerator.print,
+                                  progress=accelerator.is_local_main_process)
+        eval_examples = encode_dataset(eval_data_args(data_args, train_args), pair_encoder,
+                                       log=accelerator.print, progress=False) \
             if train_args.eval_dataset else None
     aligned = num_supervised_tokens(examples)
     reply_tokens = sum(e["num_reply_tokens"] for e in examples)

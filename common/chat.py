@@ -178,6 +178,9 @@ class ChatEncoder:
     `supervise="all"` trains on every assistant turn, `"last"` only on the final one.
     """
 
+    # encode_dataset's advice when no row of a dataset could be used
+    no_usable_hint = "check that rows hold a user turn followed by a non-empty assistant reply"
+
     def __init__(self, tokenizer, max_length, supervise="all"):
         if not getattr(tokenizer, "is_fast", False):
             raise UserError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer; "
@@ -269,24 +272,30 @@ class ChatEncoder:
 
     def encode_all(self, conversations, progress=True):
         """Encode a list of conversations; returns (examples, Counter of skip reasons)."""
-        from tqdm.auto import tqdm
-
-        examples, skipped = [], Counter()
         # One bar per machine: under torchrun / accelerate every process encodes the data.
         progress = progress and os.environ.get("LOCAL_RANK", "0") == "0"
-        for messages in tqdm(conversations, desc="tokenizing", disable=not progress,
-                             mininterval=2.0):
-            try:
-                examples.append(self.encode(messages))
-            except SkipRow as exc:
-                skipped[str(exc)] += 1
-        return examples, skipped
+        return encode_each(self.encode, conversations, "tokenizing", progress)
+
+
+def encode_each(encode, conversations, desc, progress=True):
+    """[encode(messages) for each conversation] less those that raise SkipRow, under a tqdm bar
+    named `desc`; returns (examples, Counter of skip reasons)."""
+    from tqdm.auto import tqdm
+
+    examples, skipped = [], Counter()
+    for messages in tqdm(conversations, desc=desc, disable=not progress, mininterval=2.0):
+        try:
+            examples.append(encode(messages))
+        except SkipRow as exc:
+            skipped[str(exc)] += 1
+    return examples, skipped
 
 
 def supervised_positions(labels):
     """(B, T - 1) bool for labels (B, T): True at position t when label t + 1 is supervised, i.e.
     where the model's output predicts a token it is trained on. `labels[:, 1:][mask]` are the
-    targets, `logits[:, :-1][mask]` what predicts them (row-major: every per-token tensor's order)."""
+    targets and `logits[:, :-1][mask]` what predicts them, row-major: the order of every
+    per-token tensor of the losses and of the teacher cache's rows."""
     return labels[:, 1:] != IGNORE_INDEX
 
 
@@ -312,23 +321,26 @@ def collate(examples, pad_token_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def encode_dataset(data_args, encoder, log=print):
+def encode_dataset(data_args, encoder, log=print, progress=True):
     """Load `data_args.dataset`, encode every usable conversation, and report what was skipped.
 
+    `encoder` is a ChatEncoder or any object with its `encode_all(conversations, progress)` ->
+    (examples, Counter of skip reasons) and `no_usable_hint` (cross_tokenizer.py's PairEncoder).
     A few bad rows are skipped with a counted warning; no usable row at all is a UserError.
     """
     from common.data import describe_skips, load_conversations
 
     conversations, skipped = load_conversations(data_args, require_reply=True)
-    examples, encode_skipped = encoder.encode_all(conversations)
+    examples, encode_skipped = encoder.encode_all(conversations, progress=progress)
     skipped.update(encode_skipped)
     total = len(conversations) + sum(skipped.values()) - sum(encode_skipped.values())
     if skipped:
         log(f"warning: {describe_skips(skipped, total)}")
     if not examples:
+        # Every reason a cut by --max-length gives names the flag (see the encoders' SkipRows).
         hint = (f"raise --max-length (now {data_args.max_length})"
-                if "too long for --max-length" in skipped else
-                "check that rows hold a user turn followed by a non-empty assistant reply")
+                if any("--max-length" in reason for reason in skipped) else
+                encoder.no_usable_hint)
         raise UserError(f"no usable example in {data_args.dataset} "
                         f"({describe_skips(skipped, total) or 'empty'}); {hint}")
     return examples
