@@ -177,10 +177,14 @@ def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, u
         loss_chunk_size = auto_chunk_size(max(student_vocab_size, teacher_vocab_size))
     teacher_hidden_allowed = loss_chunk_size > 0 and not weights_are_sharded(accelerator)
     has_plain_output_layer = OutputLayerCheck(accelerator)
-    teacher_rows_are_hidden = {}  # decided on the first batch; the same for every batch after
+
+    def teacher_rows_are_hidden(inputs=None):
+        """Whether the teacher's rows are its final hidden states (else its logits): probed on the
+        first batch's `inputs`, remembered by OutputLayerCheck for every batch after."""
+        return teacher_hidden_allowed and has_plain_output_layer(teacher, inputs, "teacher")
 
     def teacher_logits_of(teacher_rows):
-        if not teacher_rows_are_hidden["value"]:
+        if not teacher_rows_are_hidden():
             return teacher_rows[:, :teacher_vocab_size]
         layer = teacher.get_output_embeddings()
         bias = None if layer.bias is None else layer.bias[:teacher_vocab_size]
@@ -224,11 +228,7 @@ def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, u
         with torch.no_grad(), accelerator.autocast():
             # Probed under the autocast its forward runs under: under bf16 a float32 probe's
             # logits would not match the bf16 rebuilt ones, a false "not plain".
-            if "value" not in teacher_rows_are_hidden:
-                teacher_rows_are_hidden["value"] = (teacher_hidden_allowed
-                                                    and has_plain_output_layer(teacher, inputs,
-                                                                               "teacher"))
-            if teacher_rows_are_hidden["value"]:
+            if teacher_rows_are_hidden(inputs):
                 with output_layer_passes_hidden_states(teacher):
                     outputs = teacher(**inputs).logits
             else:

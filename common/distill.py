@@ -99,7 +99,7 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
 class OutputLayerCheck:
     """check(model, batch, what) -> whether the chunked loss may apply `model`'s output layer
     itself (see why_output_layer_is_not_plain): probed once per model, on its first batch, with a
-    one-time warning when it may not."""
+    one-time warning when it may not. Later calls may pass batch=None: the answer is remembered."""
 
     def __init__(self, accelerator):
         self.accelerator, self.plain = accelerator, {}
