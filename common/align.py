@@ -210,21 +210,6 @@ def aligned_partners(labels, teacher_positions):
     return mask, batch_rows, teacher_positions[:, 1:][mask]
 
 
-def select_aligned_logits(student_logits, teacher_logits, labels, teacher_positions):
-    """Rows of both models' logits that predict each aligned student token and its partner.
-
-    student_logits (B, Ts, Vs), teacher_logits (B, Tt, Vt), labels (B, Ts) with -100 where not
-    supervised, teacher_positions (B, Ts) = teacher position of the partner of each student token.
-    A token at position j is predicted by the logits at j - 1, on both sides: student row j - 1
-    and teacher row teacher_positions[j] - 1. Returns (student (N, Vs), teacher (N, Vt), student
-    target ids (N,), batch row of each (N,), teacher position of each partner (N,)).
-    """
-    mask, batch_rows, partner_positions = aligned_partners(labels, teacher_positions)
-    student_selected = student_logits[:, :-1][mask]
-    teacher_selected = teacher_logits[batch_rows, partner_positions - 1]
-    return student_selected, teacher_selected, labels[:, 1:][mask], batch_rows, partner_positions
-
-
 # --- tokens that are the same string in both vocabularies (for --hybrid) -------------------------
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from common.align import (align_spans, check_offsets, encode_pair, encode_with_reply_offsets,
-                          select_aligned_logits, shared_vocabulary, token_bytes)
+from common.align import (align_spans, aligned_partners, check_offsets, encode_pair,
+                          encode_with_reply_offsets, shared_vocabulary, token_bytes)
 from common.chat import IGNORE_INDEX, ChatEncoder, encode_dataset, render
 from common.errors import UserError, run_cli
 from common.losses import shared_vocab_kl, uld_loss
@@ -386,6 +386,22 @@ def test_shared_vocab_kl_is_an_exact_kl_over_the_shared_tokens():
 
 # --- the causal shift ---------------------------------------------------------------------------
 
+def select_aligned_logits(student_logits, teacher_logits, labels, teacher_positions):
+    """Rows of both models' logits that predict each aligned student token and its partner: the
+    full-logits form of what make_loss_fn gathers through common.align.aligned_partners.
+
+    student_logits (B, Ts, Vs), teacher_logits (B, Tt, Vt), labels (B, Ts) with -100 where not
+    supervised, teacher_positions (B, Ts) = teacher position of the partner of each student token.
+    A token at position j is predicted by the logits at j - 1, on both sides: student row j - 1
+    and teacher row teacher_positions[j] - 1. Returns (student (N, Vs), teacher (N, Vt), student
+    target ids (N,), batch row of each (N,), teacher position of each partner (N,)).
+    """
+    mask, batch_rows, partner_positions = aligned_partners(labels, teacher_positions)
+    student_selected = student_logits[:, :-1][mask]
+    teacher_selected = teacher_logits[batch_rows, partner_positions - 1]
+    return student_selected, teacher_selected, labels[:, 1:][mask], batch_rows, partner_positions
+
+
 def test_logits_one_position_before_each_aligned_token_are_compared(tokenizers):
     """Row k of both models' logits predicts token k + 1; pairing row k with token k must fail."""
     from cross_tokenizer import collate_pairs
@@ -485,7 +501,6 @@ def full_logits_uld_float64(teacher, student, batch, vocab_sizes, args, shared):
     the loss combines (see tests/float32_error.py)."""
     import copy
 
-    from common.align import select_aligned_logits
     from common.losses import cross_entropy
     from float32_error import log_prob_scale
 
