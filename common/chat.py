@@ -172,6 +172,20 @@ def is_supervised(token_start, token_end, span):
     return token_start >= span.start or token_end > span.content_start
 
 
+def supervised_tokens(offsets, spans):
+    """(position, span index) of every token, by its (start, end) character offsets, that
+    `is_supervised` by one of `spans` (ReplySpans in text order): the one walk that ChatEncoder and
+    common.align's encoding share, so both agree on what is supervised."""
+    span_index = 0
+    for position, (start, end) in enumerate(offsets):
+        while span_index < len(spans) and spans[span_index].end <= start:
+            span_index += 1
+        if span_index == len(spans):
+            break
+        if is_supervised(start, end, spans[span_index]):
+            yield position, span_index
+
+
 class ChatEncoder:
     """Turns conversations into `input_ids` and `labels` (-100 on tokens the assistant did not write).
 
@@ -257,14 +271,8 @@ class ChatEncoder:
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids = encoding["input_ids"]
         labels = [IGNORE_INDEX] * len(input_ids)
-        span_index = 0
-        for position, (start, end) in enumerate(encoding["offset_mapping"]):
-            while span_index < len(spans) and spans[span_index].end <= start:
-                span_index += 1
-            if span_index == len(spans):
-                break
-            if is_supervised(start, end, spans[span_index]):
-                labels[position] = input_ids[position]
+        for position, _ in supervised_tokens(encoding["offset_mapping"], spans):
+            labels[position] = input_ids[position]
         input_ids, labels = input_ids[:self.max_length], labels[:self.max_length]
         if all(label == IGNORE_INDEX for label in labels):
             raise SkipRow("too long for --max-length")
