@@ -288,8 +288,6 @@ def main(argv=None):
         accelerator.print("note: --lmbda 1 has no off-policy steps: --teacher-cache is not used "
                           "(nor built)")
     elif gkd_args.teacher_cache:
-        for index, example in enumerate(examples):
-            example["example_index"] = index  # cache rows are found by example, never by step
         cache = teacher_cache.prepare(
             gkd_args.teacher_cache, examples, tokenizer, model_args.teacher, data_args,
             gkd_args.cache_top_k, gkd_args.loss_temperature, accelerator, lambda: teacher,

@@ -199,8 +199,6 @@ def main(argv=None):
 
     collate_fn, eval_loss_fn, eval_collate_fn = None, None, None
     if kd_args.teacher_cache:  # filled from the local teacher or from the server
-        for index, example in enumerate(examples):
-            example["example_index"] = index  # cache rows are found by example, never by step
         if served:
             cache_top_k = kd_args.teacher_top_k  # the server's K (within its max: server.check)
         elif kd_args.cache_top_k is not None:

@@ -340,7 +340,10 @@ def prepare(cache_dir, examples, tokenizer, teacher_name, data_args, top_k, temp
     """Reuse a matching complete cache, or build it with the teacher (main process); returns the
     reader. `load_teacher()` is only called when the cache has to be built; `reuse_note` ends the
     line printed when a cache is reused. With `server` (a ServerTeacher asking for `top_k` rows
-    per position; `teacher_name` None) the rows are asked of the teacher on the server instead."""
+    per position; `teacher_name` None) the rows are asked of the teacher on the server instead.
+    Each example gets its "example_index", which the reader's collate_fn looks its rows up by."""
+    for index, example in enumerate(examples):
+        example["example_index"] = index  # cache rows are found by example, never by step
     identity = cache_identity(teacher_name, tokenizer, examples, data_args.dataset,
                               data_args.max_length, top_k, temperature)
     if server is not None:
