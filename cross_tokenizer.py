@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from common.align import check_offsets, encode_pair, shared_vocabulary
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
-                         parse_args)
+                         parse_args, require_flags)
 from common.chat import (ChatEncoder, collate, encode_dataset, encode_each, ensure_chat_template,
                          num_supervised_tokens)
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
@@ -254,10 +254,8 @@ def main(argv=None):
     model_args, data_args, train_args, uld_args, lora_args = parse_args(
         (ModelArguments, DataArguments, TrainingArguments, CrossTokenizerArguments,
          LoraArguments), argv, description=__doc__.split("\n\n")[0])
-    for flag, value in [("--teacher", model_args.teacher), ("--student", model_args.student),
-                        ("--dataset", data_args.dataset)]:
-        if not value:
-            raise UserError(f"{flag} is required (see --help)")
+    require_flags(("--teacher", model_args.teacher), ("--student", model_args.student),
+                  ("--dataset", data_args.dataset))
     check_output_dir(train_args.output_dir, train_args.resume, train_args.overwrite)
 
     teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code, "teacher")

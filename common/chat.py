@@ -352,3 +352,17 @@ def encode_dataset(data_args, encoder, log=print, progress=True):
         raise UserError(f"no usable example in {data_args.dataset} "
                         f"({describe_skips(skipped, total) or 'empty'}); {hint}")
     return examples
+
+
+def encode_datasets(accelerator, encoder, data_args, train_args, held_out_data_args=None):
+    """(training examples, --eval-dataset examples or None), each through encode_dataset, on the
+    main process first so that the others reuse what it loaded. `held_out_data_args`: the
+    DataArguments whose columns --eval-dataset is read with, when the training data's differ."""
+    from common.args import eval_data_args
+
+    with accelerator.main_process_first():
+        examples = encode_dataset(data_args, encoder, log=accelerator.print)
+        eval_examples = encode_dataset(eval_data_args(held_out_data_args or data_args, train_args),
+                                       encoder, log=accelerator.print) \
+            if train_args.eval_dataset else None
+    return examples, eval_examples
