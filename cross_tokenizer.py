@@ -47,8 +47,8 @@ Examples:
 
 import math
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -56,8 +56,9 @@ import torch.nn.functional as F
 
 from common.align import check_offsets, encode_pair, shared_vocabulary
 from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
-                         parse_args, shared_field)
-from common.chat import ChatEncoder, SkipRow, collate, ensure_chat_template
+                         parse_args, require_flags, shared_field)
+from common.chat import (ChatEncoder, collate, encode_dataset, encode_each, ensure_chat_template,
+                         num_supervised_tokens)
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.errors import UserError, run_cli
@@ -108,31 +109,18 @@ class CrossTokenizerArguments:
                             f"distillation), got {self.alpha}")
 
 
-def encode_pairs(data_args, student_encoder, teacher_encoder, log=print, progress=True):
-    """Load the dataset and encode + align every usable conversation; report what was skipped."""
-    from tqdm.auto import tqdm
+class PairEncoder:
+    """For common.chat.encode_dataset: each conversation encoded by both models' ChatEncoders and
+    aligned (common.align.encode_pair)."""
 
-    from common.data import describe_skips, load_conversations
+    no_usable_hint = "check that rows hold non-empty assistant replies"
 
-    conversations, skipped = load_conversations(data_args, require_reply=True)
-    total = len(conversations) + sum(skipped.values())
-    examples, encode_skipped = [], Counter()
-    for messages in tqdm(conversations, desc="tokenizing + aligning", mininterval=2.0,
-                         disable=not progress):
-        try:
-            examples.append(encode_pair(student_encoder, teacher_encoder, messages))
-        except SkipRow as exc:
-            encode_skipped[str(exc)] += 1
-    skipped.update(encode_skipped)
-    if skipped:
-        log(f"warning: {describe_skips(skipped, total)}")
-    if not examples:
-        hint = (f"raise --max-length (now {data_args.max_length})"
-                if any("max-length" in reason for reason in skipped) else
-                "check that rows hold non-empty assistant replies")
-        raise UserError(f"no usable example in {data_args.dataset} "
-                        f"({describe_skips(skipped, total) or 'empty'}); {hint}")
-    return examples
+    def __init__(self, student_encoder, teacher_encoder):
+        self.student_encoder, self.teacher_encoder = student_encoder, teacher_encoder
+
+    def encode_all(self, conversations, progress=True):
+        return encode_each(partial(encode_pair, self.student_encoder, self.teacher_encoder),
+                           conversations, "tokenizing + aligning", progress)
 
 
 def collate_pairs(examples, pad_token_id, teacher_pad_token_id):
@@ -181,10 +169,14 @@ def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, u
         loss_chunk_size = auto_chunk_size(max(student_vocab_size, teacher_vocab_size))
     teacher_hidden_allowed = loss_chunk_size > 0 and not weights_are_sharded(accelerator)
     has_plain_output_layer = OutputLayerCheck(accelerator)
-    teacher_rows_are_hidden = {}  # decided on the first batch; the same for every batch after
+
+    def teacher_rows_are_hidden(inputs=None):
+        """Whether the teacher's rows are its final hidden states (else its logits): probed on the
+        first batch's `inputs`, remembered by OutputLayerCheck for every batch after."""
+        return teacher_hidden_allowed and has_plain_output_layer(teacher, inputs, "teacher")
 
     def teacher_logits_of(teacher_rows):
-        if not teacher_rows_are_hidden["value"]:
+        if not teacher_rows_are_hidden():
             return teacher_rows[:, :teacher_vocab_size]
         layer = teacher.get_output_embeddings()
         bias = None if layer.bias is None else layer.bias[:teacher_vocab_size]
@@ -227,11 +219,7 @@ def make_loss_fn(accelerator, teacher, student_vocab_size, teacher_vocab_size, u
         with torch.no_grad(), accelerator.autocast():
             # Probed under the autocast its forward runs under: under bf16 a float32 probe's
             # logits would not match the bf16 rebuilt ones, a false "not plain".
-            if "value" not in teacher_rows_are_hidden:
-                teacher_rows_are_hidden["value"] = (teacher_hidden_allowed
-                                                    and has_plain_output_layer(teacher, inputs,
-                                                                               "teacher"))
-            if teacher_rows_are_hidden["value"]:
+            if teacher_rows_are_hidden(inputs):
                 with output_layer_passes_hidden_states(teacher):
                     outputs = teacher(**inputs).logits
             else:
@@ -256,18 +244,14 @@ ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainingArguments, CrossTokeni
 
 
 def main(argv=None):
-    from functools import partial
-
     from accelerate.utils import set_seed
 
     from common.train import Method, make_accelerator, train
 
     model_args, data_args, train_args, uld_args, lora_args = parse_args(
         ARGUMENT_GROUPS, argv, description=__doc__.split("\n\n")[0])
-    for flag, value in [("--teacher", model_args.teacher), ("--student", model_args.student),
-                        ("--dataset", data_args.dataset)]:
-        if not value:
-            raise UserError(f"{flag} is required (see --help)")
+    require_flags(("--teacher", model_args.teacher), ("--student", model_args.student),
+                  ("--dataset", data_args.dataset))
     check_output_dir(train_args.output_dir, train_args.resume, train_args.overwrite)
 
     teacher_tokenizer = load_tokenizer(model_args.teacher, model_args.trust_remote_code, "teacher")
@@ -284,14 +268,14 @@ def main(argv=None):
         accelerator.print("note: teacher and student share a vocabulary; token_level.py compares "
                           "their full distributions exactly, which ULD cannot")
     encoder = ChatEncoder(tokenizer, data_args.max_length)
-    teacher_encoder = ChatEncoder(teacher_tokenizer, data_args.max_length)
+    pair_encoder = PairEncoder(encoder, ChatEncoder(teacher_tokenizer, data_args.max_length))
     with accelerator.main_process_first():
-        examples = encode_pairs(data_args, encoder, teacher_encoder, log=accelerator.print,
-                                progress=accelerator.is_local_main_process)
-        eval_examples = encode_pairs(eval_data_args(data_args, train_args), encoder,
-                                     teacher_encoder, log=accelerator.print, progress=False) \
+        examples = encode_dataset(data_args, pair_encoder, log=accelerator.print,
+                                  progress=accelerator.is_local_main_process)
+        eval_examples = encode_dataset(eval_data_args(data_args, train_args), pair_encoder,
+                                       log=accelerator.print, progress=False) \
             if train_args.eval_dataset else None
-    aligned = sum(sum(1 for label in e["labels"] if label != -100) for e in examples)
+    aligned = num_supervised_tokens(examples)
     reply_tokens = sum(e["num_reply_tokens"] for e in examples)
     accelerator.print(f"{len(examples)} training conversations, {aligned} of {reply_tokens} "
                       f"student reply tokens aligned with a teacher token "

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from common.args import DataArguments, parse_args, shared_field
-from common.chat import read_chat_template
+from common.chat import read_chat_template, supervised_positions
 from common.errors import UserError, run_cli
 
 # Trailing sentence punctuation dropped for exact match ("42." == "42"); brackets and quotes stay.
@@ -226,7 +226,7 @@ def score_references(model, examples, vocab_size, batch_size, pad_token_id, teac
                      collate(examples[start:start + batch_size], pad_token_id).items()}
             model_outputs = scored_outputs(model, batch, heads)
             teacher_outputs = None if teacher is None else scored_outputs(teacher, batch, heads)
-            targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+            targets = batch["labels"][:, 1:][supervised_positions(batch["labels"])]
             totals["tokens"] += targets.numel()
             for rows in torch.arange(targets.numel(), device=device).split(chunk_size):
                 model_logits = heads[id(model)](model_outputs[rows])[:, :vocab_size].float()
@@ -253,7 +253,7 @@ def scored_outputs(model, batch, heads):
                                               batch["attention_mask"]) is None
         heads[id(model)] = model.get_output_embeddings() if plain else (lambda logits: logits)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    supervised = batch["labels"][:, 1:] != -100
+    supervised = supervised_positions(batch["labels"])
     if heads[id(model)] is model.get_output_embeddings():
         with output_layer_passes_hidden_states(model):
             return model(**inputs).logits[:, :-1][supervised]

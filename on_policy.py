@@ -50,15 +50,16 @@ from typing import Literal, Optional
 
 from common.api_client import redacted_args, redacted_command
 from common.args import (DataArguments, KDArguments, ModelArguments, TrainingArguments,
-                         eval_data_args, parse_args, shared_field)
-from common.chat import IGNORE_INDEX, ChatEncoder, collate, encode_dataset
+                         parse_args, require_flags, shared_field,
+                         teacher_is_served)
+from common.chat import IGNORE_INDEX, ChatEncoder, collate, encode_datasets
 from common import teacher_cache
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.distill import make_kd_loss_fn
 from common.errors import UserError, run_cli
-from common.lora import LoraArguments, add_adapters
-from common.models import check_vocab_fits, freeze, load_model, load_student, real_vocab_size
+from common.lora import LoraArguments, load_trainable_student
+from common.models import check_vocab_fits, freeze, load_model, real_vocab_size
 from common.sharding import full_params_for_generation, prepare_teacher
 
 
@@ -191,13 +192,9 @@ def main(argv=None):
     if gkd_args.completions:
         data_args = dataclasses.replace(data_args, dataset=gkd_args.completions,
                                         messages_field="messages")
-    served = bool(gkd_args.teacher_api_base)
-    if served and model_args.teacher:
-        raise UserError("pass either --teacher (a local model) or --teacher-api-base, not both")
-    for flag, value in [("--teacher", model_args.teacher or served),
-                        ("--student", model_args.student), ("--dataset", data_args.dataset)]:
-        if not value:
-            raise UserError(f"{flag} is required (see --help)")
+    served = teacher_is_served(model_args, gkd_args)
+    require_flags(("--teacher", model_args.teacher or served), ("--student", model_args.student),
+                  ("--dataset", data_args.dataset))
     check_output_dir(train_args.output_dir, train_args.resume, train_args.overwrite)
 
     from common.server_teacher import same_vocabulary_tokenizer
@@ -207,17 +204,10 @@ def main(argv=None):
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
     encoder = ChatEncoder(tokenizer, data_args.max_length)
-    with accelerator.main_process_first():
-        examples = encode_dataset(data_args, encoder, log=accelerator.print)
-        eval_examples = encode_dataset(eval_data_args(held_out_data_args, train_args), encoder,
-                                       log=accelerator.print) if train_args.eval_dataset else None
+    examples, eval_examples = encode_datasets(accelerator, encoder, data_args, train_args,
+                                              held_out_data_args)
 
-    student = load_student(model_args.student, model_args.student_dtype,
-                           model_args.trust_remote_code, adapters=lora_args.lora_r > 0)
-    check_vocab_fits(student, tokenizer, "student")
-    if train_args.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-    student = add_adapters(accelerator, student, lora_args, train_args.gradient_checkpointing)
+    student = load_trainable_student(accelerator, model_args, train_args, lora_args, tokenizer)
     vocab_size = real_vocab_size(tokenizer)
     if served:  # held-out data is scored with the top-K forward KL
         from common.server_teacher import make_server_on_policy_loss_fn
@@ -237,8 +227,6 @@ def main(argv=None):
         accelerator.print("note: --lmbda 1 has no off-policy steps: --teacher-cache is not used "
                           "(nor built)")
     elif gkd_args.teacher_cache:
-        for index, example in enumerate(examples):
-            example["example_index"] = index  # cache rows are found by example, never by step
         cache = teacher_cache.prepare(
             gkd_args.teacher_cache, examples, tokenizer, model_args.teacher, data_args,
             teacher_cache.top_k_to_keep(gkd_args.cache_top_k, gkd_args.teacher_cache),

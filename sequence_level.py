@@ -48,7 +48,7 @@ from common.api_client import (TeacherApiArguments, api_error, make_client, reda
                                redacted_command)
 from common.args import (DataArguments, ModelArguments, TrainingArguments, parse_args,
                          shared_field)
-from common.lora import LoraArguments, add_adapters
+from common.lora import LoraArguments, load_trainable_student
 from common.errors import UserError, run_cli
 
 COMPLETIONS_FILE = "teacher_completions.jsonl"
@@ -585,12 +585,12 @@ ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainingArguments, SequenceLev
 def main(argv=None):
     from accelerate.utils import set_seed
 
-    from common.args import eval_data_args
+    from common.args import eval_data_args, teacher_is_served
     from common.chat import ChatEncoder, encode_dataset, ensure_chat_template
     from common.distill import make_ce_loss_fn
     from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                    prepare_output_dir)
-    from common.models import check_vocab_fits, load_student, load_tokenizer, real_vocab_size
+    from common.models import load_tokenizer, real_vocab_size
     from common.sharding import unsharded_loading
     from common.train import Method, make_accelerator, train
 
@@ -600,8 +600,7 @@ def main(argv=None):
         raise UserError("--dataset is required (or --completions with a filled cache)")
     if not seq_args.generate_only and not model_args.student:
         raise UserError("--student is required unless --generate-only is given")
-    if model_args.teacher and seq_args.teacher_api_base:
-        raise UserError("pass either --teacher (a local model) or --teacher-api-base, not both")
+    teacher_is_served(model_args, seq_args)  # refuses a local teacher and a served one at once
     output_dir = Path(train_args.output_dir)
     cache_path = Path(seq_args.completions) if seq_args.completions else output_dir / COMPLETIONS_FILE
     if cache_path.exists() and not cache_path.is_file():
@@ -646,12 +645,8 @@ def main(argv=None):
         with accelerator.main_process_first():
             eval_examples = encode_dataset(eval_data_args(data_args, train_args), encoder,
                                            log=accelerator.print)
-    student = load_student(model_args.student, model_args.student_dtype,
-                           model_args.trust_remote_code, adapters=lora_args.lora_r > 0)
-    check_vocab_fits(student, student_tokenizer, "student")
-    if train_args.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-    student = add_adapters(accelerator, student, lora_args, train_args.gradient_checkpointing)
+    student = load_trainable_student(accelerator, model_args, train_args, lora_args,
+                                     student_tokenizer)
     prepare_output_dir(accelerator, output_dir, train_args.overwrite, keep=(COMPLETIONS_FILE,))
     # run_config is saved in every checkpoint and the output: no credentials from the API URL.
     run_config = {**make_run_config("sequence_level", redacted_command(sys.argv, seq_args),

@@ -49,16 +49,16 @@ from typing import Literal
 
 from common.api_client import redacted_args, redacted_command
 from common.args import (DataArguments, KDArguments, ModelArguments, TrainingArguments,
-                         eval_data_args, parse_args, shared_field)
+                         parse_args, require_flags, shared_field,
+                         teacher_is_served)
 from common import teacher_cache
-from common.chat import ChatEncoder, collate, encode_dataset
+from common.chat import ChatEncoder, collate, encode_datasets, num_supervised_tokens
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.distill import make_ce_loss_fn, make_kd_loss_fn
 from common.errors import UserError, run_cli
-from common.lora import LoraArguments, add_adapters
-from common.models import (check_vocab_fits, freeze, load_model, load_student, load_tokenizer,
-                           real_vocab_size)
+from common.lora import LoraArguments, load_trainable_student
+from common.models import check_vocab_fits, freeze, load_model, load_tokenizer, real_vocab_size
 from common.sharding import prepare_teacher
 
 
@@ -102,15 +102,11 @@ def main(argv=None):
     model_args, data_args, train_args, kd_args, lora_args = parse_args(
         ARGUMENT_GROUPS, argv, description=__doc__.split("\n\n")[0])
     cached_meta = teacher_cache.read_meta(kd_args.teacher_cache) if kd_args.teacher_cache else None
-    served = bool(kd_args.teacher_api_base)
+    served = teacher_is_served(model_args, kd_args)
     use_cache_only = (bool(cached_meta and cached_meta.get("complete")) and not model_args.teacher
                       and not served)
-    if served and model_args.teacher:
-        raise UserError("pass either --teacher (a local model) or --teacher-api-base, not both")
-    for flag, value in [("--teacher", model_args.teacher or use_cache_only or served),
-                        ("--student", model_args.student), ("--dataset", data_args.dataset)]:
-        if not value:
-            raise UserError(f"{flag} is required (see --help)")
+    require_flags(("--teacher", model_args.teacher or use_cache_only or served),
+                  ("--student", model_args.student), ("--dataset", data_args.dataset))
     check_output_dir(train_args.output_dir, train_args.resume, train_args.overwrite)
 
     server = None
@@ -125,12 +121,9 @@ def main(argv=None):
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
     encoder = ChatEncoder(tokenizer, data_args.max_length)
-    with accelerator.main_process_first():
-        examples = encode_dataset(data_args, encoder, log=accelerator.print)
-        eval_examples = encode_dataset(eval_data_args(data_args, train_args), encoder,
-                                       log=accelerator.print) if train_args.eval_dataset else None
+    examples, eval_examples = encode_datasets(accelerator, encoder, data_args, train_args)
     accelerator.print(f"{len(examples)} training conversations, "
-                      f"{sum(sum(1 for l in e['labels'] if l != -100) for e in examples)} "
+                      f"{num_supervised_tokens(examples)} "
                       f"supervised tokens")
 
     vocab_size = real_vocab_size(tokenizer)
@@ -143,8 +136,6 @@ def main(argv=None):
 
     collate_fn, eval_loss_fn, eval_collate_fn = None, None, None
     if kd_args.teacher_cache:  # filled from the local teacher or from the server
-        for index, example in enumerate(examples):
-            example["example_index"] = index  # cache rows are found by example, never by step
         if served:
             cache_top_k = kd_args.teacher_top_k  # the server's K (within its max: server.check)
         else:
@@ -169,12 +160,7 @@ def main(argv=None):
         loss_fn = make_kd_loss_fn(accelerator, load_teacher(), vocab_size, kd_args.kl,
                                   kd_args.loss_temperature, kd_args.beta, kd_args.alpha,
                                   loss_chunk_size=kd_args.loss_chunk_size, skew=kd_args.skew)
-    student = load_student(model_args.student, model_args.student_dtype,
-                           model_args.trust_remote_code, adapters=lora_args.lora_r > 0)
-    check_vocab_fits(student, tokenizer, "student")
-    if train_args.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-    student = add_adapters(accelerator, student, lora_args, train_args.gradient_checkpointing)
+    student = load_trainable_student(accelerator, model_args, train_args, lora_args, tokenizer)
 
     output_dir = prepare_output_dir(accelerator, train_args.output_dir, train_args.overwrite)
     run_config = make_run_config("token_level", redacted_command(sys.argv, kd_args),

@@ -33,7 +33,7 @@ import json
 import re
 from bisect import bisect_left, bisect_right
 
-from common.chat import IGNORE_INDEX, SkipRow, is_supervised, render
+from common.chat import IGNORE_INDEX, SkipRow, render, supervised_positions, supervised_tokens
 from common.errors import UserError
 
 _OFFSET_PROBE = "Offsets probe: héllo 東京 🙂 42"
@@ -95,23 +95,18 @@ def encode_with_reply_offsets(encoder, messages):
     regions = reply_regions(text, spans, messages)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoding["input_ids"][:encoder.max_length]
+    offsets = encoding["offset_mapping"][:encoder.max_length]
     labels = [IGNORE_INDEX] * len(input_ids)
     reply_index = [-1] * len(input_ids)
     reply_spans = [(0, 0)] * len(input_ids)
-    span_index = 0
-    for position, (start, end) in enumerate(encoding["offset_mapping"][:encoder.max_length]):
-        # Same walk as ChatEncoder.encode, so both agree on what is supervised.
-        while span_index < len(spans) and spans[span_index].end <= start:
-            span_index += 1
-        if span_index == len(spans):
-            break
-        if is_supervised(start, end, spans[span_index]):
-            labels[position] = input_ids[position]
-            reply_index[position] = span_index
-            core_start, core_end = regions[span_index]
-            length = core_end - core_start
-            reply_spans[position] = (min(max(start - core_start, -1), length),
-                                     min(max(end - core_start, 0), length + 1))
+    for position, span_index in supervised_tokens(offsets, spans):
+        labels[position] = input_ids[position]
+        reply_index[position] = span_index
+        start, end = offsets[position]
+        core_start, core_end = regions[span_index]
+        length = core_end - core_start
+        reply_spans[position] = (min(max(start - core_start, -1), length),
+                                 min(max(end - core_start, 0), length + 1))
     if all(label == IGNORE_INDEX for label in labels):
         raise SkipRow("too long for --max-length")
     return {"input_ids": input_ids, "labels": labels, "reply_index": reply_index,
@@ -205,24 +200,9 @@ def aligned_partners(labels, teacher_positions):
     """
     import torch
 
-    mask = labels[:, 1:] != IGNORE_INDEX
+    mask = supervised_positions(labels)
     batch_rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
     return mask, batch_rows, teacher_positions[:, 1:][mask]
-
-
-def select_aligned_logits(student_logits, teacher_logits, labels, teacher_positions):
-    """Rows of both models' logits that predict each aligned student token and its partner.
-
-    student_logits (B, Ts, Vs), teacher_logits (B, Tt, Vt), labels (B, Ts) with -100 where not
-    supervised, teacher_positions (B, Ts) = teacher position of the partner of each student token.
-    A token at position j is predicted by the logits at j - 1, on both sides: student row j - 1
-    and teacher row teacher_positions[j] - 1. Returns (student (N, Vs), teacher (N, Vt), student
-    target ids (N,), batch row of each (N,), teacher position of each partner (N,)).
-    """
-    mask, batch_rows, partner_positions = aligned_partners(labels, teacher_positions)
-    student_selected = student_logits[:, :-1][mask]
-    teacher_selected = teacher_logits[batch_rows, partner_positions - 1]
-    return student_selected, teacher_selected, labels[:, 1:][mask], batch_rows, partner_positions
 
 
 # --- tokens that are the same string in both vocabularies (for --hybrid) -------------------------

@@ -364,6 +364,24 @@ def eval_data_args(data_args, train_args):
                                dataset_split=train_args.eval_dataset_split, max_samples=-1)
 
 
+def require_flags(*flags):
+    """A UserError for the first (flag, value) pair whose value is missing: flags a script needs
+    that its dataclass leaves optional, because another flag may stand in for them (a complete
+    --teacher-cache or --teacher-api-base for --teacher)."""
+    for flag, value in flags:
+        if not value:
+            raise UserError(f"{flag} is required (see --help)")
+
+
+def teacher_is_served(model_args, api_args):
+    """Whether the teacher runs on a server (--teacher-api-base); a local --teacher as well is
+    refused, since only one of them can be the teacher."""
+    served = bool(api_args.teacher_api_base)
+    if served and model_args.teacher:
+        raise UserError("pass either --teacher (a local model) or --teacher-api-base, not both")
+    return served
+
+
 def renamed_flags(dataclass_type):
     """{old field name: (new field name, note)} of the flags a dataclass renamed, from its
     `RENAMED_FLAGS` class attribute ({old: new} or {old: (new, what changed)}). The old spelling

@@ -172,11 +172,28 @@ def is_supervised(token_start, token_end, span):
     return token_start >= span.start or token_end > span.content_start
 
 
+def supervised_tokens(offsets, spans):
+    """(position, span index) of every token, by its (start, end) character offsets, that
+    `is_supervised` by one of `spans` (ReplySpans in text order): the one walk that ChatEncoder and
+    common.align's encoding share, so both agree on what is supervised."""
+    span_index = 0
+    for position, (start, end) in enumerate(offsets):
+        while span_index < len(spans) and spans[span_index].end <= start:
+            span_index += 1
+        if span_index == len(spans):
+            break
+        if is_supervised(start, end, spans[span_index]):
+            yield position, span_index
+
+
 class ChatEncoder:
     """Turns conversations into `input_ids` and `labels` (-100 on tokens the assistant did not write).
 
     `supervise="all"` trains on every assistant turn, `"last"` only on the final one.
     """
+
+    # encode_dataset's advice when no row of a dataset could be used
+    no_usable_hint = "check that rows hold a user turn followed by a non-empty assistant reply"
 
     def __init__(self, tokenizer, max_length, supervise="all"):
         if not getattr(tokenizer, "is_fast", False):
@@ -254,14 +271,8 @@ class ChatEncoder:
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids = encoding["input_ids"]
         labels = [IGNORE_INDEX] * len(input_ids)
-        span_index = 0
-        for position, (start, end) in enumerate(encoding["offset_mapping"]):
-            while span_index < len(spans) and spans[span_index].end <= start:
-                span_index += 1
-            if span_index == len(spans):
-                break
-            if is_supervised(start, end, spans[span_index]):
-                labels[position] = input_ids[position]
+        for position, _ in supervised_tokens(encoding["offset_mapping"], spans):
+            labels[position] = input_ids[position]
         input_ids, labels = input_ids[:self.max_length], labels[:self.max_length]
         if all(label == IGNORE_INDEX for label in labels):
             raise SkipRow("too long for --max-length")
@@ -269,18 +280,37 @@ class ChatEncoder:
 
     def encode_all(self, conversations, progress=True):
         """Encode a list of conversations; returns (examples, Counter of skip reasons)."""
-        from tqdm.auto import tqdm
-
-        examples, skipped = [], Counter()
         # One bar per machine: under torchrun / accelerate every process encodes the data.
         progress = progress and os.environ.get("LOCAL_RANK", "0") == "0"
-        for messages in tqdm(conversations, desc="tokenizing", disable=not progress,
-                             mininterval=2.0):
-            try:
-                examples.append(self.encode(messages))
-            except SkipRow as exc:
-                skipped[str(exc)] += 1
-        return examples, skipped
+        return encode_each(self.encode, conversations, "tokenizing", progress)
+
+
+def encode_each(encode, conversations, desc, progress=True):
+    """[encode(messages) for each conversation] less those that raise SkipRow, under a tqdm bar
+    named `desc`; returns (examples, Counter of skip reasons)."""
+    from tqdm.auto import tqdm
+
+    examples, skipped = [], Counter()
+    for messages in tqdm(conversations, desc=desc, disable=not progress, mininterval=2.0):
+        try:
+            examples.append(encode(messages))
+        except SkipRow as exc:
+            skipped[str(exc)] += 1
+    return examples, skipped
+
+
+def supervised_positions(labels):
+    """(B, T - 1) bool for labels (B, T): True at position t when label t + 1 is supervised, i.e.
+    where the model's output predicts a token it is trained on. `labels[:, 1:][mask]` are the
+    targets and `logits[:, :-1][mask]` what predicts them, row-major: the order of every
+    per-token tensor of the losses and of the teacher cache's rows."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def num_supervised_tokens(examples):
+    """Supervised tokens over encoded examples (lists of labels, before collate)."""
+    return sum(sum(1 for label in example["labels"] if label != IGNORE_INDEX)
+               for example in examples)
 
 
 def collate(examples, pad_token_id):
@@ -299,23 +329,40 @@ def collate(examples, pad_token_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def encode_dataset(data_args, encoder, log=print):
+def encode_dataset(data_args, encoder, log=print, progress=True):
     """Load `data_args.dataset`, encode every usable conversation, and report what was skipped.
 
+    `encoder` is a ChatEncoder or any object with its `encode_all(conversations, progress)` ->
+    (examples, Counter of skip reasons) and `no_usable_hint` (cross_tokenizer.py's PairEncoder).
     A few bad rows are skipped with a counted warning; no usable row at all is a UserError.
     """
     from common.data import describe_skips, load_conversations
 
     conversations, skipped = load_conversations(data_args, require_reply=True)
-    examples, encode_skipped = encoder.encode_all(conversations)
+    examples, encode_skipped = encoder.encode_all(conversations, progress=progress)
     skipped.update(encode_skipped)
     total = len(conversations) + sum(skipped.values()) - sum(encode_skipped.values())
     if skipped:
         log(f"warning: {describe_skips(skipped, total)}")
     if not examples:
+        # Every reason a cut by --max-length gives names the flag (see the encoders' SkipRows).
         hint = (f"raise --max-length (now {data_args.max_length})"
-                if "too long for --max-length" in skipped else
-                "check that rows hold a user turn followed by a non-empty assistant reply")
+                if any("--max-length" in reason for reason in skipped) else
+                encoder.no_usable_hint)
         raise UserError(f"no usable example in {data_args.dataset} "
                         f"({describe_skips(skipped, total) or 'empty'}); {hint}")
     return examples
+
+
+def encode_datasets(accelerator, encoder, data_args, train_args, held_out_data_args=None):
+    """(training examples, --eval-dataset examples or None), each through encode_dataset, on the
+    main process first so that the others reuse what it loaded. `held_out_data_args`: the
+    DataArguments whose columns --eval-dataset is read with, when the training data's differ."""
+    from common.args import eval_data_args
+
+    with accelerator.main_process_first():
+        examples = encode_dataset(data_args, encoder, log=accelerator.print)
+        eval_examples = encode_dataset(eval_data_args(held_out_data_args or data_args, train_args),
+                                       encoder, log=accelerator.print) \
+            if train_args.eval_dataset else None
+    return examples, eval_examples

@@ -17,6 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from common.chat import supervised_positions
 from common.chunked import auto_chunk_size, chunked_kd_loss
 from common.losses import KDObjective, cross_entropy, shift_for_next_token
 
@@ -71,7 +72,7 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
             return full_logits_loss_fn(student, batch)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         target_labels = batch["labels"][:, 1:]
-        supervised = target_labels != -100  # position t predicts label t+1
+        supervised = supervised_positions(batch["labels"])
         with output_layer_passes_hidden_states(model):
             student_hidden = student(**inputs).logits[:, :-1][supervised]
         with torch.no_grad(), accelerator.autocast():
@@ -98,7 +99,7 @@ def make_kd_loss_fn(accelerator, teacher, vocab_size, kl="forward", temperature=
 class OutputLayerCheck:
     """check(model, batch, what) -> whether the chunked loss may apply `model`'s output layer
     itself (see why_output_layer_is_not_plain): probed once per model, on its first batch, with a
-    one-time warning when it may not."""
+    one-time warning when it may not. Later calls may pass batch=None: the answer is remembered."""
 
     def __init__(self, accelerator):
         self.accelerator, self.plain = accelerator, {}
@@ -148,7 +149,7 @@ def make_head_loss_fn(accelerator, vocab_size, terms, loss_chunk_size=0, row_key
         if not chunked or not has_plain_output_layer(model, batch, "student"):
             selected, targets = shift_for_next_token(student(**inputs).logits, batch["labels"])
             return terms(selected[:, :vocab_size], targets, *rows)
-        supervised = batch["labels"][:, 1:] != -100  # position t predicts label t+1
+        supervised = supervised_positions(batch["labels"])
         with output_layer_passes_hidden_states(model):
             hidden = student(**inputs).logits[:, :-1][supervised]
         targets = batch["labels"][:, 1:][supervised]

@@ -82,6 +82,19 @@ def add_adapters(accelerator, student, lora_args, gradient_checkpointing=False):
     return model
 
 
+def load_trainable_student(accelerator, model_args, train_args, lora_args, tokenizer):
+    """The student to train: loaded (common.models.load_student), checked against `tokenizer`,
+    with gradient checkpointing when asked and LoRA adapters when --lora-r > 0."""
+    from common.models import check_vocab_fits, load_student
+
+    student = load_student(model_args.student, model_args.student_dtype,
+                           model_args.trust_remote_code, adapters=lora_args.lora_r > 0)
+    check_vocab_fits(student, tokenizer, "student")
+    if train_args.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    return add_adapters(accelerator, student, lora_args, train_args.gradient_checkpointing)
+
+
 def is_adapter_model(model):
     """Whether `model` (unwrapped) is a peft model, without importing peft for plain students."""
     return type(model).__module__.startswith("peft.")

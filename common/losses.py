@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from common.chat import supervised_positions
+
 KL_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse")
 
 
@@ -250,9 +252,8 @@ def shift_for_next_token(logits, labels):
     label at t+1 is supervised, and the (N,) target ids. Selecting before any float32 upcast keeps
     the large (B, T, V) tensor in the model's own dtype.
     """
-    target_labels = labels[:, 1:]
-    mask = target_labels != -100
-    return logits[:, :-1][mask], target_labels[mask]
+    mask = supervised_positions(labels)
+    return logits[:, :-1][mask], labels[:, 1:][mask]
 
 
 # --- Universal Logit Distillation: distributions over DIFFERENT vocabularies ---------------------

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from common.api_client import api_error, error_message, make_client, redact_url, split_query
+from common.chat import IGNORE_INDEX
 from common.errors import UserError
 
 TOKEN_ID_PREFIX = "token_id:"
@@ -134,7 +135,7 @@ class ServerTeacher:
             top = logprobs["top_logprobs"]
             self._check_length(top, ids)
             for j in range(1, len(ids)):  # entry j: the distribution position j - 1 predicts
-                if labels[j] != -100:
+                if labels[j] != IGNORE_INDEX:
                     rows.append(sparse_row(self._entries(top[j], j), self.top_k, self.vocab_size))
         width = width or max((len(row[0]) for row in rows), default=1)
         teacher_ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -160,7 +161,7 @@ class ServerTeacher:
             token_logprobs = logprobs["token_logprobs"]
             self._check_length(token_logprobs, ids)
             for j in range(1, len(ids)):
-                if labels[j] != -100:
+                if labels[j] != IGNORE_INDEX:
                     if token_logprobs[j] is None:
                         self._no_logprobs(j)
                     values.append(float(token_logprobs[j]))

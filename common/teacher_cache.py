@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.chat import supervised_positions
 from common.checkpoint import examples_digest, write_json_atomic
 from common.errors import UserError
 from common.losses import log_probs, shift_for_next_token
@@ -244,7 +245,7 @@ def build_cache(cache_dir, teacher, examples, identity, vocab_size, batch_size, 
             ids.append(top_ids.cpu().numpy().astype(np.int32))  # a server's rows come as int64
             logprobs.append(top_log_probs.cpu().numpy().astype(np.float16))
             tails.append(tail.cpu().numpy().astype(np.float32))
-            counts.extend((batch["labels"][:, 1:] != -100).sum(dim=1).tolist())
+            counts.extend(supervised_positions(batch["labels"]).sum(dim=1).tolist())
             bar.update(len(batch["input_ids"]))
         number = len(progress["shards"])
         checksums = {}
@@ -348,7 +349,10 @@ def prepare(cache_dir, examples, tokenizer, teacher_name, data_args, top_k, temp
     """Reuse a matching complete cache, or build it with the teacher (main process); returns the
     reader. `load_teacher()` is only called when the cache has to be built; `reuse_note` ends the
     line printed when a cache is reused. With `server` (a ServerTeacher asking for `top_k` rows
-    per position; `teacher_name` None) the rows are asked of the teacher on the server instead."""
+    per position; `teacher_name` None) the rows are asked of the teacher on the server instead.
+    Each example gets its "example_index", which the reader's collate_fn looks its rows up by."""
+    for index, example in enumerate(examples):
+        example["example_index"] = index  # cache rows are found by example, never by step
     identity = cache_identity(teacher_name, tokenizer, examples, data_args.dataset,
                               data_args.max_length, top_k, temperature)
     if server is not None:

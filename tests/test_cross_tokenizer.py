@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from common.align import (align_spans, check_offsets, encode_pair, encode_with_reply_offsets,
-                          select_aligned_logits, shared_vocabulary, token_bytes)
-from common.chat import IGNORE_INDEX, ChatEncoder, render
+from common.align import (align_spans, aligned_partners, check_offsets, encode_pair,
+                          encode_with_reply_offsets, shared_vocabulary, token_bytes)
+from common.chat import IGNORE_INDEX, ChatEncoder, encode_dataset, render
 from common.errors import UserError, run_cli
 from common.losses import shared_vocab_kl, uld_loss
 from conftest import run_script
@@ -152,6 +152,42 @@ def test_replies_cut_differently_by_max_length(tokenizers):
     student_reply = [p for p, label in enumerate(
         ChatEncoder(student, max_length).encode(messages)["labels"]) if label != IGNORE_INDEX]
     assert len(student_reply) > len(aligned)
+
+
+def test_a_dataset_is_encoded_in_pairs_with_skips_counted_and_no_usable_row_refused(
+        tokenizers, tmp_path):
+    """cross_tokenizer.py reads its data through common.chat.encode_dataset with a PairEncoder:
+    the pairs are encode_pair's, skipped rows are counted in one warning, and a dataset with no
+    usable row is one UserError whose advice fits the cause."""
+    from common.args import DataArguments
+    from cross_tokenizer import PairEncoder
+
+    teacher, _ = tokenizers
+    good, no_reply = conversation("Paris, 42."), [{"role": "user", "content": "Hello?"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [good, no_reply, good]))
+    warnings = []
+    examples = encode_dataset(DataArguments(dataset=str(path)), PairEncoder(*encoders(tokenizers)),
+                              log=warnings.append, progress=False)
+    assert examples == [encode_pair(*encoders(tokenizers), good)] * 2
+    assert warnings == ["warning: skipped 1 of 3 rows: 1 no non-empty assistant reply"]
+
+    only_no_reply = tmp_path / "no_reply.jsonl"
+    only_no_reply.write_text(json.dumps({"messages": no_reply}) + "\n")
+    with pytest.raises(UserError, match=r"no usable example in .*no_reply.jsonl \(skipped 1 of 1 "
+                       r"rows: 1 no non-empty assistant reply\); check that rows hold non-empty "
+                       r"assistant replies$"):
+        encode_dataset(DataArguments(dataset=str(only_no_reply)),
+                       PairEncoder(*encoders(tokenizers)), log=lambda message: None)
+
+    # the teacher's longer prompt fills --max-length before its reply starts
+    teacher_reply_start = next(p for p, label in enumerate(
+        ChatEncoder(teacher, 512).encode(good)["labels"]) if label != IGNORE_INDEX)
+    with pytest.raises(UserError, match=rf"no usable example .*--max-length.*; raise --max-length "
+                       rf"\(now {teacher_reply_start}\)$"):
+        encode_dataset(DataArguments(dataset=str(path), max_length=teacher_reply_start),
+                       PairEncoder(*encoders(tokenizers, teacher_reply_start)),
+                       log=lambda message: None)
 
 
 def test_whitespace_before_the_reply_does_not_shift_the_alignment(tiny):
@@ -350,6 +386,22 @@ def test_shared_vocab_kl_is_an_exact_kl_over_the_shared_tokens():
 
 # --- the causal shift ---------------------------------------------------------------------------
 
+def select_aligned_logits(student_logits, teacher_logits, labels, teacher_positions):
+    """Rows of both models' logits that predict each aligned student token and its partner: the
+    full-logits form of what make_loss_fn gathers through common.align.aligned_partners.
+
+    student_logits (B, Ts, Vs), teacher_logits (B, Tt, Vt), labels (B, Ts) with -100 where not
+    supervised, teacher_positions (B, Ts) = teacher position of the partner of each student token.
+    A token at position j is predicted by the logits at j - 1, on both sides: student row j - 1
+    and teacher row teacher_positions[j] - 1. Returns (student (N, Vs), teacher (N, Vt), student
+    target ids (N,), batch row of each (N,), teacher position of each partner (N,)).
+    """
+    mask, batch_rows, partner_positions = aligned_partners(labels, teacher_positions)
+    student_selected = student_logits[:, :-1][mask]
+    teacher_selected = teacher_logits[batch_rows, partner_positions - 1]
+    return student_selected, teacher_selected, labels[:, 1:][mask], batch_rows, partner_positions
+
+
 def test_logits_one_position_before_each_aligned_token_are_compared(tokenizers):
     """Row k of both models' logits predicts token k + 1; pairing row k with token k must fail."""
     from cross_tokenizer import collate_pairs
@@ -449,7 +501,6 @@ def full_logits_uld_float64(teacher, student, batch, vocab_sizes, args, shared):
     the loss combines (see tests/float32_error.py)."""
     import copy
 
-    from common.align import select_aligned_logits
     from common.losses import cross_entropy
     from float32_error import log_prob_scale
 
