@@ -53,8 +53,10 @@ ROW_SETTINGS = {
     "sequence_level": {"learning_rate": 3e-3, "flags": []},
     "token_level_forward": {"learning_rate": 3e-3, "flags": []},
     "token_level_cached": {"learning_rate": 3e-3, "flags": []},
-    "token_level_reverse": {"learning_rate": 1e-3, "flags": ["--kl", "skew_reverse"]},
-    "on_policy": {"learning_rate": 1e-3, "flags": ["--completions", "{completions}"]},
+    "token_level_reverse": {"learning_rate": 3e-3,
+                            "flags": ["--kl", "skew_reverse", "--alpha", 0.5]},
+    "on_policy": {"learning_rate": 3e-3,
+                  "flags": ["--kl", "forward", "--completions", "{completions}"]},
     "cross_tokenizer": {"learning_rate": 3e-3, "flags": ["--hybrid"]},
     "cross_tokenizer_baseline": {"learning_rate": 1e-3, "flags": []},
 }
