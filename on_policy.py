@@ -223,14 +223,18 @@ def main(argv=None):
                                   gkd_args.loss_temperature, gkd_args.beta,
                                   loss_chunk_size=gkd_args.loss_chunk_size, skew=gkd_args.skew)
     collate_fn, live_loss_fn = None, loss_fn
+    # The K a cache holds or would be built with, not "unset": run_config records what ran, and
+    # a resume compares it (runs without a cache have always recorded the default, 32).
+    gkd_args.cache_top_k = (
+        teacher_cache.top_k_to_keep(gkd_args.cache_top_k, gkd_args.teacher_cache)
+        if gkd_args.teacher_cache else gkd_args.cache_top_k or teacher_cache.DEFAULT_TOP_K)
     if gkd_args.teacher_cache and gkd_args.lmbda == 1.0:
         accelerator.print("note: --lmbda 1 has no off-policy steps: --teacher-cache is not used "
                           "(nor built)")
     elif gkd_args.teacher_cache:
         cache = teacher_cache.prepare(
             gkd_args.teacher_cache, examples, tokenizer, model_args.teacher, data_args,
-            teacher_cache.top_k_to_keep(gkd_args.cache_top_k, gkd_args.teacher_cache),
-            gkd_args.loss_temperature, accelerator, lambda: teacher,
+            gkd_args.cache_top_k, gkd_args.loss_temperature, accelerator, lambda: teacher,
             train_args.batch_size, reuse_note="off-policy steps read it, on-policy steps run the "
                                               "teacher")
         collate_fn = cache.collate_fn(collate)

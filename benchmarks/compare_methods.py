@@ -556,10 +556,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.annotate:
         where = annotate(args.annotate)
-        if where:
+        if where and where["many_answer_share"] is not None:
             print(f"{args.annotate}: gap {where['gap']:.3f}; share on the many-answer families "
                   f"({', '.join(where['many_answer_families'])}): "
                   f"{where['many_answer_share']:.1%}")
+        else:
+            print(f"{args.annotate}: the teacher is not ahead of the baseline: no gap to share")
         return None
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     methods = args.methods or list(COMPARISON_METHODS)

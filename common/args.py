@@ -108,9 +108,9 @@ SHARED_HELP = {
                      "only (its on-policy samples are scored by the live teacher). Forward KL "
                      "only.",
     "cache_top_k": "Teacher tokens kept per position in --teacher-cache (plus one tail bucket); "
-                   "about 6 bytes each. Unset: the existing cache's K, else 32; a cache filled "
-                   "from --teacher-api-base keeps --teacher-top-k (another --cache-top-k is "
-                   "refused).",
+                   "about 6 bytes each. Unset: the existing cache's K, else 32; token_level.py "
+                   "filling a cache from --teacher-api-base keeps --teacher-top-k (another "
+                   "--cache-top-k is refused).",
     "teacher_top_k": "With --teacher-api-base: teacher log-probs per position asked of the "
                      "server (at most its own maximum, vLLM's --max-logprobs, default 20). The "
                      "top-K forward KL compares these K tokens plus one bucket for the rest: "
@@ -427,8 +427,9 @@ def add_renamed_flags(parser, dataclass_types):
     for dataclass_type in dataclass_types:
         for old, note in getattr(dataclass_type, "REMOVED_FLAGS", {}).items():
             options = dict.fromkeys([f"--{old.replace('_', '-')}", f"--{old}"])  # dashed first
+            # nargs "?": the flag alone, without its old value, gets the note too
             parser.add_argument(*options, action=_RemovedFlag, default=argparse.SUPPRESS,
-                                help=argparse.SUPPRESS, note=note)
+                                nargs="?", help=argparse.SUPPRESS, note=note)
         for old, (new, note) in renamed_flags(dataclass_type).items():
             target = actions[new]
             options = dict.fromkeys([f"--{old.replace('_', '-')}", f"--{old}"])  # dashed first
@@ -594,7 +595,8 @@ def recipe_yaml(record, source):
     elif isinstance(record.get("method"), str):
         script = f"{record['method']}.py"
         groups = {name: values for name, values in record.items()
-                  if isinstance(values, dict) and name not in ("versions", "renamed_settings")}
+                  if isinstance(values, dict) and name not in ("versions", "renamed_settings",
+                                                                   "removed_settings")}
     else:
         raise UserError(f"{source} is neither a run_config.json of a training run nor an eval.py "
                         f"--output file")

@@ -273,7 +273,9 @@ def make_run_config(method, command, **groups):
     """What every checkpoint and the final output record about the run: the method, the command
     line, each argument group (dataclasses) as a dict, and the versions that ran it; and, for
     groups that renamed a flag, {group: {old field: new field}}, so that a checkpoint written
-    under the old name is compared with the new one on resume."""
+    under the old name is compared with the new one on resume; and for groups that removed a flag,
+    {group: {removed field: what replaced it}}, so that a checkpoint that still has it is refused
+    rather than resumed with the setting silently dropped."""
     import dataclasses
     import platform
 
@@ -286,12 +288,15 @@ def make_run_config(method, command, **groups):
     renamed = {name: {old: new for old, (new, _) in renamed_flags(type(args)).items()}
                for name, args in groups.items()}
     renamed = {name: fields for name, fields in renamed.items() if fields}
+    removed = {name: dict(getattr(type(args), "REMOVED_FLAGS", {})) for name, args in groups.items()}
+    removed = {name: fields for name, fields in removed.items() if fields}
     return {"method": method, "command": command,
             **{name: dataclasses.asdict(args) for name, args in groups.items()},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__,
                          "accelerate": accelerate.__version__},
-            **({"renamed_settings": renamed} if renamed else {})}
+            **({"renamed_settings": renamed} if renamed else {}),
+            **({"removed_settings": removed} if removed else {})}
 
 
 # Settings that cannot change the trained weights, by field name in any argument group: where
@@ -307,7 +312,8 @@ RESULT_NEUTRAL_SETTINGS = frozenset({
 # Parts of a run config that are records, not settings (the completions path of
 # sequence_level.py follows --output-dir unless --completions names it).
 _RECORD_KEYS = frozenset({"command", "versions", "completions", "finished", "final_step",
-                          "num_processes", "effective_batch_size", "files", "renamed_settings"})
+                          "num_processes", "effective_batch_size", "files", "renamed_settings",
+                          "removed_settings"})
 # Trainer-state entries compared on resume, with the --allow-changed-settings name of each.
 _DERIVED_SETTINGS = {"global_batch_size": ("batch_size", "--batch-size x processes"),
                      "data_fingerprint": ("dataset", "the training data's content"),
@@ -322,7 +328,9 @@ def setting_name(name):
 def known_settings(run_config):
     names = {field for key, group in run_config.items()
              if isinstance(group, dict) and key not in _RECORD_KEYS for field in group}
-    return names | {key for key in run_config if key not in _RECORD_KEYS} | {
+    removed = {field for fields in (run_config.get("removed_settings") or {}).values()
+               for field in fields}
+    return names | removed | {key for key in run_config if key not in _RECORD_KEYS} | {
         name for name, _ in _DERIVED_SETTINGS.values()}
 
 
@@ -345,7 +353,8 @@ def renamed_to_current(saved, renamed):
 def changed_settings(saved_state, current_state):
     """[(setting name, description)] of the ways this run's settings differ from a checkpoint's
     trainer state, for the settings that change the result. Every argument group is compared
-    field by field; a field only one side has (written by another version) is not a change."""
+    field by field; a field only one side has (written by another version) is not a change,
+    unless this version removed it (its meaning moved to another setting)."""
     def same(a, b):  # JSON spelling: tuples are lists, and NaN equals NaN
         return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
@@ -364,6 +373,12 @@ def changed_settings(saved_state, current_state):
                                           f"the checkpoint, {shown(new[name])} now)"))
         elif not same(old, new):
             changes.append((key, f"{key} ({shown(old)} in the checkpoint, {shown(new)} now)"))
+    for group, fields in (current.get("removed_settings") or {}).items():
+        values = saved.get(group)
+        for name, note in fields.items():
+            if isinstance(values, dict) and name in values:
+                changes.append((name, f"--{name.replace('_', '-')} ({shown(values[name])} in the "
+                                      f"checkpoint, removed now: {note})"))
     for key, (name, what) in _DERIVED_SETTINGS.items():
         if key in saved_state and key in current_state and not same(saved_state[key],
                                                                      current_state[key]):

@@ -209,8 +209,9 @@ class KDObjective:
 
 
 def combine_kd_and_ce(kd, ce, alpha):
-    """(1 − alpha) · kd + alpha · ce: how every script of the suite weighs its (T²-scaled)
-    divergence against cross-entropy on the data, alpha in [0, 1] (0 = pure distillation)."""
+    """(1 − alpha) · kd + alpha · ce: how token_level.py and cross_tokenizer.py weigh their
+    (T²-scaled) divergence against cross-entropy on the data, alpha in [0, 1] (0 = pure
+    distillation; on_policy.py has no --alpha, so 0)."""
     return (1.0 - alpha) * kd + alpha * ce
 
 

@@ -79,7 +79,7 @@ def test_old_spellings_are_taken_but_not_shown_in_help(script):
         assert list(old_spellings(argument_groups(script)))  # the loop above checked something
 
 
-@pytest.mark.parametrize("how", ["command line", "config key"])
+@pytest.mark.parametrize("how", ["command line", "config key", "flag alone"])
 def test_the_removed_distill_weight_is_refused_with_the_conversion(tmp_path, how):
     """--alpha A --distill-weight W (alpha*CE + W*ULD) is --alpha A/(A+W) now; a run that still
     passes --distill-weight stops before anything is loaded instead of training another loss."""
@@ -87,8 +87,9 @@ def test_the_removed_distill_weight_is_refused_with_the_conversion(tmp_path, how
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("alpha: 1\ndistill_weight: 3\n")
-    argv = (["--alpha", "1", "--distill-weight", "3"] if how == "command line"
-            else ["--config", str(recipe)])
+    argv = {"command line": ["--alpha", "1", "--distill-weight", "3"],
+            "config key": ["--config", str(recipe)],
+            "flag alone": ["--distill-weight"]}[how]
     with pytest.raises(UserError) as error:
         parse_args(cross_tokenizer.ARGUMENT_GROUPS, ["--output-dir", str(tmp_path), *argv])
     message = str(error.value)

@@ -126,6 +126,10 @@ def test_end_to_end_lmbda_one_and_half(tiny, tmp_path):
     run_script("on_policy.py", *args(tiny, tmp_path / "b", "--lmbda", "0.5", "--max-steps", "8"))
     rows = metrics(tmp_path / "b")
     assert [row["on_policy"] for row in rows] == [is_on_policy_step(42, s, 0.5) for s in range(8)]
+    # without a cache the run records the default K, as every earlier version did: a resume of
+    # an older run compares it
+    run_config = json.loads((tmp_path / "b" / "run_config.json").read_text())
+    assert run_config["on_policy"]["cache_top_k"] == 32
     # same seed, same run (sampling included), and held-out scoring does not perturb it
     run_script("on_policy.py", *args(tiny, tmp_path / "c", "--lmbda", "0.5", "--max-steps", "8",
                                      "--eval-dataset", tiny / "test.jsonl", "--eval-steps", "4"))
@@ -167,6 +171,9 @@ def test_off_policy_steps_read_the_teacher_cache(tiny, tmp_path):
     result = run_script("on_policy.py", *args(tiny, tmp_path / "off", "--lmbda", "0",
                                               "--teacher-cache", cache, *common))
     assert "using the teacher cache" in result.stdout
+    # what ran is recorded: the existing cache's K, not "unset"
+    assert json.loads((tmp_path / "off" / "run_config.json").read_text())[
+        "on_policy"]["cache_top_k"] == vocab
     kd, off = load_file(tmp_path / "kd" / "model.safetensors"), \
         load_file(tmp_path / "off" / "model.safetensors")
     assert all(torch.equal(kd[name], off[name]) for name in kd)

@@ -254,17 +254,6 @@ def test_gap_by_family_weighs_families_by_replies_and_sums_the_many_answer_share
     assert gap_by_family(rows[:1], {"arith": 1}) is None
 
 
-def test_held_out_family_sizes_count_the_test_split():
-    from benchmarks.compare_methods import held_out_family_sizes
-
-    settings = {"seed": 3, "num_train": 200, "num_test": 40}
-    sizes = held_out_family_sizes(settings)
-    _, test = toy_task.generate_task(**settings)
-    assert sum(sizes.values()) == len(test) == 40
-    assert set(sizes) == set(toy_task.FAMILIES)
-    assert sizes["arith"] == sum(r["family"] == "arith" for r in test)
-
-
 def test_cached_row_is_paired_with_its_baseline_and_the_live_teacher_row():
     per_seed = {seed: {"baseline": {"exact_match": 0.5},
                        "token_level_forward": {"exact_match": live},

@@ -439,3 +439,32 @@ def test_a_checkpoint_with_the_old_temperature_field_resumes_compared_under_the_
                                      allowed) == changed_settings(old_checkpoint(0.7), now)
     with pytest.raises(UserError, match="--resume: this run's settings differ"):
         check_resume_settings(Accelerator(cpu=True), old_checkpoint(0.7), now, None)
+
+
+def test_a_checkpoint_with_a_removed_setting_is_refused_not_resumed_without_it():
+    """cross_tokenizer.py's --distill-weight was removed when --alpha became the CE share: an old
+    run's alpha=1 meant CE + ULD, now pure CE. Its checkpoint must not resume as if the missing
+    field were just another version's extra key."""
+    from accelerate import Accelerator
+
+    from common.checkpoint import changed_settings, known_settings, make_run_config
+    from common.train import check_resume_settings
+    from cross_tokenizer import CrossTokenizerArguments
+
+    current = make_run_config("cross_tokenizer", "python ...",
+                              cross_tokenizer=CrossTokenizerArguments(alpha=1.0))
+    assert "distill_weight" in current["removed_settings"]["cross_tokenizer"]
+    assert "distill_weight" in known_settings(current)
+    old_group = {**current["cross_tokenizer"], "distill_weight": 1.0}
+    old = {"args": {**{k: v for k, v in current.items() if k != "removed_settings"},
+                    "cross_tokenizer": old_group}}
+    now = {"args": current}
+    [(name, what)] = changed_settings(old, now)
+    assert name == "distill_weight" and what.startswith(
+        "--distill-weight (1.0 in the checkpoint, removed now: --alpha is now the cross-entropy")
+    with pytest.raises(UserError, match="--distill-weight"):
+        check_resume_settings(Accelerator(cpu=True), old, now, None)
+    assert check_resume_settings(Accelerator(cpu=True), old, now, "distill-weight") == [
+        (name, what)]
+    # a checkpoint of this version has no such field: nothing to refuse
+    assert changed_settings({"args": current}, now) == []
