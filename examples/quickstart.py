@@ -49,12 +49,20 @@ def main():
     parser.add_argument("--max-steps", type=int, default=QUICKSTART_BUDGET["max_steps"],
                         help=f"optimizer steps per student (default "
                              f"{QUICKSTART_BUDGET['max_steps']})")
+    parser.add_argument("--references", type=int, default=None, metavar="N",
+                        help="scarce references: the baselines fine-tune on only N reference "
+                             "replies in stage 2, every distillation row learns from the teacher "
+                             "on all of stage 2's prompts (default: references for every prompt)")
     parser.add_argument("--verbose", action="store_true",
                         help="show every script's whole output, not only its progress lines")
     args = parser.parse_args()
     started = time.perf_counter()
     echo = "all" if args.verbose else "progress"
     budget = {**QUICKSTART_BUDGET, "max_steps": args.max_steps}
+    if args.references is not None:
+        if args.references < 1:
+            parser.error("--references must be >= 1")
+        budget["references"] = args.references
     workdir = Path(args.workdir)
 
     def log(message):
@@ -62,7 +70,8 @@ def main():
 
     log("step 1/4: toy task, tokenizers and the teacher (built once, then reused)")
     assets = build_assets(QUICKSTART_SETTINGS, workdir / "assets", log=log, echo=echo)
-    run_dir = workdir / f"seed{args.seed}_steps{budget['max_steps']}"
+    run_dir = workdir / (f"seed{args.seed}_steps{budget['max_steps']}"
+                         + (f"_references{args.references}" if args.references else ""))
 
     log("step 2/4: the sequence-level teacher pass")
     completions = run_dir / "teacher_completions.jsonl"
