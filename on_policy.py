@@ -50,8 +50,7 @@ from typing import Literal, Optional
 
 from common.api_client import redacted_args, redacted_command
 from common.args import (DataArguments, KDArguments, ModelArguments, TrainingArguments,
-                         parse_args, require_flags, shared_field,
-                         teacher_is_served)
+                         parse_args, require_flags, shared_field, teacher_is_served)
 from common.chat import IGNORE_INDEX, ChatEncoder, collate, encode_datasets
 from common import teacher_cache
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,

@@ -297,7 +297,8 @@ def annotate(path):
     result = json.loads(Path(path).read_text())
     settings, rows = result["settings"], result["rows"]
     settings["gap_closed"] = gap_closed(rows)
-    settings["gap_by_family"] = gap_by_family(rows, held_out_family_sizes(settings["assets"]["task"]))
+    sizes = held_out_family_sizes(settings["assets"]["task"])
+    settings["gap_by_family"] = gap_by_family(rows, sizes)
     Path(path).write_text(json.dumps(result, indent=2) + "\n")
     return settings["gap_by_family"]
 
@@ -715,7 +716,8 @@ def main(argv=None):
         "student_diagnosis": student_diagnosis,
     }
     settings["gap_closed"] = gap_closed(rows)
-    settings["gap_by_family"] = gap_by_family(rows, held_out_family_sizes(DEFAULT_SETTINGS["task"]))
+    settings["gap_by_family"] = gap_by_family(rows,
+                                              held_out_family_sizes(DEFAULT_SETTINGS["task"]))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"primary_metric": PRIMARY_METRIC, "settings": settings,
