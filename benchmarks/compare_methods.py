@@ -5,6 +5,11 @@ several seeds; every student is scored by eval.py; the table goes to JSON, a PNG
     python benchmarks/compare_methods.py                      # the published table (5 seeds)
     python benchmarks/compare_methods.py --seeds 0 --max-steps 50 --output /tmp/cmp.json
 
+By default references are scarce, as when a user distils: 500 of the training prompts have a
+reference reply, the rest only a prompt. Stage 1 (shared) and the baselines fine-tune on those 500;
+every distillation row learns from the teacher on all of stage 2's prompts. `--references all`
+gives every prompt its reference (there distillation ties SFT on this task; docs/results.md).
+
 Rows: teacher; baseline (the student fine-tuned on the ground-truth replies); sequence_level;
 token_level_forward; token_level_cached (forward KL from an offline top-32 teacher cache, built
 once, no teacher loaded while training); token_level_reverse; on_policy; cross_tokenizer (ULD, the
@@ -56,8 +61,8 @@ EXTRA_PAIRED = {"token_level_cached": "token_level_forward"}
 
 # The published comparison; the quickstart uses a smaller budget on the same assets.
 # learning_rate is stage 1's (the shared SFT warm start); each row's stage-2 rate is selected.
-DEFAULT_BUDGET = {"max_steps": 300, "warm_steps": 150, "batch_size": 32, "learning_rate": 3e-3,
-                  "warmup_ratio": 0.03, "max_new_tokens": 24, "log_steps": 50}
+DEFAULT_BUDGET = {"max_steps": 600, "warm_steps": 300, "batch_size": 32, "learning_rate": 3e-3,
+                  "warmup_ratio": 0.03, "max_new_tokens": 24, "log_steps": 50, "references": 500}
 
 # Stage-2 settings tried per row on the validation split (selection seed): the learning rate for
 # every row (the baselines get the same search), plus the method's own knob where it has one.
@@ -83,10 +88,17 @@ VALIDATION_ROWS = 250
 SELECTION_SEED = 100
 
 
-def selection_grid(name):
-    """[{"learning_rate", "flags"}] tried for row `name`."""
-    return [{"learning_rate": rate, "flags": flags}
-            for flags in METHOD_KNOBS.get(name, [[]]) for rate in LEARNING_RATES]
+def selection_grid(name, references=None):
+    """[{"learning_rate", "flags"}] tried for row `name`. With scarce references every
+    distillation row already learns from the teacher's replies, so the knobs that only switch to
+    them are dropped from the grid (and the rest keep no copy of them)."""
+    knobs = METHOD_KNOBS.get(name, [[]])
+    if references:
+        knobs = [[flag for index, flag in enumerate(flags)
+                  if "{completions}" not in (flag, flags[min(index + 1, len(flags) - 1)])]
+                 for flags in knobs]
+        knobs = [flags for index, flags in enumerate(knobs) if flags not in knobs[:index]]
+    return [{"learning_rate": rate, "flags": flags} for flags in knobs for rate in LEARNING_RATES]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +428,7 @@ def select_settings(assets, methods, runs, completions, budget, echo):
     selection, seconds = {}, 0.0
     for name in methods:
         trained = {}
-        for settings in selection_grid(name):
+        for settings in selection_grid(name, budget.get("references")):
             path, _ = train_methods(assets, [name], SELECTION_SEED, select_dir, completions,
                                     budget, row_settings={name: settings}, echo=echo)[name]
             trained[json.dumps(settings)] = path
@@ -426,7 +438,7 @@ def select_settings(assets, methods, runs, completions, budget, echo):
             seconds += spent
         grid = [{"settings": settings,
                  "validation_exact_match": scores[json.dumps(settings)]}
-                for settings in selection_grid(name)]
+                for settings in selection_grid(name, budget.get("references"))]
         best = max(grid, key=lambda entry: entry["validation_exact_match"])  # first of ties
         selection[name] = {"grid": grid, "chosen": best["settings"],
                            "validation_exact_match": best["validation_exact_match"]}
@@ -526,11 +538,13 @@ def parse_args(argv=None):
                         help=f"stage 1: steps of SFT on the ground truth shared by every row "
                              f"before its method (default {DEFAULT_BUDGET['warm_steps']}; 0 = none: "
                              f"every row trains the pretrained student)")
-    parser.add_argument("--references", type=int, default=None,
-                        help="scarce references: stage 2's baselines fine-tune on only the first "
-                             "N reference replies of its data (cycled), every distillation row "
-                             "uses the teacher's replies to all of its prompts instead (the "
-                             "token_level_cached row is left out); default: every reply")
+    parser.add_argument("--references", default=str(DEFAULT_BUDGET["references"]),
+                        metavar="N|all",
+                        help=f"how many training prompts have a reference reply: stage 1 and the "
+                             f"baselines fine-tune on those N (cycled), every distillation row "
+                             f"learns from the teacher on all of stage 2's prompts instead; 'all': "
+                             f"every prompt has its reference and every row trains on them "
+                             f"(default {DEFAULT_BUDGET['references']})")
     parser.add_argument("--no-select", action="store_true",
                         help="skip the validation search; use examples/toy_pipeline.ROW_SETTINGS")
     parser.add_argument("--workdir", default="runs/compare",
@@ -575,15 +589,17 @@ def main(argv=None):
               "batch_size": args.batch_size, "learning_rate": args.learning_rate}
     if not 0 <= budget["warm_steps"] < budget["max_steps"]:
         raise SystemExit("--warm-steps must be in [0, --max-steps)")
-    if args.references is not None:
-        if args.references < 1 or not budget["warm_steps"]:
-            raise SystemExit("--references needs N >= 1 and a stage 1 (--warm-steps > 0)")
-        if "token_level_cached" in methods:
-            if args.methods:
-                raise SystemExit("--references leaves out token_level_cached (its cache holds "
-                                 "the teacher on the reference replies)")
-            methods.remove("token_level_cached")
-        budget["references"] = args.references  # only when set: other budgets keep their key
+    if args.references == "all":
+        del budget["references"]  # every prompt has its reference: the budget keeps no key
+    else:
+        try:
+            budget["references"] = int(args.references)
+        except ValueError:
+            budget["references"] = 0
+        if budget["references"] < 1 or not budget["warm_steps"]:
+            raise SystemExit(f"--references {args.references}: give N >= 1 (with a stage 1, "
+                             f"--warm-steps > 0) or 'all'")
+    references = budget.get("references")
     workdir = Path(args.workdir)
     echo = "all" if args.verbose else "progress"
     assets = build_assets(DEFAULT_SETTINGS, workdir / "assets", echo=echo)
@@ -591,14 +607,15 @@ def main(argv=None):
     runs = workdir / f"runs-{settings_hash({'assets': DEFAULT_SETTINGS, 'budget': budget})}"
     completions = runs / "teacher_completions.jsonl"
     teacher_pass_seconds = generate_teacher_completions(assets, completions, budget, echo=echo) \
-        if "sequence_level" in methods else None
+        if "sequence_level" in methods or references else None
     cache_seconds, cache_meta = None, None
     if "token_level_cached" in methods:
         from examples.toy_assets import student_init
 
         cache_dir = runs / TEACHER_CACHE_DIR
         cache_seconds = build_teacher_cache(
-            assets, cache_dir, student_init(assets, "bpe", args.seeds[0]), budget, echo=echo)
+            assets, cache_dir, student_init(assets, "bpe", args.seeds[0]), budget, completions,
+            echo=echo)
         cache_meta = json.loads((cache_dir / "meta.json").read_text())
 
     selection, eval_seconds = None, 0.0
@@ -696,18 +713,23 @@ def main(argv=None):
                         "of that seed starts from them",
         "wall_seconds": wall_seconds,
         "protocol": {
-            "stage1": f"SFT on the ground truth of the training set's first half, "
-                      f"{budget['warm_steps']} steps at learning rate {budget['learning_rate']}, "
-                      f"shared by every row of a seed and tokenizer",
+            "stage1": (f"SFT on the first {references} rows of the training set's first half, "
+                       f"the only reference replies there are" if references else
+                       "SFT on the ground truth of the training set's first half")
+                      + f", {budget['warm_steps']} steps at learning rate "
+                        f"{budget['learning_rate']}, shared by every row of a seed and tokenizer",
             "stage2": f"the row's method on the second half, "
                       f"{budget['max_steps'] - budget['warm_steps']} steps; baselines continue SFT"
-                      + (f" on its first {args.references} reference replies only; every "
-                         f"distillation row trains on the teacher's replies to all of its prompts "
-                         f"(sequence_level's data) instead of references"
-                         if args.references else ""),
+                      + (f" on the same {references} reference replies; every distillation row "
+                         f"learns from the teacher on all of stage 2's prompts, with the "
+                         f"teacher's greedy replies (sequence_level's data) as its data"
+                         if references else ""),
             "selection": None if args.no_select else {
                 "seed": SELECTION_SEED, "validation_rows": VALIDATION_ROWS,
-                "learning_rates": list(LEARNING_RATES), "method_knobs": METHOD_KNOBS,
+                "learning_rates": list(LEARNING_RATES),
+                "method_knobs": {name: [entry["flags"] for entry in
+                                        selection_grid(name, references)[::len(LEARNING_RATES)]]
+                                 for name in METHOD_KNOBS},
                 "criterion": "highest validation exact match; ties go to the first setting "
                              "of the grid",
                 "validation": "generated after the training and test rows from the same task "

@@ -50,8 +50,8 @@ def main():
                         help=f"optimizer steps per student (default "
                              f"{QUICKSTART_BUDGET['max_steps']})")
     parser.add_argument("--references", type=int, default=None, metavar="N",
-                        help="scarce references: the baselines fine-tune on only N reference "
-                             "replies in stage 2, every distillation row learns from the teacher "
+                        help="scarce references: stage 1 and the baselines fine-tune on only N "
+                             "reference replies, every distillation row learns from the teacher "
                              "on all of stage 2's prompts (default: references for every prompt)")
     parser.add_argument("--verbose", action="store_true",
                         help="show every script's whole output, not only its progress lines")

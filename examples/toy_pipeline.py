@@ -85,8 +85,9 @@ def method_steps(budget):
 
 
 def reference_subset(train, references):
-    """The first `references` rows of stage 2's data (written beside it once): what the
-    baselines fine-tune on when references are scarce (budget["references"])."""
+    """The first `references` rows of stage 1's data (written beside it once): with scarce
+    references (budget["references"]) the only reference replies there are, which stage 1 and
+    the baselines' stage 2 fine-tune on."""
     train = Path(train)
     path = train.with_name(f"{train.stem}_first{references}.jsonl")
     if not path.is_file():
@@ -116,9 +117,11 @@ def warm_start(assets, which, seed, run_dir, budget, log=print, echo="progress")
         return str(output_dir), json.loads(timing.read_text())["seconds"]
     log(f"[seed {seed}] stage 1 ({which} student): SFT on the ground truth, "
         f"{budget['warm_steps']} steps x batch {budget['batch_size']}")
+    data = training_data(assets, budget["warm_steps"])["warm"]
+    if budget.get("references"):
+        data = reference_subset(data, budget["references"])
     seconds = run_script(
-        ["sequence_level.py", "--student", init, "--completions",
-         training_data(assets, budget["warm_steps"])["warm"], "--output-dir", output_dir,
+        ["sequence_level.py", "--student", init, "--completions", data, "--output-dir", output_dir,
          "--overwrite", *budget_flags(budget, seed, budget["warm_steps"],
                                       budget["learning_rate"])],
         Path(run_dir) / f"warm_{which}.log", echo=echo)
@@ -129,17 +132,18 @@ def warm_start(assets, which, seed, run_dir, budget, log=print, echo="progress")
 def method_command(name, assets, student, completions, output_dir, budget, seed, settings,
                    teacher_cache=None):
     """The argument list (script first) that runs stage 2 of row `name` into `output_dir`."""
-    train = training_data(assets, budget.get("warm_steps", 0))["method"]
+    data = training_data(assets, budget.get("warm_steps", 0))
+    train = data["method"]
     teacher = assets["teacher"]
     # "{completions}" in a row's flags names the teacher's replies to stage 2's prompts
     flags = [completions if flag == "{completions}" else flag
              for flag in settings.get("flags", [])]
     references = budget.get("references")
-    if references and name in BASELINES:  # fine-tuning has only the first N reference replies
-        train = reference_subset(train, references)
+    if references and name in BASELINES:  # fine-tuning has only stage 1's N reference replies
+        train = reference_subset(data["warm"], references)
     elif references and name == "on_policy" and "--completions" not in flags:
         flags += ["--completions", completions]  # off-policy steps on the teacher's replies
-    elif references and name not in ("sequence_level", "on_policy", "token_level_cached"):
+    elif references and name not in ("sequence_level", "on_policy"):
         flags = ["--dataset", completions, *flags]  # the teacher's replies stand in for them
     if "--dataset" in flags:  # a row's own training data replaces stage 2's ground truth
         index = flags.index("--dataset")
@@ -192,9 +196,11 @@ def generate_teacher_completions(assets, path, budget, log=print, echo="progress
     return seconds
 
 
-def build_teacher_cache(assets, cache_dir, student, budget, log=print, echo="progress"):
+def build_teacher_cache(assets, cache_dir, student, budget, completions=None, log=print,
+                        echo="progress"):
     """The offline teacher pass for token_level_cached, once (cached in `cache_dir`): the teacher's
-    top-32 log-probs at every supervised position of stage 2's training data, written by
+    top-32 log-probs at every supervised position of stage 2's training data (of the teacher's
+    own replies, `completions`, when references are scarce), written by
     token_level.py itself (a one-step run with --teacher-cache; only the student's tokenizer
     matters for the cache). Returns its wall time in seconds, read back from a sidecar when
     already built."""
@@ -209,7 +215,8 @@ def build_teacher_cache(assets, cache_dir, student, budget, log=print, echo="pro
         f"token_level_cached (log {cache_dir.parent / 'teacher_cache.log'})")
     scratch = cache_dir.parent / "teacher_cache_build_run"
     command = ["token_level.py", "--teacher", assets["teacher"], "--student", student,
-               "--dataset", training_data(assets, budget.get("warm_steps", 0))["method"],
+               "--dataset", (completions if budget.get("references") else
+                             training_data(assets, budget.get("warm_steps", 0))["method"]),
                "--teacher-cache", cache_dir, "--output-dir", scratch, "--overwrite",
                *budget_flags(budget, 0, 1, budget["learning_rate"])]
     seconds = run_script(command, cache_dir.parent / "teacher_cache.log", echo=echo)
@@ -236,7 +243,8 @@ def train_methods(assets, methods, seed, run_dir, completions, budget, row_setti
                 for which in tokenizers}
     teacher_cache = run_dir.parent / TEACHER_CACHE_DIR
     if "token_level_cached" in methods:
-        build_teacher_cache(assets, teacher_cache, students["bpe"], budget, log=log, echo=echo)
+        build_teacher_cache(assets, teacher_cache, students["bpe"], budget, completions, log=log,
+                            echo=echo)
     trained = {}
     for index, name in enumerate(methods, start=1):
         settings = row_settings[name]

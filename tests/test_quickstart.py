@@ -127,14 +127,58 @@ def test_stage_two_command_carries_the_rows_settings_and_the_remaining_steps(tmp
     assert settings_key({"learning_rate": 3e-3, "flags": ["--hybrid"]}) == "lr3e-03_hybridon"
 
 
-def test_selection_grid_gives_every_row_the_same_learning_rates():
+
+def test_scarce_references_reach_baselines_only_and_distillation_reads_the_teacher(tmp_path):
+    from examples.toy_pipeline import method_command, reference_subset, training_data
+
+    paths = toy_task.write_task(tmp_path, seed=1, num_train=50, num_test=25)
+    assets = {"data": {"train": str(paths["train"])}, "teacher": "T"}
+    budget = {"max_steps": 30, "warm_steps": 10, "batch_size": 4, "warmup_ratio": 0.0,
+              "log_steps": 5, "max_new_tokens": 8, "references": 6}
+    halves = training_data(assets, 10)
+    labeled = reference_subset(halves["warm"], 6)
+    assert toy_task.read_jsonl(labeled) == toy_task.read_jsonl(halves["warm"])[:6]
+
+    def data_of(name, flags=()):
+        command = [str(a) for a in method_command(
+            name, assets, "S", "teacher.jsonl", "out", budget, 0,
+            {"learning_rate": 1e-3, "flags": list(flags)})]
+        where = "--completions" if command[0] == "sequence_level.py" else "--dataset"
+        return command[command.index(where) + 1], command
+
+    assert data_of("baseline")[0] == labeled
+    assert data_of("cross_tokenizer_baseline")[0] == labeled
+    assert data_of("sequence_level")[0] == "teacher.jsonl"
+    assert data_of("token_level_forward")[0] == "teacher.jsonl"
+    assert data_of("cross_tokenizer")[0] == "teacher.jsonl"
+    prompts, command = data_of("on_policy")  # samples on every prompt, off-policy on the teacher
+    assert prompts == halves["method"]
+    assert command[command.index("--completions") + 1] == "teacher.jsonl"
+
+
+@pytest.mark.parametrize("references", [None, 500])
+def test_selection_grid_gives_every_row_the_same_learning_rates(references):
     from benchmarks.compare_methods import LEARNING_RATES, selection_grid
     from examples.toy_pipeline import COMPARISON_METHODS
 
     for name in COMPARISON_METHODS:
-        grid = selection_grid(name)
+        grid = selection_grid(name, references)
         assert sorted({entry["learning_rate"] for entry in grid}) == sorted(LEARNING_RATES)
         assert len(grid) % len(LEARNING_RATES) == 0
+        knobs = [json.dumps(entry["flags"]) for entry in grid[::len(LEARNING_RATES)]]
+        assert len(set(knobs)) == len(knobs)
+        if references:  # every distillation row already reads the teacher's replies
+            assert not any("completions" in knob for knob in knobs)
+
+
+def test_scarce_references_grid_keeps_each_knob_without_the_switch_to_the_teachers_replies():
+    from benchmarks.compare_methods import LEARNING_RATES, selection_grid
+
+    knobs = [entry["flags"] for entry in selection_grid("on_policy", 500)[::len(LEARNING_RATES)]]
+    assert knobs == [[], ["--lmbda", 1.0], ["--kl", "jsd", "--beta", 0.9],
+                     ["--kl", "skew_reverse"], ["--lmbda", 0.25], ["--kl", "forward"]]
+    forward = [entry["flags"] for entry in selection_grid("token_level_forward", 500)]
+    assert forward[::len(LEARNING_RATES)] == [[], ["--alpha", 0.5], ["--loss-temperature", 2.0]]
 
 
 def test_training_diagnostics_read_the_first_and_last_fifth(tmp_path):
