@@ -9,9 +9,11 @@
    teacher from scratch, by plain SFT with sequence_level.py (cached under --workdir).
 3. Trains a 0.2M-parameter student (briefly pretrained on the raw task text) with every method of
    the suite, each through its own script, from the same initialisation and with the same small
-   budget: SFT on the ground truth (baseline), sequence_level, token_level (forward and reverse
-   KL), on_policy, cross_tokenizer (a student with the other tokenizer) and that student's own
-   SFT baseline.
+   budget. As when a user distils, only 500 training prompts have a reference reply (--references):
+   every row starts from the student fine-tuned on them (stage 1); then the baselines continue
+   fine-tuning on them, while sequence_level, token_level (forward and reverse KL), on_policy and
+   cross_tokenizer (a student with the other tokenizer, beside its own SFT baseline) learn from
+   the teacher on all of the other half's prompts.
 4. Scores them all with eval.py on held-out prompts and prints its table.
 
 One seed and a small budget: expect noise of several points between rows. The published,
@@ -32,12 +34,14 @@ from examples.toy_pipeline import (METHODS, generate_teacher_completions,  # noq
                                    train_methods)
 
 # The comparison's task and models, with a teacher trained half as long (it still answers ~90% of
-# the held-out prompts) and students trained for 150 steps instead of 400, to fit in 10 minutes.
+# the held-out prompts) and students trained for 300 steps instead of 600, to fit in 5 minutes.
 QUICKSTART_SETTINGS = {**DEFAULT_SETTINGS,
                        "teacher_training": {**DEFAULT_SETTINGS["teacher_training"],
                                             "max_steps": 1000}}
-QUICKSTART_BUDGET = {"max_steps": 150, "warm_steps": 75, "batch_size": 32, "learning_rate": 3e-3,
-                     "warmup_ratio": 0.03, "max_new_tokens": 24, "log_steps": 25}
+# References are scarce, as when a user distils: 500 training prompts have a reference reply.
+QUICKSTART_BUDGET = {"max_steps": 300, "warm_steps": 75, "batch_size": 32, "learning_rate": 3e-3,
+                     "warmup_ratio": 0.03, "max_new_tokens": 24, "log_steps": 25,
+                     "references": 500}
 
 
 def main():
@@ -49,20 +53,27 @@ def main():
     parser.add_argument("--max-steps", type=int, default=QUICKSTART_BUDGET["max_steps"],
                         help=f"optimizer steps per student (default "
                              f"{QUICKSTART_BUDGET['max_steps']})")
-    parser.add_argument("--references", type=int, default=None, metavar="N",
-                        help="scarce references: stage 1 and the baselines fine-tune on only N "
-                             "reference replies, every distillation row learns from the teacher "
-                             "on all of stage 2's prompts (default: references for every prompt)")
+    parser.add_argument("--references", default=str(QUICKSTART_BUDGET["references"]),
+                        metavar="N|all",
+                        help=f"how many training prompts have a reference reply: stage 1 and the "
+                             f"baselines fine-tune on those N, every distillation row learns from "
+                             f"the teacher on all of stage 2's prompts; 'all': every prompt has "
+                             f"its reference and every row trains on them (default "
+                             f"{QUICKSTART_BUDGET['references']})")
     parser.add_argument("--verbose", action="store_true",
                         help="show every script's whole output, not only its progress lines")
     args = parser.parse_args()
     started = time.perf_counter()
     echo = "all" if args.verbose else "progress"
     budget = {**QUICKSTART_BUDGET, "max_steps": args.max_steps}
-    if args.references is not None:
-        if args.references < 1:
-            parser.error("--references must be >= 1")
-        budget["references"] = args.references
+    if args.references == "all":
+        del budget["references"]
+    elif not args.references.isdigit() or int(args.references) < 1:
+        parser.error(f"--references {args.references}: give N >= 1 or 'all'")
+    else:
+        budget["references"] = int(args.references)
+    if not budget["warm_steps"] < budget["max_steps"]:
+        parser.error(f"--max-steps must be above the {budget['warm_steps']} steps of stage 1")
     workdir = Path(args.workdir)
 
     def log(message):
@@ -71,7 +82,8 @@ def main():
     log("step 1/4: toy task, tokenizers and the teacher (built once, then reused)")
     assets = build_assets(QUICKSTART_SETTINGS, workdir / "assets", log=log, echo=echo)
     run_dir = workdir / (f"seed{args.seed}_steps{budget['max_steps']}"
-                         + (f"_references{args.references}" if args.references else ""))
+                         + (f"_references{budget['references']}" if "references" in budget
+                            else ""))
 
     log("step 2/4: the sequence-level teacher pass")
     completions = run_dir / "teacher_completions.jsonl"
