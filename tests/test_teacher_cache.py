@@ -83,27 +83,49 @@ def test_rows_line_up_under_shuffling_and_accumulation(built):
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
 def test_chunked_cached_loss_equals_full_logits(tiny, built, alpha):
     """The memory-bounded path (output layer on supervised positions, a few at a time, recomputed
-    in backward) gives the full-logits loss and gradients."""
+    in backward) and the full-logits path, both in float32, give the loss and gradients of the
+    full-logits path on a float64 copy of the student, within float32 error."""
+    import copy
+
     from accelerate import Accelerator
+    from float32_error import assert_close, decoder_roundings, log_prob_scale, loss_roundings
 
     tokenizer, examples, _, cache_dir, _ = built
     batch = teacher_cache.TeacherCache(cache_dir).collate_fn(collate)(examples[:5],
                                                                       tokenizer.pad_token_id)
     student = AutoModelForCausalLM.from_pretrained(tiny / "student")
-    results = []
-    for chunk_size in (-1, 3):
-        student.zero_grad()
-        loss_fn = teacher_cache.make_cached_loss_fn(Accelerator(cpu=True), len(tokenizer), 1.5,
+    temperature, vocab = 1.5, len(tokenizer)
+
+    def run(model, chunk_size):
+        model.zero_grad()
+        loss_fn = teacher_cache.make_cached_loss_fn(Accelerator(cpu=True), vocab, temperature,
                                                     alpha, chunk_size)
-        loss, stats = loss_fn(student, batch)
+        loss, stats = loss_fn(model, batch)
         loss.backward()
-        results.append((loss.detach(), stats, {n: p.grad.clone()
-                                               for n, p in student.named_parameters()}))
-    (full, full_stats, full_grads), (chunked, chunked_stats, chunked_grads) = results
-    assert torch.allclose(chunked, full, rtol=1e-5)
-    assert all(torch.allclose(chunked_stats[k], full_stats[k], rtol=1e-5) for k in ("kd", "ce"))
-    for name in full_grads:
-        assert torch.allclose(chunked_grads[name], full_grads[name], rtol=1e-4, atol=1e-7), name
+        return loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    reference = copy.deepcopy(student).double()
+    expected_loss, expected_stats, expected_grads = run(reference, -1)
+    with torch.no_grad():
+        logits, targets = shift_for_next_token(
+            reference(input_ids=batch["input_ids"],
+                      attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    positions = targets.shape[0]
+    size = max(log_prob_scale(logits[:, :vocab], temperature=temperature),
+               batch["teacher_logprobs"].double().abs().max().item())
+    scales = {"kd": temperature ** 2 * positions * 2 * size,
+              "ce": positions * log_prob_scale(logits[:, :vocab])}
+    scales["loss"] = (1.0 - alpha) * scales["kd"] + alpha * scales["ce"]
+    path = decoder_roundings(student.config, batch["input_ids"].shape[1])
+    forward = path + loss_roundings(vocab, positions)
+    backward = 2 * forward + batch["input_ids"].numel()
+    for chunk_size in (-1, 3):
+        loss, stats, grads = run(student, chunk_size)
+        assert_close(loss, expected_loss, forward, scales["loss"], f"loss, chunks {chunk_size}")
+        for name in ("kd", "ce"):
+            assert_close(stats[name], expected_stats[name], forward, scales[name], name)
+        for name, grad in expected_grads.items():
+            assert_close(grads[name], grad, backward, what=f"gradient of {name}")
 
 
 def test_interrupted_build_resumes_to_the_same_cache(built, tmp_path, monkeypatch):
