@@ -5,9 +5,11 @@ steps are mixed with ordinary off-policy steps (token-level KD on the dataset's 
 sequence-level teacher cache with --completions) for stability: early samples are gibberish.
 
 Each optimizer step is on-policy with probability --lmbda, drawn from (seed, step) alone, so every
-micro-batch and every process takes the same draw and a resumed run draws the same. Loss: reverse
-KL at T=1 by default (MiniLLM / GKD), normalized by the number of sampled tokens counted after
-sampling, over the whole accumulation window.
+micro-batch and every process takes the same draw and a resumed run draws the same. Loss: forward
+KL at T=1 by default (GKD's supervised divergence on the student's samples; --kl reverse is
+MiniLLM's), normalized by the number of sampled tokens counted after sampling, over the whole
+accumulation window. Forward is the default because it won every measurement here
+(docs/on_policy.md#which-divergence).
 
 The teacher may run on an inference server (--teacher-api-base, vLLM; docs/token_level.md).
 It then returns log-probs, not logits: --kl sampled_reverse scores on-policy samples with the
@@ -35,7 +37,7 @@ Examples:
 
     # off-policy steps read an offline teacher cache (built on the first run, shareable with
     # token_level.py runs over the same data); on-policy steps still run the teacher
-    python on_policy.py --teacher ... --student ... --dataset train.jsonl --kl forward \
+    python on_policy.py --teacher ... --student ... --dataset train.jsonl \
         --teacher-cache runs/cache --output-dir runs/gkd-cached
 """
 
@@ -68,7 +70,7 @@ class OnPolicyArguments(KDArguments):
     # The server options (--teacher-api-base, ...) and the divergence's (--beta, --teacher-cache,
     # ...) come first, from common/args.py's KDArguments.
     kl: Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse",
-                "sampled_reverse"] = shared_field("kl", default="reverse")
+                "sampled_reverse"] = shared_field("kl", default="forward")
     lmbda: float = field(default=0.5, metadata={
         "help": "Probability that an optimizer step is on-policy (student samples); the rest are "
                 "off-policy steps on the dataset replies. 1 = always on-policy."})

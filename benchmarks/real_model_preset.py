@@ -17,7 +17,7 @@ Stages, each through the suite's own command-line scripts run as subprocesses:
 4. each method trains the pruned student on the teacher's replies with the same budget
    (--max-steps x --batch-size conversations, one learning rate, warmup and cosine schedule):
    token_level (forward KL), sequence_level (SFT on the replies), on_policy (GKD, --lmbda 0.5,
-   reverse KL) and cross_tokenizer (ULD). cross_tokenizer needs a student with another tokenizer:
+   forward KL: the script's defaults) and cross_tokenizer (ULD). cross_tokenizer needs a student with another tokenizer:
    the pruned student's decoder layers under a SentencePiece-style tokenizer trained here on the
    prompts and replies (examples/toy_assets.py), whose embeddings start as the mean of SmolLM2's
    embeddings of the same text. Its tokenizer differs, so KL and top-1 agreement are n/a for it.
@@ -364,7 +364,7 @@ def main(argv=None):
         "other_tokenizer_student": None if sp_student is None else str(sp_student),
         "data": "toy task questions (examples/toy_task.py) as user turns, answered by the "
                 "teacher (greedy); held-out references are the teacher's greedy replies",
-        "on_policy": "--lmbda 0.5 (the script's default), reverse KL",
+        "on_policy": "--lmbda 0.5 and forward KL (the script's defaults)",
         "token_level": "--kl forward", "eval_output": str(eval_output),
         "perplexity_note": "over the teacher's held-out replies including the end-of-turn token "
                            "the chat template appends, which a reply cut at max_new_tokens never "

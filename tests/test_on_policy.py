@@ -194,6 +194,7 @@ def test_off_policy_steps_read_the_teacher_cache(tiny, tmp_path):
 @pytest.mark.slow
 def test_teacher_cache_needs_forward_kl(tiny, tmp_path):
     result = run_script("on_policy.py", *args(tiny, tmp_path / "out", "--max-steps", "2",
-                                              "--teacher-cache", tmp_path / "cache"), check=False)
+                                              "--teacher-cache", tmp_path / "cache",
+                                              "--kl", "reverse"), check=False)
     assert result.returncode == 2 and "--kl forward" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
