@@ -6,7 +6,8 @@ would type it; nothing here re-implements a method. Two stages, as GKD, MiniLLM 
 distillation (from a student already fine-tuned on the task):
 
     stage 1 (shared by every row of a seed and tokenizer): sequence_level.py as plain SFT on the
-            ground-truth replies of the first half of the training set, --warm-steps steps.
+            ground-truth replies of the first half of the training set, --warm-steps steps
+            (with budget["references"] = N, on its first N rows only: the only references).
     stage 2 (the row's own method, on the second half, the remaining steps):
     baseline                  sequence_level.py --completions train (more SFT on the ground truth)
     sequence_level            sequence_level.py --completions teacher.jsonl  (the teacher's greedy
@@ -22,7 +23,9 @@ distillation (from a student already fine-tuned on the task):
 
 So each distillation row is paired with a baseline that had the same stage 1 and the same budget
 (--max-steps x --batch-size conversations in all, no conversation seen twice); the difference is
-what the method's stage 2 adds over more SFT. --warm-steps 0 skips stage 1: every row then trains
+what the method's stage 2 adds over more SFT. With scarce references the baselines fine-tune on
+stage 1's N references again and every distillation row reads the teacher's replies to the second
+half's prompts instead of references. --warm-steps 0 skips stage 1: every row then trains
 the pretrained student on the whole training set. Each row's stage-2 learning rate and method
 flags come from ROW_SETTINGS (chosen on a validation split by benchmarks/compare_methods.py
 --select; the grid and the scores are in benchmarks/results/compare_methods.json).
@@ -49,16 +52,15 @@ TIMING_FILE = "train_seconds.json"
 # Stage 2 of each row: learning rate and the method's own flags, as chosen by
 # `benchmarks/compare_methods.py --select` (validation split, selection seed; see its JSON).
 ROW_SETTINGS = {
-    "baseline": {"learning_rate": 3e-3, "flags": []},
+    "baseline": {"learning_rate": 1e-3, "flags": []},
     "sequence_level": {"learning_rate": 3e-3, "flags": []},
-    "token_level_forward": {"learning_rate": 3e-3, "flags": []},
+    "token_level_forward": {"learning_rate": 3e-3, "flags": ["--alpha", 0.5]},
     "token_level_cached": {"learning_rate": 3e-3, "flags": []},
     "token_level_reverse": {"learning_rate": 3e-3,
                             "flags": ["--kl", "skew_reverse", "--alpha", 0.5]},
-    "on_policy": {"learning_rate": 3e-3,
-                  "flags": ["--kl", "forward", "--completions", "{completions}"]},
+    "on_policy": {"learning_rate": 3e-3, "flags": ["--kl", "forward"]},
     "cross_tokenizer": {"learning_rate": 3e-3, "flags": ["--hybrid"]},
-    "cross_tokenizer_baseline": {"learning_rate": 1e-3, "flags": []},
+    "cross_tokenizer_baseline": {"learning_rate": 3e-3, "flags": []},
 }
 
 
