@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from examples import toy_task  # noqa: E402
+from examples.toy_pipeline import add_references_flag, with_references  # noqa: E402
 
 PRIMARY_METRIC = "exact_match"
 ROW_ORDER = ("teacher", "baseline", "sequence_level", "token_level_forward",
@@ -538,13 +539,7 @@ def parse_args(argv=None):
                         help=f"stage 1: steps of SFT on the ground truth shared by every row "
                              f"before its method (default {DEFAULT_BUDGET['warm_steps']}; 0 = none: "
                              f"every row trains the pretrained student)")
-    parser.add_argument("--references", default=str(DEFAULT_BUDGET["references"]),
-                        metavar="N|all",
-                        help=f"how many training prompts have a reference reply: stage 1 and the "
-                             f"baselines fine-tune on those N (cycled), every distillation row "
-                             f"learns from the teacher on all of stage 2's prompts instead; 'all': "
-                             f"every prompt has its reference and every row trains on them "
-                             f"(default {DEFAULT_BUDGET['references']})")
+    add_references_flag(parser, DEFAULT_BUDGET["references"])
     parser.add_argument("--no-select", action="store_true",
                         help="skip the validation search; use examples/toy_pipeline.ROW_SETTINGS")
     parser.add_argument("--workdir", default="runs/compare",
@@ -589,16 +584,10 @@ def main(argv=None):
               "batch_size": args.batch_size, "learning_rate": args.learning_rate}
     if not 0 <= budget["warm_steps"] < budget["max_steps"]:
         raise SystemExit("--warm-steps must be in [0, --max-steps)")
-    if args.references == "all":
-        del budget["references"]  # every prompt has its reference: the budget keeps no key
-    else:
-        try:
-            budget["references"] = int(args.references)
-        except ValueError:
-            budget["references"] = 0
-        if budget["references"] < 1 or not budget["warm_steps"]:
-            raise SystemExit(f"--references {args.references}: give N >= 1 (with a stage 1, "
-                             f"--warm-steps > 0) or 'all'")
+    try:
+        budget = with_references(budget, args.references)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     references = budget.get("references")
     workdir = Path(args.workdir)
     echo = "all" if args.verbose else "progress"

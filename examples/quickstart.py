@@ -30,8 +30,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from examples.toy_assets import DEFAULT_SETTINGS, build_assets, run_script  # noqa: E402
-from examples.toy_pipeline import (METHODS, generate_teacher_completions,  # noqa: E402
-                                   train_methods)
+from examples.toy_pipeline import (METHODS, add_references_flag,  # noqa: E402
+                                   generate_teacher_completions, train_methods, with_references)
 
 # The comparison's task and models, with a teacher trained half as long (it still answers ~90% of
 # the held-out prompts) and students trained for 300 steps instead of 600, to fit in 5 minutes.
@@ -53,25 +53,17 @@ def main():
     parser.add_argument("--max-steps", type=int, default=QUICKSTART_BUDGET["max_steps"],
                         help=f"optimizer steps per student (default "
                              f"{QUICKSTART_BUDGET['max_steps']})")
-    parser.add_argument("--references", default=str(QUICKSTART_BUDGET["references"]),
-                        metavar="N|all",
-                        help=f"how many training prompts have a reference reply: stage 1 and the "
-                             f"baselines fine-tune on those N, every distillation row learns from "
-                             f"the teacher on all of stage 2's prompts; 'all': every prompt has "
-                             f"its reference and every row trains on them (default "
-                             f"{QUICKSTART_BUDGET['references']})")
+    add_references_flag(parser, QUICKSTART_BUDGET["references"])
     parser.add_argument("--verbose", action="store_true",
                         help="show every script's whole output, not only its progress lines")
     args = parser.parse_args()
     started = time.perf_counter()
     echo = "all" if args.verbose else "progress"
     budget = {**QUICKSTART_BUDGET, "max_steps": args.max_steps}
-    if args.references == "all":
-        del budget["references"]
-    elif not args.references.isdigit() or int(args.references) < 1:
-        parser.error(f"--references {args.references}: give N >= 1 or 'all'")
-    else:
-        budget["references"] = int(args.references)
+    try:
+        budget = with_references(budget, args.references)
+    except ValueError as error:
+        parser.error(str(error))
     if not budget["warm_steps"] < budget["max_steps"]:
         parser.error(f"--max-steps must be above the {budget['warm_steps']} steps of stage 1")
     workdir = Path(args.workdir)

@@ -81,6 +81,30 @@ def training_data(assets, warm_steps):
     return {key: str(path) for key, path in halves.items()}
 
 
+def add_references_flag(parser, default):
+    """--references N|all, shared by the quickstart and the comparison (see with_references)."""
+    parser.add_argument("--references", default=str(default), metavar="N|all",
+                        help=f"how many training prompts have a reference reply: stage 1 and the "
+                             f"baselines fine-tune on those N (cycled), every distillation row "
+                             f"learns from the teacher on all of stage 2's prompts instead; 'all': "
+                             f"every prompt has its reference and every row trains on them "
+                             f"(default {default})")
+
+
+def with_references(budget, value):
+    """`budget` with --references `value` applied: 'all' drops the key (every prompt has its
+    reference), N sets it. Raises ValueError naming the problem for anything else."""
+    budget = dict(budget)
+    if value == "all":
+        budget.pop("references", None)
+        return budget
+    if not value.isdigit() or int(value) < 1 or not budget.get("warm_steps"):
+        raise ValueError(f"--references {value}: give N >= 1 (with a stage 1, --warm-steps > 0) "
+                         f"or 'all'")
+    budget["references"] = int(value)
+    return budget
+
+
 def method_steps(budget):
     """Stage-2 optimizer steps: what the budget leaves after stage 1."""
     return budget["max_steps"] - budget.get("warm_steps", 0)

@@ -363,3 +363,14 @@ def test_diagnosis_divergences_against_a_float64_reference():
         assert torch.allclose(values[name].double(), reference, rtol=1e-5, atol=1e-6), name
     same = per_token_divergences(student.float(), student.float())
     assert same["forward_kl"].abs().max() < 1e-6 and same["reverse_kl_grad_norm"].max() < 1e-6
+
+
+def test_references_flag_sets_or_drops_the_budget_key_and_names_bad_values():
+    from examples.toy_pipeline import with_references
+
+    budget = {"max_steps": 30, "warm_steps": 10, "references": 500}
+    assert with_references(budget, "all") == {"max_steps": 30, "warm_steps": 10}
+    assert with_references(budget, "40")["references"] == 40 and budget["references"] == 500
+    for bad, where in (("0", budget), ("x", budget), ("-3", budget), ("40", {"warm_steps": 0})):
+        with pytest.raises(ValueError, match=f"--references {bad}: give N >= 1"):
+            with_references(where, bad)
