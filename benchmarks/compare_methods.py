@@ -89,17 +89,25 @@ VALIDATION_ROWS = 250
 SELECTION_SEED = 100
 
 
+def selection_knobs(name, references=None):
+    """The method flags tried for row `name`. With scarce references every distillation row
+    already learns from the teacher's replies, so a knob's switch to them (an option and its
+    "{completions}" value) is dropped, and knobs left equal to another are tried once."""
+    knobs = []
+    for flags in METHOD_KNOBS.get(name, [[]]):
+        if references:
+            values = {index for index, flag in enumerate(flags) if flag == "{completions}"}
+            flags = [flag for index, flag in enumerate(flags)
+                     if index not in values and index + 1 not in values]
+        if flags not in knobs:
+            knobs.append(flags)
+    return knobs
+
+
 def selection_grid(name, references=None):
-    """[{"learning_rate", "flags"}] tried for row `name`. With scarce references every
-    distillation row already learns from the teacher's replies, so the knobs that only switch to
-    them are dropped from the grid (and the rest keep no copy of them)."""
-    knobs = METHOD_KNOBS.get(name, [[]])
-    if references:
-        knobs = [[flag for index, flag in enumerate(flags)
-                  if "{completions}" not in (flag, flags[min(index + 1, len(flags) - 1)])]
-                 for flags in knobs]
-        knobs = [flags for index, flags in enumerate(knobs) if flags not in knobs[:index]]
-    return [{"learning_rate": rate, "flags": flags} for flags in knobs for rate in LEARNING_RATES]
+    """[{"learning_rate", "flags"}] tried for row `name`: every knob at every learning rate."""
+    return [{"learning_rate": rate, "flags": flags}
+            for flags in selection_knobs(name, references) for rate in LEARNING_RATES]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -716,8 +724,7 @@ def main(argv=None):
             "selection": None if args.no_select else {
                 "seed": SELECTION_SEED, "validation_rows": VALIDATION_ROWS,
                 "learning_rates": list(LEARNING_RATES),
-                "method_knobs": {name: [entry["flags"] for entry in
-                                        selection_grid(name, references)[::len(LEARNING_RATES)]]
+                "method_knobs": {name: selection_knobs(name, references)
                                  for name in METHOD_KNOBS},
                 "criterion": "highest validation exact match; ties go to the first setting "
                              "of the grid",
