@@ -57,6 +57,15 @@ def log_prob_scale(*logits, temperature=1.0):
     return scale
 
 
+def stat_scales(student_logits, teacher_logits, num_positions, temperature, alpha):
+    """Sizes of what each statistic sums (see the module docstring): per position, kd combines
+    two log-probabilities at T (times T²) and ce one at T = 1."""
+    kd = temperature ** 2 * num_positions * 2 * log_prob_scale(
+        student_logits, teacher_logits, temperature=temperature)
+    ce = num_positions * log_prob_scale(student_logits)
+    return {"kd": kd, "ce": ce, "loss": (1.0 - alpha) * kd + alpha * ce}
+
+
 def assert_close(got, reference, roundings, scale=None, what="value"):
     """|got − reference| ≤ roundings · u · scale everywhere (scale: the largest |reference| entry
     unless given: a normwise bound, as an element can be small by cancellation)."""

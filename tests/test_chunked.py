@@ -12,7 +12,7 @@ from common.chunked import auto_chunk_size, chunked_kd_loss
 from common.errors import UserError
 from common.losses import KL_KINDS, cross_entropy, distillation_loss, shift_for_next_token
 from float32_error import (MASKED_COLUMNS, assert_close, decoder_roundings, is_infinite,
-                           kd_loss_float64, large_logits, log_prob_scale, loss_roundings)
+                           kd_loss_float64, large_logits, loss_roundings, stat_scales)
 
 NUM_POSITIONS, HIDDEN, TEACHER_HIDDEN, VOCAB = 23, 12, 20, 97
 
@@ -32,15 +32,6 @@ def float64_copy(inputs):
     return {name: value.detach().double().requires_grad_(value.requires_grad)
             if value is not None and value.is_floating_point() else value
             for name, value in inputs.items()}
-
-
-def stat_scales(student_logits, teacher_logits, num_positions, temperature, alpha):
-    """Sizes of what each statistic sums (see tests/float32_error.py): per position, kd combines
-    two log-probabilities at T (times T²) and ce one at T = 1."""
-    kd = temperature ** 2 * num_positions * 2 * log_prob_scale(
-        student_logits, teacher_logits, temperature=temperature)
-    ce = num_positions * log_prob_scale(student_logits)
-    return {"kd": kd, "ce": ce, "loss": (1.0 - alpha) * kd + alpha * ce}
 
 
 def make_inputs(seed=0, num_positions=NUM_POSITIONS, student_rows=VOCAB, teacher_rows=VOCAB,

@@ -88,7 +88,7 @@ def test_chunked_cached_loss_equals_full_logits(tiny, built, alpha):
     import copy
 
     from accelerate import Accelerator
-    from float32_error import assert_close, decoder_roundings, log_prob_scale, loss_roundings
+    from float32_error import assert_close, decoder_roundings, loss_roundings, stat_scales
 
     tokenizer, examples, _, cache_dir, _ = built
     batch = teacher_cache.TeacherCache(cache_dir).collate_fn(collate)(examples[:5],
@@ -111,11 +111,9 @@ def test_chunked_cached_loss_equals_full_logits(tiny, built, alpha):
             reference(input_ids=batch["input_ids"],
                       attention_mask=batch["attention_mask"]).logits, batch["labels"])
     positions = targets.shape[0]
-    size = max(log_prob_scale(logits[:, :vocab], temperature=temperature),
-               batch["teacher_logprobs"].double().abs().max().item())
-    scales = {"kd": temperature ** 2 * positions * 2 * size,
-              "ce": positions * log_prob_scale(logits[:, :vocab])}
-    scales["loss"] = (1.0 - alpha) * scales["kd"] + alpha * scales["ce"]
+    # The cached teacher is a distribution over its top K and a tail bucket; as logits at T:
+    cached = torch.cat([batch["teacher_logprobs"], batch["teacher_tail"][:, None]], -1).double()
+    scales = stat_scales(logits[:, :vocab], temperature * cached, positions, temperature, alpha)
     path = decoder_roundings(student.config, batch["input_ids"].shape[1])
     forward = path + loss_roundings(vocab, positions)
     backward = 2 * forward + batch["input_ids"].numel()
