@@ -45,7 +45,6 @@ Examples:
         --dataset runs/tiny/train.jsonl --output-dir runs/tiny/uld --top-k 16 --max-steps 12
 """
 
-import math
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -55,18 +54,17 @@ import torch
 import torch.nn.functional as F
 
 from common.align import check_offsets, encode_pair, shared_vocabulary
-from common.args import (DataArguments, ModelArguments, TrainingArguments, eval_data_args,
-                         parse_args, require_flags, shared_field)
-from common.chat import (ChatEncoder, collate, encode_dataset, encode_each, ensure_chat_template,
+from common.args import (DataArguments, ModelArguments, TrainingArguments, parse_args,
+                         require_flags, shared_checks, shared_field)
+from common.chat import (ChatEncoder, collate, encode_datasets, encode_each, ensure_chat_template,
                          num_supervised_tokens)
 from common.checkpoint import (check_output_dir, finish_run, make_run_config,
                                prepare_output_dir)
 from common.errors import UserError, run_cli
-from common.lora import LoraArguments, add_adapters
+from common.lora import LoraArguments, load_trainable_student
 from common.losses import (combine_kd_and_ce, cross_entropy, shared_vocab_kl, temperature_scale,
                            uld_loss)
-from common.models import (check_vocab_fits, freeze, load_model, load_student, load_tokenizer,
-                           real_vocab_size)
+from common.models import check_vocab_fits, freeze, load_model, load_tokenizer, real_vocab_size
 from common.sharding import prepare_teacher
 
 
@@ -96,17 +94,12 @@ class CrossTokenizerArguments:
     loss_chunk_size: int = shared_field("loss_chunk_size", default=0)
 
     def __post_init__(self):
-        if self.loss_chunk_size < -1:
-            raise UserError(f"--loss-chunk-size must be a number of positions >= 1, 0 "
-                            f"(automatic) or -1 (no chunking), got {self.loss_chunk_size}")
-        if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0 (0 = whole vocabularies), got {self.top_k}")
-        if not (math.isfinite(self.loss_temperature) and self.loss_temperature > 0):
-            raise UserError(f"--loss-temperature must be > 0 and finite, got "
-                            f"{self.loss_temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UserError(f"--alpha must be in [0, 1] (the weight of cross-entropy; 0 = pure "
-                            f"distillation), got {self.alpha}")
+        checks = [*shared_checks(self),
+                  (self.top_k >= 0, f"--top-k must be >= 0 (0 = whole vocabularies), got "
+                                    f"{self.top_k}")]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
 
 class PairEncoder:
@@ -269,12 +262,7 @@ def main(argv=None):
                           "their full distributions exactly, which ULD cannot")
     encoder = ChatEncoder(tokenizer, data_args.max_length)
     pair_encoder = PairEncoder(encoder, ChatEncoder(teacher_tokenizer, data_args.max_length))
-    with accelerator.main_process_first():
-        examples = encode_dataset(data_args, pair_encoder, log=accelerator.print,
-                                  progress=accelerator.is_local_main_process)
-        eval_examples = encode_dataset(eval_data_args(data_args, train_args), pair_encoder,
-                                       log=accelerator.print, progress=False) \
-            if train_args.eval_dataset else None
+    examples, eval_examples = encode_datasets(accelerator, pair_encoder, data_args, train_args)
     aligned = num_supervised_tokens(examples)
     reply_tokens = sum(e["num_reply_tokens"] for e in examples)
     accelerator.print(f"{len(examples)} training conversations, {aligned} of {reply_tokens} "
@@ -283,10 +271,8 @@ def main(argv=None):
 
     teacher = freeze(load_model(model_args.teacher, model_args.dtype,
                                 model_args.trust_remote_code, "teacher"))
-    student = load_student(model_args.student, model_args.student_dtype,
-                           model_args.trust_remote_code, adapters=lora_args.lora_r > 0)
     check_vocab_fits(teacher, teacher_tokenizer, "teacher")
-    check_vocab_fits(student, tokenizer, "student")
+    student = load_trainable_student(accelerator, model_args, train_args, lora_args, tokenizer)
     shared = None
     if uld_args.hybrid:
         student_ids, teacher_ids = shared_vocabulary(tokenizer, teacher_tokenizer)
@@ -298,9 +284,6 @@ def main(argv=None):
             student_to_teacher, torch.tensor(student_ids), torch.tensor(teacher_ids)))
         accelerator.print(f"--hybrid: {len(student_ids)} token strings shared by both "
                           f"vocabularies")
-    if train_args.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-    student = add_adapters(accelerator, student, lora_args, train_args.gradient_checkpointing)
     teacher = prepare_teacher(accelerator, teacher)  # sharded under FSDP / ZeRO-3
 
     output_dir = prepare_output_dir(accelerator, train_args.output_dir, train_args.overwrite)

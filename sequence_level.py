@@ -47,7 +47,7 @@ from typing import Optional
 from common.api_client import (TeacherApiArguments, api_error, make_client, redacted_args,
                                redacted_command)
 from common.args import (DataArguments, ModelArguments, TrainingArguments, parse_args,
-                         shared_field)
+                         shared_checks, shared_field)
 from common.lora import LoraArguments, load_trainable_student
 from common.errors import UserError, run_cli
 
@@ -86,8 +86,7 @@ class SequenceLevelArguments(TeacherApiArguments):
              "--num-completions-per-prompt > 1 needs --sampling-temperature > 0 (greedy "
              "decoding gives the same completion every time)"),
             (self.generation_batch_size >= 1, "--generation-batch-size must be >= 1"),
-            (self.loss_chunk_size >= -1, f"--loss-chunk-size must be >= 1, 0 (automatic) or -1 "
-                                         f"(full logits), got {self.loss_chunk_size}"),
+            *shared_checks(self),
         ]
         for ok, message in checks:
             if not ok:

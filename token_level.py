@@ -71,10 +71,7 @@ class TokenLevelArguments(KDArguments):
     alpha: float = shared_field("alpha", default=0.0)
 
     def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UserError(f"--alpha must be in [0, 1] (the weight of cross-entropy; 0 = pure "
-                            f"distillation), got {self.alpha}")
+        super().__post_init__()  # KDArguments: the divergence's checks and the shared ones
         if self.teacher_api_base:
             if self.kl != "forward":
                 raise UserError("--teacher-api-base supports --kl forward only: the server returns "

@@ -125,6 +125,24 @@ def shared_field(name, **field_kwargs):
     return field(metadata={"help": SHARED_HELP[name]}, **field_kwargs)
 
 
+def shared_checks(args):
+    """(ok, one-line error) for the shared loss settings `args` has (--loss-temperature,
+    --loss-chunk-size, --alpha): checked alike by every script that takes them."""
+    checks = []
+    if hasattr(args, "loss_temperature"):
+        checks.append((math.isfinite(args.loss_temperature) and args.loss_temperature > 0,
+                       f"--loss-temperature must be > 0 and finite, got {args.loss_temperature}"))
+    if hasattr(args, "loss_chunk_size"):
+        checks.append((args.loss_chunk_size >= -1,
+                       f"--loss-chunk-size must be a number of positions >= 1, 0 (automatic) or "
+                       f"-1 (no chunking), got {args.loss_chunk_size}"))
+    if hasattr(args, "alpha"):
+        checks.append((0.0 <= args.alpha <= 1.0,
+                       f"--alpha must be in [0, 1] (the weight of cross-entropy; 0 = pure "
+                       f"distillation), got {args.alpha}"))
+    return checks
+
+
 @dataclass
 class ModelArguments:
     teacher: Optional[str] = shared_field("teacher", default=None)
@@ -306,8 +324,7 @@ class KDArguments(TeacherApiArguments):
     def __post_init__(self):
         super().__post_init__()
         checks = [
-            (math.isfinite(self.loss_temperature) and self.loss_temperature > 0,
-             f"--loss-temperature must be > 0 and finite, got {self.loss_temperature}"),
+            *shared_checks(self),
             (self.kl != "jsd" or 0.0 < self.beta < 1.0,
              f"--beta must be strictly between 0 and 1 for --kl jsd, got {self.beta}; use --kl "
              f"forward or --kl reverse for the end points"),
@@ -324,9 +341,6 @@ class KDArguments(TeacherApiArguments):
             (self.teacher_top_k >= 1, f"--teacher-top-k must be >= 1, got {self.teacher_top_k}"),
             (self.cache_top_k is None or self.cache_top_k >= 1,
              f"--cache-top-k must be >= 1, got {self.cache_top_k}"),
-            (self.loss_chunk_size >= -1,
-             f"--loss-chunk-size must be a number of positions >= 1, 0 (automatic) or -1 (no "
-             f"chunking), got {self.loss_chunk_size}"),
         ]
         for ok, message in checks:
             if not ok:

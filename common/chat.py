@@ -280,8 +280,6 @@ class ChatEncoder:
 
     def encode_all(self, conversations, progress=True):
         """Encode a list of conversations; returns (examples, Counter of skip reasons)."""
-        # One bar per machine: under torchrun / accelerate every process encodes the data.
-        progress = progress and os.environ.get("LOCAL_RANK", "0") == "0"
         return encode_each(self.encode, conversations, "tokenizing", progress)
 
 
@@ -289,6 +287,9 @@ def encode_each(encode, conversations, desc, progress=True):
     """[encode(messages) for each conversation] less those that raise SkipRow, under a tqdm bar
     named `desc`; returns (examples, Counter of skip reasons)."""
     from tqdm.auto import tqdm
+
+    # One bar per machine: under torchrun / accelerate every process encodes the data.
+    progress = progress and os.environ.get("LOCAL_RANK", "0") == "0"
 
     examples, skipped = [], Counter()
     for messages in tqdm(conversations, desc=desc, disable=not progress, mininterval=2.0):

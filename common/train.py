@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from common.chat import IGNORE_INDEX, collate
+from common.chat import IGNORE_INDEX, collate, supervised_positions
 from common.checkpoint import (METRICS_FILE, TENSORBOARD_DIR, changed_settings,
                                data_fingerprint, error_on_every_process, known_settings,
                                resumable_checkpoint, save_checkpoint, setting_name,
@@ -241,7 +241,7 @@ class BatchOrder:
 
 def count_supervised(batch):
     """Positions whose next token is supervised (what the losses average over)."""
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    return supervised_positions(batch["labels"]).sum()
 
 
 def backward_window(accelerator, model, window, loss_fn):
